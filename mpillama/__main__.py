@@ -1,0 +1,3 @@
+from mpillama.cli import main
+
+raise SystemExit(main())

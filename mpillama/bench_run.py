@@ -1,0 +1,103 @@
+"""`python -m mpillama bench`: prompt-eval and generation tok/s, and where a token's time goes.
+
+Runs on rank 0 through a loaded Engine (the workers follow as in any run). Besides tok/s it
+reports, from rank 0's segment timings of the decode steps, compute vs sync ms per token, and
+the share of a token spent outside the matmul kernels (the matmuls of one decode token are
+timed alone on the same weights). It also measures generation once without recording, so
+the cost of the recorder shows as a ratio measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+from mpillama import kernels
+from mpillama.engine import Engine
+from mpillama.sampler import Sampler
+from mpillama.trace.recorder import SEGMENTS, NullRecorder, Recorder
+
+
+def decode_split(rec: Recorder, decode_steps: set[int]) -> dict[str, float]:
+    """ms per decode step in each segment kind, from rank 0's records."""
+    n = rec.n
+    segs, steps = rec.segs[:n], rec.steps[:n]
+    dur = rec.t_ends[:n] - rec.t_starts[:n]
+    mask = np.isin(steps, list(decode_steps))
+    per_step = max(len(decode_steps), 1)
+    return {SEGMENTS[c]: float(dur[mask & (segs == c)].sum() / per_step * 1e3) for c in np.unique(segs[mask])}
+
+
+def matmul_ms(engine: Engine, repeats: int = 5) -> float:
+    """ms for this rank's matmuls of one decode token, alone (weights from memory, as in a pass)."""
+    m = engine.model
+    acts_in = kernels.new_activations(1, engine.cfg.dim)
+    kernels.quantize_activations(acts_in, np.ones((1, engine.cfg.dim), dtype=np.float32))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for lw in m.w.layers:
+            for w, out, acts in ((lw.wqkv, m.qkv[:1], acts_in), (lw.wo, m.partial[:1], m.z_acts),
+                                 (lw.w13, m.h13[:1], acts_in), (lw.w2, m.partial[:1], m.h_acts)):
+                if isinstance(w, np.ndarray):
+                    kernels.matmul_f32(out, w, np.ones((1, w.shape[1]), dtype=np.float32))
+                else:
+                    kernels.matmul_q40(out, w, acts, 1)
+        if isinstance(m.w.wcls, np.ndarray):
+            kernels.matmul_f32(m.logits, m.w.wcls, np.ones((1, m.w.wcls.shape[1]), dtype=np.float32))
+        else:
+            kernels.matmul_q40(m.logits, m.w.wcls, acts_in, 1)
+        times.append(time.perf_counter() - t)
+    return median(times) * 1e3
+
+
+def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1234)
+    vocab = engine.cfg.vocab_size
+    prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
+    greedy = Sampler(temperature=0.0)
+    # warm-up: compile and touch every kernel and weight once
+    engine.reset()
+    engine.generate(prompt[: min(8, prompt_tokens)], 2, greedy, stop_on_eos=False)
+    session_rec = engine.rec
+    results = []
+    for _ in range(repeat):
+        engine.reset()
+        rec = session_rec if isinstance(session_rec, Recorder) else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
+        engine.rec = rec
+        first_step = engine.step
+        gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
+        decode = set(range(first_step + (engine.step - first_step - gen.decode_steps), engine.step))
+        split = decode_split(rec, decode) if rec is not session_rec else {}
+        results.append((gen.prompt_tok_s, gen.gen_tok_s, split))
+    engine.rec = NullRecorder(0) if not isinstance(session_rec, Recorder) else session_rec
+    engine.reset()
+    plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
+    engine.rec = session_rec
+    pp = median(r[0] for r in results)
+    tg = median(r[1] for r in results)
+    split = results[len(results) // 2][2]
+    token_ms = 1e3 / tg if tg else float("nan")
+    mm = matmul_ms(engine)
+    sync_ms = sum(v for k, v in split.items() if k.endswith("_sync"))
+    out: dict[str, Any] = {
+        "ranks": engine.comm.size,
+        "nthreads": engine.run.nthreads,
+        "sync": engine.run.sync,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": steps,
+        "prompt_tok_s": round(pp, 2),
+        "gen_tok_s": round(tg, 2),
+        "token_ms": round(token_ms, 3),
+        "rank0_matmul_ms": round(mm, 3),
+        "rank0_sync_ms": round(sync_ms, 3),
+        "outside_matmul_share": round(max(0.0, 1 - (mm + sync_ms) / token_ms), 3) if tg else None,
+        "gen_tok_s_unrecorded": round(plain.gen_tok_s, 2),
+        "recording_cost": round(1 - tg / plain.gen_tok_s, 4) if plain.gen_tok_s else None,
+        "load_s": round(engine.load_s, 2),
+        "split_ms": {k: round(v, 3) for k, v in split.items()},
+    }
+    return out

@@ -1,0 +1,197 @@
+"""Command line: parse, build configs, call one function, turn its result into an exit code.
+
+    python -m mpillama generate|chat|serve|bench|synth|inspect|trace|sweep ...
+
+Commands that run the model (generate, chat, serve, bench) work the same under
+`python -m mpillama` (one rank) and `mpirun -n N python -m mpillama` (N ranks); only rank 0
+prints. Bad input exits with code 2 and one line on stderr; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable
+
+from mpillama.config import build_run_config, parse_rank_weights
+from mpillama.errors import MpillamaError
+
+
+def env_rank() -> int:
+    """This process's rank from the MPI launcher's environment, without initialising MPI."""
+    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that runs the model. Defaults are None: RunConfig owns them."""
+    p.add_argument("--model", required=True, help="GGUF file, distributed-llama .m file, or Hugging Face folder")
+    p.add_argument("--tokenizer", help="tokenizer: distributed-llama .t file, tokenizer.json or a folder")
+    p.add_argument("--sync", choices=["star", "allreduce"])
+    p.add_argument("--buffer-float-type", choices=["q80", "f32"])
+    p.add_argument("--weight-type", choices=["q40", "f32"])
+    p.add_argument("--weights", choices=["mmap", "scatter"])
+    p.add_argument("--nthreads", type=int, help="numba threads per rank (default 1)")
+    p.add_argument("--profile", help="a profile name from profiles/ or a TOML file")
+    p.add_argument("--rank-weights", help="'auto' or one weight per rank, e.g. 0.6,1,1,1")
+    p.add_argument("--max-seq-len", type=int, help="KV cache length (default 4096, at most the model's)")
+    p.add_argument("--batch", type=int, help="prompt tokens per prefill pass (default 64)")
+    p.add_argument("--chunk-bytes", type=int, help="largest single MPI transfer (default 262144)")
+    p.add_argument("--sync-timeout", type=float, help="seconds before a stuck collective ends the job (default 120)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--trace", help="write an HDF5 trace of this run to FILE.h5")
+
+
+def run_config(args: argparse.Namespace) -> Any:
+    return build_run_config(
+        profile=args.profile,
+        sync=args.sync,
+        buffer_float_type=args.buffer_float_type,
+        weight_type=args.weight_type,
+        weights=args.weights,
+        nthreads=args.nthreads,
+        rank_weights=parse_rank_weights(args.rank_weights),
+        max_seq_len=args.max_seq_len,
+        batch=args.batch,
+        chunk_bytes=args.chunk_bytes,
+        sync_timeout=args.sync_timeout,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpillama", description="Tensor-parallel LLM inference over MPI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    add_run_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=64, help="tokens to generate")
+    p.add_argument("--dump-logits", help="rank 0 writes float32 [steps, vocab] logits to FILE.npy")
+    p.add_argument("--no-bos", action="store_true", help="do not add the tokenizer's BOS token")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after an end-of-text token")
+    p.set_defaults(func=lambda a: _run_commands().generate(a, run_config(a)))
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    add_run_flags(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--steps", type=int, default=512, help="most tokens per answer")
+    p.set_defaults(func=lambda a: _run_commands().chat(a, run_config(a)))
+
+    p = sub.add_parser("bench", help="prompt-eval and generation tok/s")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model")
+    g.add_argument("--synthetic", metavar="SHAPE", help="a synth shape, written to the cache on first use")
+    add_run_flags_without_model(p)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=1, help="measure this many times and report the median")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: _run_commands().bench(a, run_config(a)))
+
+    p = sub.add_parser("synth", help="write a random-weight GGUF model with a real shape and vocabulary")
+    p.add_argument("--shape", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--type", choices=["q40", "f32"], default="q40")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="header, tensors and the slice plan for N ranks")
+    p.add_argument("model")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--rank-weights")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--weight-type", choices=["q40", "f32"], default="q40")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("trace", help="report, plot, export or compare HDF5 traces")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    t = tsub.add_parser("report")
+    t.add_argument("file")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=lambda a: _trace(lambda m: m.trace_report(a.file, a.json)))
+    t = tsub.add_parser("plot")
+    t.add_argument("file")
+    t.add_argument("--out", required=True, help="folder for the PNG files")
+    t.set_defaults(func=lambda a: _trace(lambda m: "\n".join(str(x) for x in m.trace_plot(a.file, a.out))))
+    t = tsub.add_parser("export")
+    t.add_argument("file")
+    t.add_argument("--perfetto", required=True, help="output JSON (Chrome/Perfetto trace events)")
+    t.set_defaults(func=lambda a: _trace(lambda m: str(m.trace_export(a.file, a.perfetto))))
+    t = tsub.add_parser("compare")
+    t.add_argument("a")
+    t.add_argument("b")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=lambda a: _trace(lambda m: m.trace_compare(a.a, a.b, a.json)))
+    return parser
+
+
+def add_run_flags_without_model(p: argparse.ArgumentParser) -> None:
+    """bench takes --model or --synthetic in a group; everything else as add_run_flags."""
+    scratch = argparse.ArgumentParser(add_help=False)
+    add_run_flags(scratch)
+    for action in scratch._actions:
+        if action.dest != "model":
+            p._add_action(action)
+
+
+def _run_commands() -> Any:
+    # imported late: synth, inspect and trace need neither MPI nor numba compilation
+    from mpillama import run
+
+    return run
+
+
+def _trace(fn: Callable[[Any], str]) -> int:
+    from mpillama.trace import commands
+
+    text = fn(commands)
+    if env_rank() == 0 and text:
+        print(text)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mpillama.formats.synth import write_synthetic
+
+    if env_rank() != 0:
+        return 0
+    path = write_synthetic(args.shape, args.out, weight_type=args.type, seed=args.seed)
+    print(f"mpillama: wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mpillama.inspect import describe
+
+    text = describe(args.model, args.ranks, parse_rank_weights(args.rank_weights), args.max_seq_len, args.weight_type,
+                    list_tensors=args.tensors)
+    if env_rank() == 0:
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MpillamaError as e:
+        # errors that reach here were agreed by every rank (or raised before MPI): say it once
+        if env_rank() == 0:
+            print(f"mpillama: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("mpillama: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,366 @@
+"""MPI communication: the only module that imports mpi4py.
+
+Comm wraps a communicator with what every collective here needs: nonblocking calls on
+preallocated numpy buffers (upper-case mpi4py calls, no pickle on the per-token path),
+transfers split into --chunk-bytes pieces, and a --sync-timeout that ends the job naming
+the ranks that never arrived instead of hanging. Gathers to rank 0 are point-to-point
+receives, so rank 0 knows exactly which ranks are missing.
+
+The two sync strategies (DESIGN.md "One token, end to end") are StarSync and AllreduceSync.
+Both turn the residual stream into the normalised, quantised input of a block on every rank
+(block_input) and fold the ranks' partial outputs back into the residual (block_output).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpillama import kernels
+from mpillama.errors import MpillamaError
+from mpillama.quant import Q80_BLOCK_BYTES, QK
+from mpillama.trace.recorder import NullRecorder, Recorder
+
+TAG_GATHER = 11
+SPIN_TESTS = 2000  # polls before a waiting rank starts yielding its core (oversubscribed runs)
+
+
+class SyncTimeout(MpillamaError):
+    """A collective did not complete within --sync-timeout seconds."""
+
+
+def world() -> Any:
+    return MPI.COMM_WORLD
+
+
+def library_version() -> str:
+    return MPI.Get_library_version().splitlines()[0].strip()
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def abort(code: int) -> None:
+    """End every rank of the job (used after one rank failed mid-run)."""
+    MPI.COMM_WORLD.Abort(code)
+
+
+class Comm:
+    """A communicator with timeouts and chunked transfers."""
+
+    def __init__(self, mpi_comm: Any, timeout: float, chunk_bytes: int) -> None:
+        self.mpi = mpi_comm
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.context = ""  # e.g. "step 12 layer 3 att_sync", set by the caller for error messages
+
+    # -- waiting -------------------------------------------------------------------------
+    def wait(self, reqs: list[Any], peers: list[int], timeout: float | None = -1.0) -> None:
+        """Complete all requests; past the timeout, raise naming the peers of unfinished ones."""
+        if timeout == -1.0:
+            timeout = self.timeout
+        if MPI.Request.Testall(reqs):
+            return
+        start = time.perf_counter()
+        polls = 0
+        while not MPI.Request.Testall(reqs):
+            polls += 1
+            if polls < SPIN_TESTS:
+                continue
+            waited = time.perf_counter() - start
+            if timeout is not None and waited > timeout:
+                missing = sorted({p for r, p in zip(reqs, peers) if not r.Test()})
+                who = ", ".join(str(p) for p in missing) if missing else "unknown"
+                raise SyncTimeout(
+                    f"rank {self.rank}: {self.context or 'collective'} did not complete in {timeout:g} s; "
+                    f"ranks that never arrived: {who}. Check those ranks' hosts, or raise --sync-timeout"
+                )
+            time.sleep(0 if waited < 0.005 else 0.0005)  # yield the core to ranks still computing
+
+    def chunks(self, buf: np.ndarray) -> list[np.ndarray]:
+        """Byte views of buf, each at most chunk_bytes long."""
+        flat = buf.reshape(-1).view(np.uint8)
+        step = self.chunk_bytes
+        return [flat[i : i + step] for i in range(0, max(flat.size, 1), step)] if flat.size else []
+
+    # -- collectives ----------------------------------------------------------------------
+    def bcast(self, buf: np.ndarray, root: int = 0, timeout: float | None = -1.0) -> None:
+        if self.size == 1:
+            return
+        reqs = [self.mpi.Ibcast(part, root=root) for part in self.chunks(buf)]
+        self.wait(reqs, [root] * len(reqs), timeout)
+
+    def gather_to_root(self, send: np.ndarray, recv: list[np.ndarray] | None) -> None:
+        """Rank r's `send` lands in recv[r] on rank 0 (recv ignored elsewhere; recv[0] unused)."""
+        if self.size == 1:
+            return
+        if self.rank == 0:
+            assert recv is not None and len(recv) == self.size
+            reqs, peers = [], []
+            for r in range(1, self.size):
+                for part in self.chunks(recv[r]):
+                    reqs.append(self.mpi.Irecv(part, source=r, tag=TAG_GATHER))
+                    peers.append(r)
+            self.wait(reqs, peers)
+        else:
+            reqs = [self.mpi.Isend(part, dest=0, tag=TAG_GATHER) for part in self.chunks(send)]
+            self.wait(reqs, [0] * len(reqs))
+
+    def allreduce_sum(self, buf: np.ndarray) -> None:
+        """In-place sum over ranks (f32). Chunks are reduced separately."""
+        if self.size == 1:
+            return
+        flat = buf.reshape(-1)
+        step = max(self.chunk_bytes // flat.itemsize, 1)
+        reqs = [self.mpi.Iallreduce(MPI.IN_PLACE, flat[i : i + step], op=MPI.SUM) for i in range(0, flat.size, step)]
+        self.wait(reqs, [-1] * len(reqs))
+
+    def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """recv[r] = send of rank r, for every rank."""
+        if self.size == 1:
+            recv[0] = send
+            return
+        req = self.mpi.Iallgather(send, recv)
+        self.wait([req], [-1])
+
+    # -- start-up (pickle is fine here) ---------------------------------------------------
+    def agree(self, error: BaseException | None) -> None:
+        """Collective check-point: if any rank failed, every rank raises the first failure.
+
+        Every rank calls it after local work (loading, validation), so one rank's bad input
+        stops the job cleanly instead of leaving the others waiting in a collective.
+        """
+        message = None if error is None else (str(error) if isinstance(error, MpillamaError) else repr(error))
+        if self.size == 1:
+            failures = [(0, message)] if message else []
+        else:
+            req = self.mpi.Iallgather(np.array([0 if message is None else 1], dtype=np.int32),
+                                      flags := np.zeros(self.size, dtype=np.int32))
+            self.wait([req], [-1])
+            failures = []
+            if flags.any():
+                messages = self.mpi.allgather(message)
+                failures = [(r, m) for r, m in enumerate(messages) if m]
+        if failures:
+            rank, text = failures[0]
+            if isinstance(error, MpillamaError) or rank != self.rank or error is None:
+                raise MpillamaError(text if rank == 0 else f"rank {rank}: {text}")
+            raise error
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return [obj] if self.size == 1 else self.mpi.allgather(obj)
+
+    def bcast_obj(self, obj: Any) -> Any:
+        return obj if self.size == 1 else self.mpi.bcast(obj, root=0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.wait([self.mpi.Ibarrier()], [-1])
+
+
+# -- control messages: what the workers do next --------------------------------------------
+CMD_FORWARD = 1
+CMD_RESET = 2
+CMD_STOP = 3
+LOGITS_NONE = 0  # no logits needed (prefill chunks before the last)
+LOGITS_ARGMAX = 1  # greedy: each rank sends only its best (value, index)
+LOGITS_FULL = 2  # sampling or --dump-logits: the whole row
+
+
+@dataclass
+class Control:
+    """Rank 0 broadcasts one of these before every forward pass."""
+
+    buf: np.ndarray  # (4 + max_tokens,) int64: cmd, n_tokens, position, logits mode, tokens...
+
+    @classmethod
+    def new(cls, max_tokens: int) -> Control:
+        return cls(np.zeros(4 + max_tokens, dtype=np.int64))
+
+    def set(self, cmd: int, tokens: np.ndarray | list[int], pos: int, mode: int) -> None:
+        self.buf[0], self.buf[1], self.buf[2], self.buf[3] = cmd, len(tokens), pos, mode
+        self.buf[4 : 4 + len(tokens)] = tokens
+
+    @property
+    def cmd(self) -> int:
+        return int(self.buf[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.buf[1])
+
+    @property
+    def pos(self) -> int:
+        return int(self.buf[2])
+
+    @property
+    def mode(self) -> int:
+        return int(self.buf[3])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buf[4 : 4 + self.n_tokens]
+
+
+class Timeline:
+    """Contiguous segments: each mark() closes the segment that began at the previous mark."""
+
+    def __init__(self, recorder: Recorder | NullRecorder) -> None:
+        self.rec = recorder
+        self.t = time.perf_counter()
+
+    def mark(self, seg: int, layer: int = -1, nbytes: int = 0) -> None:
+        now = time.perf_counter()
+        self.rec.add(seg, layer, self.t, now, nbytes)
+        self.t = now
+
+
+def q80_row_bytes(n: int) -> int:
+    return n // QK * Q80_BLOCK_BYTES
+
+
+class StarSync:
+    """Rank 0 keeps the residual stream: Bcast of the normalised input, Gather of the partials."""
+
+    name = "star"
+
+    def __init__(self, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool) -> None:
+        self.comm = comm
+        self.q80 = buffer_type == "q80"
+        self.need_f32_input = need_f32_input
+        width = q80_row_bytes(dim) if self.q80 else dim * 4
+        self.in_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # (max_tokens, payload) block input
+        self.y = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised input
+        self.acts = kernels.new_activations(max_tokens, dim)
+        self.out_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # this rank's partial, encoded
+        n_recv = comm.size if comm.rank == 0 else 0
+        self.recv = np.zeros((n_recv, max_tokens, width), dtype=np.uint8)  # (n_ranks, max_tokens, payload) on rank 0
+
+    def owns_residual(self) -> bool:
+        return self.comm.rank == 0
+
+    def block_input(self, x: np.ndarray | None, norm: np.ndarray | None, eps: float, T: int,
+                    tl: Timeline, layer: int, seg: int, seg_sync: int) -> tuple[np.ndarray, Any]:
+        """Normalise x on rank 0 and give every rank the block input as (f32 rows, Q80 activations)."""
+        y, acts, payload = self.y[:T], self.acts, self.in_payload[:T]
+        if self.comm.size == 1:  # nothing to send: no rounding of the input beyond the kernel's own
+            kernels.rmsnorm(y, x, norm, eps)
+            kernels.quantize_activations(acts, y)
+            tl.mark(seg, layer)
+            return y, acts
+        if self.comm.rank == 0:
+            kernels.rmsnorm(y, x, norm, eps)
+            if self.q80:
+                kernels.quantize_q80_into(payload, y)
+            else:
+                payload.view(np.float32)[:] = y
+        tl.mark(seg, layer)
+        self.comm.bcast(payload)
+        tl.mark(seg_sync, layer, payload.nbytes)
+        if self.q80:
+            kernels.activations_from_q80(acts, payload)
+            if self.need_f32_input:  # every rank, rank 0 too, uses the values that were sent
+                y[:] = 0.0
+                kernels.dequantize_q80_add(y, payload)
+        else:
+            if self.comm.rank != 0:
+                y[:] = payload.view(np.float32)
+            kernels.quantize_activations(acts, y)
+        return y, acts
+
+    def block_output(self, partial: np.ndarray, x: np.ndarray | None, T: int,
+                     tl: Timeline, layer: int, seg: int, seg_sync: int) -> None:
+        """x += the sum of every rank's partial (on rank 0)."""
+        send = self.out_payload[:T]
+        if self.comm.rank != 0 and self.comm.size > 1:
+            if self.q80:
+                kernels.quantize_q80_into(send, partial)
+            else:
+                send.view(np.float32)[:] = partial
+        tl.mark(seg, layer)
+        recv = [self.recv[r, :T] for r in range(self.comm.size)] if self.comm.rank == 0 else None
+        self.comm.gather_to_root(send, recv)
+        tl.mark(seg_sync, layer, send.nbytes * (self.comm.size - 1 if self.comm.rank == 0 else 1))
+        if self.comm.rank == 0:
+            x += partial
+            for r in range(1, self.comm.size):
+                if self.q80:
+                    kernels.dequantize_q80_add(x, self.recv[r, :T])
+                else:
+                    x += self.recv[r, :T].view(np.float32)
+            tl.mark(seg, layer)
+
+
+class AllreduceSync:
+    """Every rank keeps the residual stream; partials are summed on every rank."""
+
+    name = "allreduce"
+
+    def __init__(self, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool) -> None:
+        self.comm = comm
+        self.q80 = buffer_type == "q80" and comm.size > 1
+        self.y = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised input
+        self.acts = kernels.new_activations(max_tokens, dim)
+        self.sum = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 reduced partials
+        width = q80_row_bytes(dim)
+        self.out_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # this rank's partial as Q80
+        self.all_payloads = np.zeros((comm.size, max_tokens, width), dtype=np.uint8)  # everyone's, after Allgather
+
+    def owns_residual(self) -> bool:
+        return True
+
+    def block_input(self, x: np.ndarray, norm: np.ndarray, eps: float, T: int,
+                    tl: Timeline, layer: int, seg: int, seg_sync: int) -> tuple[np.ndarray, Any]:
+        y = self.y[:T]
+        kernels.rmsnorm(y, x, norm, eps)
+        kernels.quantize_activations(self.acts, y)
+        return y, self.acts
+
+    def block_output(self, partial: np.ndarray, x: np.ndarray, T: int,
+                     tl: Timeline, layer: int, seg: int, seg_sync: int) -> None:
+        if self.comm.size == 1:
+            x += partial
+            tl.mark(seg, layer)
+            return
+        if self.q80:
+            send = self.out_payload[:T]
+            kernels.quantize_q80_into(send, partial)
+            tl.mark(seg, layer)
+            # Allgather then an identical ordered sum on every rank: the same x everywhere.
+            n = self.comm.size
+            recv = self.all_payloads.reshape(-1)[: n * send.size].reshape(n, *send.shape)  # contiguous prefix
+            self.comm.allgather(send, recv)
+            tl.mark(seg_sync, layer, send.nbytes * self.comm.size)
+            for r in range(self.comm.size):
+                kernels.dequantize_q80_add(x, recv[r])
+        else:
+            total = self.sum[:T]
+            total[:] = partial
+            tl.mark(seg, layer)
+            self.comm.allreduce_sum(total)
+            tl.mark(seg_sync, layer, total.nbytes)
+            x += total
+        tl.mark(seg, layer)
+
+
+def make_sync(kind: str, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool):
+    cls = {"star": StarSync, "allreduce": AllreduceSync}[kind]
+    return cls(comm, dim, max_tokens, buffer_type, need_f32_input)
+
+
+def print_rank_ordered(comm: Comm, text: str) -> None:
+    """Debug helper: every rank prints in rank order (collective)."""
+    for r in range(comm.size):
+        if r == comm.rank:
+            print(f"[rank {r}] {text}", file=sys.stderr, flush=True)
+        comm.barrier()
+

@@ -1,0 +1,193 @@
+"""Model shapes (ModelConfig) and run settings (RunConfig): the one home for defaults.
+
+Readers in formats/ build a ModelConfig from a file header; the CLI builds a RunConfig
+from flags and an optional profile. Both are frozen: nothing downstream edits them.
+Imports nothing from the rest of the package but errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpillama.errors import MpillamaError
+
+ARCHS = ("llama", "qwen3")
+# How the two halves of a rotated pair sit in a head: "pairs" rotates (2i, 2i+1), the layout
+# of GGUF llama and distributed-llama files; "halves" rotates (i, i + head_dim/2), the layout
+# of Hugging Face checkpoints and of every Qwen model.
+ROPE_STYLES = ("pairs", "halves")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling (rope_type 'llama3')."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "llama" | "qwen3"
+    dim: int  # residual stream width
+    hidden_dim: int  # feed-forward width
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    seq_len: int  # the model's trained context
+    norm_eps: float
+    rope_theta: float
+    rope_style: str  # see ROPE_STYLES
+    rope_scaling: RopeScaling | None = None
+    tied_embeddings: bool = False  # the output head reuses the embedding table
+    qk_norm: bool = False  # Qwen3: rmsnorm over each q and k head before rope
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise MpillamaError(f"unknown architecture {self.arch!r}: mpillama runs {', '.join(ARCHS)}")
+        if self.rope_style not in ROPE_STYLES:
+            raise MpillamaError(f"unknown rope style {self.rope_style!r} (expected one of {ROPE_STYLES})")
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise MpillamaError(f"model header has {name}={getattr(self, name)}: it must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise MpillamaError(
+                f"model header has n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        for name in ("dim", "hidden_dim", "head_dim"):
+            if getattr(self, name) % 32:
+                raise MpillamaError(
+                    f"model has {name}={getattr(self, name)}, not a multiple of 32 (one Q40 block): "
+                    "mpillama cannot split it into Q40/Q80 blocks"
+                )
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+
+SYNC_KINDS = ("star", "allreduce")
+BUFFER_TYPES = ("q80", "f32")
+WEIGHT_TYPES = ("q40", "f32")
+WEIGHT_MODES = ("mmap", "scatter")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to run: everything that is not the model. Defaults live here and only here."""
+
+    nthreads: int = 1
+    sync: str = "star"
+    buffer_float_type: str = "q80"
+    weight_type: str = "q40"
+    weights: str = "mmap"
+    max_seq_len: int = 4096  # clamped to the model's seq_len
+    batch: int = 64  # prompt tokens per prefill forward pass
+    chunk_bytes: int = 256 * 1024  # largest single MPI transfer; bigger ones go in pieces
+    sync_timeout: float = 120.0  # seconds a collective may take before the job is ended
+    rank_weights: tuple[float, ...] | str | None = None  # None: even; "auto": measured; or one per rank
+    temperature: float = 0.0
+    top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    profile: str | None = None  # the profile name or file these settings came from
+
+    def __post_init__(self) -> None:
+        choices = {
+            "sync": SYNC_KINDS,
+            "buffer_float_type": BUFFER_TYPES,
+            "weight_type": WEIGHT_TYPES,
+            "weights": WEIGHT_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MpillamaError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        positive = ("nthreads", "max_seq_len", "batch", "chunk_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise MpillamaError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.sync_timeout <= 0:
+            raise MpillamaError(f"--sync-timeout must be positive seconds, not {self.sync_timeout}")
+        if self.temperature < 0:
+            raise MpillamaError(f"--temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MpillamaError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if isinstance(self.rank_weights, tuple) and any(w <= 0 for w in self.rank_weights):
+            raise MpillamaError(f"--rank-weights must all be positive, not {self.rank_weights}")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_rank_weights(text: str | None) -> tuple[float, ...] | str | None:
+    """'auto', or comma-separated positive numbers, one per rank."""
+    if text is None or text == "":
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise MpillamaError(f"--rank-weights {text!r}: give 'auto' or numbers like 1,1,0.5 (one per rank)") from None
+    return weights
+
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"profile"}
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    """A TOML profile: a flat table of RunConfig fields (plus free-text 'description' and 'hardware').
+
+    A name is looked up in profiles/NAME.toml; anything with a slash or a .toml suffix is a path.
+    Unknown keys are errors, so a typo cannot silently fall back to a default.
+    """
+    path = Path(name_or_path)
+    if not (name_or_path.endswith(".toml") or "/" in name_or_path):
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml")) if PROFILE_DIR.is_dir() else []
+        raise MpillamaError(f"profile {name_or_path!r} not found ({path}); known profiles: {', '.join(known) or 'none'}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise MpillamaError(f"profile {path} is not valid TOML: {e}") from None
+    table.pop("description", None)
+    table.pop("hardware", None)
+    unknown = set(table) - RUN_FIELDS
+    if unknown:
+        raise MpillamaError(f"profile {path} has unknown keys {sorted(unknown)}; known: {sorted(RUN_FIELDS)}")
+    if "rank_weights" in table and isinstance(table["rank_weights"], list):
+        table["rank_weights"] = tuple(float(w) for w in table["rank_weights"])
+    return table
+
+
+def build_run_config(profile: str | None = None, **flags: Any) -> RunConfig:
+    """Defaults < profile < command-line flags (flags that are None were not given)."""
+    values: dict[str, Any] = {}
+    if profile:
+        values.update(load_profile(profile))
+        values["profile"] = profile
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except TypeError as e:
+        raise MpillamaError(f"bad run setting: {e}") from None
+

@@ -1,0 +1,351 @@
+"""The generation loop: load a model over the ranks, prefill, decode, sample, stop.
+
+Rank 0 drives: before every forward pass it broadcasts a small control message (what to do
+next), and the workers follow in worker_loop(). Every rank runs the same forward pass over
+its own slice (model.py); comm.py moves the activations. Only rank 0 tokenizes, samples and
+prints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mpillama import __version__, kernels, partition
+from mpillama.comm import (
+    CMD_FORWARD, CMD_STOP, LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE,
+    Comm, Control, Timeline, hostname, library_version, make_sync,
+)
+from mpillama.config import ModelConfig, RunConfig
+from mpillama.errors import MpillamaError
+from mpillama.model import RankModel, load_weights
+from mpillama.sampler import Sampler
+from mpillama.trace.recorder import SEG_CTRL_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_LOAD, SEG_SAMPLE
+from mpillama.trace.session import TraceSession
+from mpillama.weights import open_weight_source, measure_rank_speed
+
+
+def say(comm: Comm, text: str, err: bool = True, end: str = "\n") -> None:
+    """Print on rank 0 only: progress to stderr, generated text to stdout."""
+    if comm.rank == 0:
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text + end)
+        stream.flush()
+
+
+@dataclass
+class Generation:
+    """What one generate() call produced, with its timings (rank 0)."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # forward passes of one token
+    stop_reason: str = "steps"  # steps | eos | context
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def gen_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Engine:
+    """A loaded model on every rank. Construct with Engine.load (collective)."""
+
+    def __init__(self, comm: Comm, cfg: ModelConfig, run: RunConfig, slices: list[partition.Slice],
+                 model: RankModel, tokenizer: Any, session: TraceSession, load_s: float) -> None:
+        self.comm, self.cfg, self.run, self.slices = comm, cfg, run, slices
+        self.slc = slices[comm.rank]
+        self.model, self.tokenizer, self.session = model, tokenizer, session
+        self.rec = session.recorder
+        self.load_s = load_s
+        self.max_seq_len = model.max_seq_len
+        self.max_tokens = model.max_tokens
+        self.ctrl = Control.new(self.max_tokens)
+        self.pos = 0  # next free position in the KV cache (rank 0's view; workers get it per step)
+        self.step = 0
+        vocab = cfg.vocab_size
+        self.full_logits = np.zeros(vocab if comm.rank == 0 else 0, dtype=np.float32)  # (vocab,) on rank 0
+        self.best = np.zeros(2, dtype=np.float64)  # (value, index) of this rank's best logit
+        self.all_best = np.zeros((comm.size, 2), dtype=np.float64)  # (n_ranks, 2) on rank 0
+        self.stopped = False
+
+    # -- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
+             trace_path: str | None = None, argv: list[str] | None = None, verbose: bool = True,
+             need_tokenizer: bool = True) -> Engine:
+        """Open, plan and load on every rank; any rank's failure stops all of them cleanly."""
+        t0 = time.perf_counter()
+        kernels.configure(run.nthreads)
+        src, cfg, error = None, None, None
+        try:
+            src = open_weight_source(comm, model_path, run)
+            cfg = src.config
+        except (MpillamaError, OSError) as e:
+            error = e
+        comm.agree(error)
+        assert src is not None and cfg is not None
+
+        weights: tuple[float, ...] | None = None
+        if run.rank_weights == "auto":
+            speed = measure_rank_speed(comm.rank)
+            speeds = comm.allgather_obj(speed)
+            weights = tuple(float(s) for s in speeds)
+            say(comm, "mpillama: measured rank speeds (G weights/s): " + ", ".join(f"{s:.1f}" for s in speeds))
+        elif isinstance(run.rank_weights, tuple):
+            weights = run.rank_weights
+        slices = partition.plan(cfg, comm.size, weights)
+        if run.rank_weights == "auto":
+            say(comm, "mpillama: rank shares: " + ", ".join(f"rank {s.rank} share {s.weight:.3f}" for s in slices))
+        slc = slices[comm.rank]
+        max_seq_len = min(run.max_seq_len, cfg.seq_len)
+        max_tokens = min(run.batch, max_seq_len)
+        sync_kind = run.sync
+        sync = make_sync(sync_kind, comm, cfg.dim, max_tokens, run.buffer_float_type,
+                         need_f32_input=run.weight_type == "f32")
+        if verbose:
+            say(comm, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
+                      f"{comm.size} rank(s), sync {sync_kind}, buffers {run.buffer_float_type}, "
+                      f"weights {run.weight_type} ({run.weights})")
+        model, tokenizer, error = None, None, None
+        try:
+            hook_fail = os.environ.get("MPILLAMA_TEST_FAIL_LOAD")
+            if hook_fail is not None and int(hook_fail) == comm.rank:
+                raise MpillamaError(f"test hook MPILLAMA_TEST_FAIL_LOAD made rank {comm.rank} fail while loading")
+            rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual())
+            model = RankModel(cfg, slc, rank_weights, max_seq_len, max_tokens, sync)
+            if comm.rank == 0 and need_tokenizer:
+                tokenizer = src.tokenizer(tokenizer_path)
+        except (MpillamaError, OSError, MemoryError) as e:
+            error = e
+        comm.agree(error)
+        assert model is not None
+        install_test_hooks(model, comm.rank)
+        load_s = time.perf_counter() - t0
+        meta = {
+            "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
+            "sync": sync_kind, "buffer_float_type": run.buffer_float_type, "weight_type": run.weight_type,
+            "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
+            "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
+            "load_s": load_s,
+        }
+        cost = partition.slice_cost(cfg, slc, max_seq_len, run.weight_type)
+        rank_info = {
+            "host": hostname(), "pid": os.getpid(), "nthreads": run.nthreads, "weight_share": slc.weight,
+            "n_heads": slc.n_heads, "n_kv_heads": slc.n_kv_heads, "ffn_rows": slc.n_ffn_rows,
+            "vocab_rows": slc.n_vocab_rows, "weight_bytes": cost.weight_bytes, "load_s": load_s,
+        }
+        per_step = cfg.n_layers * 8 + 12
+        session = TraceSession.open(comm.mpi, trace_path, meta, rank_info, capacity=per_step * 512)
+        session.recorder.add(SEG_LOAD, -1, t0, time.perf_counter(), cost.weight_bytes)
+        if verbose:
+            say(comm, f"mpillama: loaded in {load_s:.1f} s")
+        return cls(comm, cfg, run, slices, model, tokenizer, session, load_s)
+
+    # -- one forward pass on every rank --------------------------------------------------
+    def _forward(self, tl: Timeline) -> int | None:
+        """Run the pass described by self.ctrl (all ranks). Rank 0 returns the greedy token for
+        LOGITS_ARGMAX; with LOGITS_FULL the whole row is in self.full_logits."""
+        ctrl, comm = self.ctrl, self.comm
+        T, pos, mode = ctrl.n_tokens, ctrl.pos, ctrl.mode
+        comm.context = f"step {self.step}"
+        local = self.model.forward(ctrl.tokens, pos, T, tl, want_logits=mode != LOGITS_NONE)
+        if mode == LOGITS_NONE:
+            return None
+        assert local is not None
+        v0, v1 = self.slc.vocab_rows
+        if mode == LOGITS_FULL:
+            if comm.rank == 0:
+                self.full_logits[v0:v1] = local
+                recv = [self.full_logits[a:b] for a, b in (s.vocab_rows for s in self.slices)]
+            else:
+                recv = None
+            tl.mark(SEG_HEAD)
+            comm.gather_to_root(local, recv)
+            tl.mark(SEG_HEAD_SYNC, -1, local.nbytes)
+            return None
+        i = int(np.argmax(local))
+        self.best[0], self.best[1] = local[i], v0 + i
+        tl.mark(SEG_HEAD)
+        comm.gather_to_root(self.best, [self.all_best[r] for r in range(comm.size)] if comm.rank == 0 else None)
+        tl.mark(SEG_HEAD_SYNC, -1, self.best.nbytes)
+        if comm.rank != 0:
+            return None
+        self.all_best[0] = self.best
+        # highest value; on a tie the lowest vocabulary index, as np.argmax over the full row
+        order = np.lexsort((self.all_best[:, 1], -self.all_best[:, 0]))
+        return int(self.all_best[order[0], 1])
+
+    def _broadcast_ctrl(self, tl: Timeline, idle: bool) -> None:
+        self.comm.context = f"step {self.step} ctrl_sync"
+        # a worker waits for the next command as long as rank 0 needs (a chat user thinking)
+        self.comm.bcast(self.ctrl.buf, timeout=None if idle and self.comm.rank != 0 else -1.0)
+        tl.mark(SEG_CTRL_SYNC, -1, self.ctrl.buf.nbytes)
+
+    def _run_step(self, tokens: np.ndarray | list[int], mode: int, phase: str) -> int | None:
+        """Rank 0: broadcast a forward command and run it."""
+        t = time.perf_counter()
+        self.rec.step = self.step
+        self.rec.begin_step(phase, len(tokens), self.pos, t)
+        tl = Timeline(self.rec)
+        tl.t = t
+        self.ctrl.set(CMD_FORWARD, tokens, self.pos, mode)
+        self._broadcast_ctrl(tl, idle=False)
+        out = self._forward(tl)
+        self.pos += len(tokens)
+        self.rec.end_step(time.perf_counter())
+        self.session.end_step()
+        self.step += 1
+        return out
+
+    def worker_loop(self) -> None:
+        """Ranks > 0: follow rank 0's commands until it says stop."""
+        while True:
+            tl = Timeline(self.rec)
+            self.rec.step = self.step
+            self._broadcast_ctrl(tl, idle=True)
+            cmd = self.ctrl.cmd
+            if cmd == CMD_STOP:
+                return
+            if cmd == CMD_FORWARD:
+                self._forward(tl)
+                self.session.end_step()
+                self.step += 1
+
+    def reset(self) -> None:
+        """Rank 0: forget the conversation (the KV cache is simply overwritten from position 0)."""
+        self.pos = 0
+
+    def stop_workers(self) -> None:
+        if self.comm.rank == 0 and not self.stopped:
+            self.ctrl.set(CMD_STOP, [], 0, LOGITS_NONE)
+            self.comm.bcast(self.ctrl.buf)
+            self.stopped = True
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Collective: stop the workers (rank 0) and write the trace."""
+        self.stop_workers()
+        self.session.close(summary or {})
+
+    # -- generation (rank 0) -------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], steps: int, sampler: Sampler,
+                 on_text: Callable[[str], None] | None = None, dump_logits: np.ndarray | None = None,
+                 stop_on_eos: bool = True) -> Generation:
+        """Prefill prompt_ids (continuing at self.pos) then sample up to `steps` tokens."""
+        assert self.comm.rank == 0
+        n = len(prompt_ids)
+        if n == 0:
+            raise MpillamaError("the prompt is empty: give some text with --prompt")
+        if self.pos + n >= self.max_seq_len:
+            raise MpillamaError(
+                f"the prompt needs {self.pos + n} positions but --max-seq-len is {self.max_seq_len}"
+                f"{' (the model maximum)' if self.max_seq_len == self.cfg.seq_len else ''}: "
+                "shorten the prompt or raise --max-seq-len"
+            )
+        full = dump_logits is not None or sampler.temperature > 0
+        mode = LOGITS_FULL if full else LOGITS_ARGMAX
+        gen = Generation(prompt_tokens=n)
+        stream = self.tokenizer.stream() if self.tokenizer is not None else None
+        t0 = time.perf_counter()
+        token: int | None = None
+        for start in range(0, n, self.max_tokens):
+            chunk = prompt_ids[start : start + self.max_tokens]
+            last = start + len(chunk) >= n
+            token = self._run_step(chunk, mode if last else LOGITS_NONE, "prefill")
+        gen.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for i in range(steps):
+            ts = time.perf_counter()
+            if full:
+                logits = self.full_logits
+                if dump_logits is not None:
+                    dump_logits[i] = logits
+                token = sampler.sample(logits)
+            assert token is not None
+            self.rec.add(SEG_SAMPLE, -1, ts, time.perf_counter())
+            gen.tokens.append(token)
+            if stream is not None:
+                piece = stream.push(token)
+                gen.text += piece
+                if on_text is not None and piece:
+                    on_text(piece)
+            if stop_on_eos and self.tokenizer is not None and token in self.tokenizer.eos_ids:
+                gen.stop_reason = "eos"
+                break
+            if i == steps - 1:
+                break
+            if self.pos >= self.max_seq_len:
+                gen.stop_reason = "context"
+                break
+            token = self._run_step([token], mode, "decode")
+            gen.decode_steps += 1
+        if stream is not None:
+            tail = stream.finish()
+            gen.text += tail
+            if on_text is not None and tail:
+                on_text(tail)
+        gen.decode_s = time.perf_counter() - t1
+        return gen
+
+
+def install_test_hooks(model: RankModel, rank: int) -> None:
+    """Fault injection for the tests, from the environment (see tests/README.md):
+
+    MPILLAMA_TEST_SLOW=RANK:SECONDS  rank RANK sleeps SECONDS in every attention block (a straggler).
+    MPILLAMA_TEST_DIE=RANK:PASS      rank RANK kills itself (SIGKILL) at its forward pass number PASS.
+    """
+    slow = os.environ.get("MPILLAMA_TEST_SLOW")
+    if slow and int(slow.split(":")[0]) == rank:
+        seconds = float(slow.split(":")[1])
+        attention = model.attention
+
+        def slow_attention(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            return attention(*args, **kwargs)
+
+        model.attention = slow_attention  # type: ignore[method-assign]
+    die = os.environ.get("MPILLAMA_TEST_DIE")
+    if die and int(die.split(":")[0]) == rank:
+        last_pass = int(die.split(":")[1])
+        forward = model.forward
+        passes = [0]
+
+        def dying_forward(*args: Any, **kwargs: Any) -> Any:
+            passes[0] += 1
+            if passes[0] >= last_pass:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forward(*args, **kwargs)
+
+        model.forward = dying_forward  # type: ignore[method-assign]
+
+
+def install_signal_handlers(session: TraceSession) -> None:
+    """SIGINT/SIGTERM: leave a readable partial trace, then stop."""
+
+    def handler(signum: int, frame: Any) -> None:
+        session.write_partial(signal.Signals(signum).name)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)

@@ -1,0 +1,454 @@
+"""GGUF model files: a checking header parser and the GGUFModel reader.
+
+Owns: parsing the GGUF header (metadata key/values and tensor infos) with every read checked
+against the file length, turning llama/qwen3 metadata into a ModelConfig, and reading tensors
+from the memory map. Q4_0, Q8_0, F16, BF16 and F32 tensors are used as stored; any other type
+the `gguf` package can dequantize is dequantized (and requantized to Q40 by read_q40, with a
+one-line notice per file).
+
+Why not gguf.GGUFReader: it builds one numpy view per string, so a file with a 128k-token
+vocabulary takes ~9 s to open, and a damaged file fails with an IndexError or a reshape error
+instead of the offset where it breaks. The `gguf` package is still used for its type tables,
+its dequantizers, and (in synth.py) its writer. Imports nothing from mpillama but config,
+errors, quant and formats.tensors.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from mpillama.config import ModelConfig, RopeScaling
+from mpillama.errors import MpillamaError
+from mpillama.formats.tensors import (
+    Notice,
+    TensorData,
+    TensorInfo,
+    check_extent,
+    check_tensors,
+    config_error,
+    fit_llama3_scaling,
+    map_file,
+)
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+# GGUF metadata value types (the file format's numbering)
+T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
+T_STRING, T_ARRAY, T_UINT64, T_INT64, T_FLOAT64 = range(8, 13)
+_SCALAR_FMT = {
+    T_UINT8: "<B", T_INT8: "<b", T_UINT16: "<H", T_INT16: "<h", T_UINT32: "<I", T_INT32: "<i",
+    T_FLOAT32: "<f", T_BOOL: "<?", T_UINT64: "<Q", T_INT64: "<q", T_FLOAT64: "<d",
+}  # fmt: skip
+_NP_DTYPE = {
+    T_UINT8: "<u1", T_INT8: "<i1", T_UINT16: "<u2", T_INT16: "<i2", T_UINT32: "<u4", T_INT32: "<i4",
+    T_FLOAT32: "<f4", T_BOOL: "?", T_UINT64: "<u8", T_INT64: "<i8", T_FLOAT64: "<f8",
+}  # fmt: skip
+_KIND_OF_TYPE = {
+    GGMLQuantizationType.F32: "f32",
+    GGMLQuantizationType.F16: "f16",
+    GGMLQuantizationType.BF16: "bf16",
+    GGMLQuantizationType.Q4_0: "q40",
+    GGMLQuantizationType.Q8_0: "q80",
+}
+ARCH_ROPE_STYLE = {"llama": "pairs", "qwen3": "halves"}  # GGUF llama rows are permuted for pairs
+SMALL_ARRAY = 64  # longer arrays are summarised in `metadata` (the tokenizer tables)
+
+
+@dataclass
+class LazyStrings:
+    """A string array left in the file until asked for (vocabularies are 100k+ strings)."""
+
+    buf: np.ndarray = field(repr=False)
+    offset: int
+    count: int
+
+    def decode(self) -> list[str]:
+        mv, pos, out = memoryview(self.buf), self.offset, []
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(self.count):
+            (n,) = unpack(mv, pos)
+            out.append(bytes(mv[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+            pos += 8 + n
+        return out
+
+
+@dataclass
+class GGUFValue:
+    """One metadata value with its GGUF type (sub_type: the element type of an array)."""
+
+    vtype: int
+    value: Any  # python scalar, str, np.ndarray (numeric array) or LazyStrings
+    sub_type: int | None = None
+
+    def get(self) -> Any:
+        """The value as plain Python: scalars, str, list."""
+        if isinstance(self.value, LazyStrings):
+            self.value = self.value.decode()
+        if isinstance(self.value, np.ndarray):
+            return self.value.tolist()
+        return self.value
+
+    def count(self) -> int:
+        if isinstance(self.value, LazyStrings):
+            return self.value.count
+        return len(self.value) if self.vtype == T_ARRAY else 1
+
+
+@dataclass(frozen=True)
+class GGUFTensorEntry:
+    """One tensor info record: GGUF name, ggml type, ne (innermost first), data offset."""
+
+    name: str
+    ggml_type: int
+    ne: tuple[int, ...]
+    offset: int  # absolute, in the file
+    info_offset: int  # where its record starts, for error messages
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    kv: dict[str, GGUFValue]
+    tensors: list[GGUFTensorEntry]
+    data_start: int
+    alignment: int
+
+
+class _Cursor:
+    """Reads little-endian values from the mapped file, checking each read against its length."""
+
+    def __init__(self, path: Path, buf: np.ndarray) -> None:
+        self.path, self.buf, self.mv, self.size, self.pos = path, buf, memoryview(buf), len(buf), 0
+
+    def need(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise MpillamaError(
+                f"{self.path}: truncated at offset {self.pos}: {what} needs {n} bytes but the file ends at "
+                f"{self.size}: the file is incomplete or damaged; download or convert it again"
+            )
+        start = self.pos
+        self.pos += n
+        return start
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt = _SCALAR_FMT[vtype]
+        start = self.need(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.mv, start)[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar(T_UINT64, what + " length")
+        start = self.need(n, what)
+        return bytes(self.mv[start : start + n]).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, key: str) -> GGUFValue:
+        if vtype in _SCALAR_FMT:
+            return GGUFValue(vtype, self.scalar(vtype, f"value of {key!r}"))
+        if vtype == T_STRING:
+            return GGUFValue(vtype, self.string(f"value of {key!r}"))
+        if vtype == T_ARRAY:
+            at = self.pos
+            sub = self.scalar(T_UINT32, f"element type of {key!r}")
+            count = self.scalar(T_UINT64, f"length of {key!r}")
+            if sub in _NP_DTYPE:
+                dt = np.dtype(_NP_DTYPE[sub])
+                start = self.need(count * dt.itemsize, f"{count} elements of {key!r}")
+                return GGUFValue(vtype, np.frombuffer(self.buf, dt, count, start).copy(), sub)
+            if sub == T_STRING:
+                return GGUFValue(vtype, self._strings(key, count), sub)
+            raise MpillamaError(
+                f"{self.path}: metadata {key!r} at offset {at} is an array of type {sub}, which mpillama cannot "
+                "read (nested arrays): the file is damaged or from a newer GGUF writer"
+            )
+        raise MpillamaError(
+            f"{self.path}: metadata {key!r} has unknown value type {vtype} at offset {self.pos - 4}: "
+            "the file is damaged or not a GGUF file mpillama understands"
+        )
+
+    def _strings(self, key: str, count: int) -> LazyStrings | list[str]:
+        """Walk over `count` strings (checking lengths); keep long arrays lazy."""
+        if count > self.size:
+            raise MpillamaError(f"{self.path}: metadata {key!r} at offset {self.pos} claims {count} strings: "
+                                "more than the file could hold; the file is damaged")
+        start, pos, size, mv = self.pos, self.pos, self.size, self.mv
+        unpack = struct.Struct("<Q").unpack_from
+        for i in range(count):
+            if pos + 8 > size:
+                break
+            pos += 8 + unpack(mv, pos)[0]
+        else:
+            if pos <= size:
+                self.pos = pos
+                lazy = LazyStrings(self.buf, start, count)
+                return lazy if count > SMALL_ARRAY else lazy.decode()
+        raise MpillamaError(
+            f"{self.path}: truncated at offset {min(pos, size)}: string {i} of {key!r} runs past the end of the "
+            f"file ({size} bytes): the file is incomplete or damaged; download or convert it again"
+        )
+
+
+def read_gguf_header(path: Path, buf: np.ndarray | None = None) -> GGUFHeader:
+    """Parse magic, version, metadata and tensor infos, checking every length and type."""
+    path = Path(path)
+    buf = map_file(path) if buf is None else buf
+    cur = _Cursor(path, buf)
+    cur.need(4, "the magic")
+    magic = bytes(buf[:4])
+    if magic != GGUF_MAGIC:
+        raise MpillamaError(f"{path}: not a GGUF file: magic {magic!r} at offset 0, expected b'GGUF': "
+                            "give a .gguf model (or open it with open_model, which detects the format)")
+    version = cur.scalar(T_UINT32, "the version")
+    if version & 0xFFFF == 0 and version:
+        raise MpillamaError(f"{path}: big-endian GGUF (version field {version:#x}): convert it to little-endian")
+    if version not in SUPPORTED_VERSIONS:
+        raise MpillamaError(f"{path}: GGUF version {version} at offset 4: mpillama reads versions 2 and 3; "
+                            "re-convert the model with a current llama.cpp")
+    n_tensors = cur.scalar(T_UINT64, "the tensor count")
+    n_kv = cur.scalar(T_UINT64, "the metadata count")
+    if n_tensors > cur.size // 24 or n_kv > cur.size // 12:
+        raise MpillamaError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata keys, more than "
+                            f"{cur.size} bytes can hold: the file is damaged")
+    kv: dict[str, GGUFValue] = {}
+    for _ in range(n_kv):
+        key = cur.string("a metadata key")
+        kv[key] = cur.value(cur.scalar(T_UINT32, f"the type of {key!r}"), key)
+    entries = []
+    for _ in range(n_tensors):
+        at = cur.pos
+        name = cur.string("a tensor name")
+        n_dims = cur.scalar(T_UINT32, f"the rank of tensor {name!r}")
+        if not 1 <= n_dims <= 4:
+            raise MpillamaError(f"{path}: tensor {name!r} (info at offset {at}) has {n_dims} dimensions: "
+                                "GGUF allows 1 to 4; the file is damaged")
+        ne = tuple(cur.scalar(T_UINT64, f"dimensions of {name!r}") for _ in range(n_dims))
+        gtype = cur.scalar(T_UINT32, f"the type of {name!r}")
+        rel = cur.scalar(T_UINT64, f"the data offset of {name!r}")
+        entries.append((name, gtype, ne, rel, at))
+    align_v = kv.get("general.alignment")
+    alignment = int(align_v.value) if align_v is not None else DEFAULT_ALIGNMENT
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise MpillamaError(f"{path}: general.alignment is {alignment}, not a power of two: the file is damaged")
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = [GGUFTensorEntry(n, t, ne, data_start + rel, at) for n, t, ne, rel, at in entries]
+    return GGUFHeader(version, kv, tensors, data_start, alignment)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def _kind(path: Path, e: GGUFTensorEntry) -> tuple[str, tuple[int, int]]:
+    """(kind, (block values, block bytes)) of a tensor, or an error for types mpillama cannot read."""
+    try:
+        qtype = GGMLQuantizationType(e.ggml_type)
+    except ValueError:
+        raise MpillamaError(
+            f"{path}: tensor {e.name!r} (info at offset {e.info_offset}) has unknown tensor type {e.ggml_type}: "
+            "re-quantize the model to Q4_0, Q8_0, F16 or F32 with llama-quantize"
+        ) from None
+    block = GGML_QUANT_SIZES[qtype]
+    if qtype in _KIND_OF_TYPE:
+        return _KIND_OF_TYPE[qtype], block
+    try:
+        dequantize(np.zeros((1, block[1]), np.uint8), qtype)
+    except (NotImplementedError, ValueError):
+        raise MpillamaError(
+            f"{path}: tensor {e.name!r} has type {qtype.name}, which mpillama cannot dequantize: "
+            "re-quantize the model to Q4_0, Q8_0, F16 or F32 with llama-quantize"
+        ) from None
+    return qtype.name, block
+
+
+def _canonical(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def gguf_tensors(path: Path, header: GGUFHeader, buf: np.ndarray) -> dict[str, TensorData]:
+    """Canonical name -> TensorData, with every type known and every extent inside the file."""
+    out: dict[str, TensorData] = {}
+    for e in header.tensors:
+        kind, block = _kind(path, e)
+        if e.ne[0] % block[0]:
+            raise MpillamaError(f"{path}: tensor {e.name!r} has rows of {e.ne[0]} values, not a multiple of its "
+                                f"{kind} block of {block[0]}: the file is damaged")
+        if (e.offset - header.data_start) % header.alignment:
+            raise MpillamaError(f"{path}: tensor {e.name!r} data at offset {e.offset} is not aligned to "
+                                f"{header.alignment} bytes: the file is damaged")
+        shape = tuple(reversed(e.ne))
+        if len(shape) > 2:  # stored rows are what matter; fold the outer dimensions together
+            shape = (int(np.prod(shape[:-1])), shape[-1])
+        info = TensorInfo(_canonical(e.name), kind, shape)
+        data = TensorData(info, buf, e.offset, None if kind in _KIND_OF_TYPE.values() else e.ggml_type, block)
+        check_extent(path, e.name, e.offset, data.nbytes, len(buf))
+        out[info.name] = data
+    return out
+
+
+# ---------------------------------------------------------------- config
+
+
+def _get(path: Path, kv: dict[str, GGUFValue], key: str, default: Any = None, required: bool = True) -> Any:
+    v = kv.get(key)
+    if v is None:
+        if required and default is None:
+            raise MpillamaError(f"{path}: metadata key {key!r} is missing: the file is not a complete "
+                                "llama.cpp model; re-convert it with convert_hf_to_gguf.py")
+        return default
+    value = v.get()
+    if isinstance(value, list):
+        raise MpillamaError(f"{path}: metadata {key!r} is a per-layer list, which mpillama does not run; "
+                            "use a model with the same value in every layer")
+    return value
+
+
+def _tidy(x: float) -> float:
+    """float32 header values as the decimal they were written from (9.99999975e-06 -> 1e-05)."""
+    return float(f"{float(x):.7g}")
+
+
+def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorData]) -> ModelConfig:
+    arch = _get(path, kv, "general.architecture")
+    if arch not in ARCH_ROPE_STYLE:
+        raise MpillamaError(f"{path}: architecture {arch!r}: mpillama runs llama and qwen3 models")
+
+    def key(name: str, default: Any = None) -> Any:
+        return _get(path, kv, f"{arch}.{name}", default)
+
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", dim // max(1, n_heads)))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise MpillamaError(f"{path}: key_length {head_dim} differs from value_length: mpillama needs them equal")
+    if int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise MpillamaError(f"{path}: rope.dimension_count differs from the head size {head_dim} (partial rope): "
+                            "mpillama rotates whole heads only")
+    embd = tensors.get("token_embd")
+    if embd is None:
+        raise MpillamaError(f"{path}: tensor 'token_embd' is missing: the file is incomplete or not a {arch} model; "
+                            "re-convert it")
+    vocab = embd.info.shape[0]  # the table is what the forward pass indexes (vocabularies may be padded)
+    theta = _tidy(key("rope.freq_base", 10000.0))
+    try:
+        return ModelConfig(
+            arch=arch,
+            dim=dim,
+            hidden_dim=int(key("feed_forward_length")),
+            n_layers=int(key("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            vocab_size=vocab,
+            seq_len=int(key("context_length")),
+            norm_eps=_tidy(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=theta,
+            rope_style=ARCH_ROPE_STYLE[arch],
+            rope_scaling=_rope_scaling(path, arch, kv, tensors, head_dim, theta),
+            tied_embeddings="output" not in tensors,
+            qk_norm=arch == "qwen3",
+        )
+    except MpillamaError as e:
+        raise config_error(path, e) from None
+
+
+def _rope_scaling(
+    path: Path, arch: str, kv: dict[str, GGUFValue], tensors: dict[str, TensorData], head_dim: int, theta: float
+) -> RopeScaling | None:
+    """Llama 3.1 scaling from {arch}.rope.scaling.* keys (type 'llama3'), else from a rope_freqs tensor."""
+    p = f"{arch}.rope.scaling."
+    if _get(path, kv, p + "type", "", required=False) == "llama3":
+        return RopeScaling(
+            factor=_tidy(_get(path, kv, p + "factor")),
+            low_freq_factor=_tidy(_get(path, kv, p + "low_freq_factor")),
+            high_freq_factor=_tidy(_get(path, kv, p + "high_freq_factor")),
+            original_max_position=int(_get(path, kv, p + "original_context_length")),
+        )
+    if "rope_freqs" in tensors:
+        return fit_llama3_scaling(path, tensors["rope_freqs"].read_f32(), head_dim, theta)
+    return None
+
+
+# ---------------------------------------------------------------- the reader
+
+
+def _summary(v: GGUFValue) -> Any:
+    if v.vtype == T_ARRAY and v.count() > SMALL_ARRAY:
+        kind = "string" if v.sub_type == T_STRING else np.dtype(_NP_DTYPE[v.sub_type]).name  # type: ignore[index]
+        return f"[{v.count()} x {kind}]"
+    return v.get()
+
+
+class GGUFModel:
+    """A GGUF file opened for reading: config, tensor table, and row/column reads from a memory map."""
+
+    format = "gguf"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._buf = map_file(self.path)  # (file_bytes,) uint8 memmap
+        header = read_gguf_header(self.path, self._buf)
+        self._kv = header.kv
+        self._data = gguf_tensors(self.path, header, self._buf)
+        self.config = gguf_config(self.path, self._kv, self._data)
+        self.tensors = {name: d.info for name, d in self._data.items()}
+        check_tensors(self.path, self.config, self.tensors)
+        self.metadata: dict[str, object] = {"GGUF.version": header.version}
+        self.metadata.update({k: _summary(v) for k, v in self._kv.items()})
+        native = ("f32", "f16", "bf16", "q40")  # read_q40 of anything else is a requantization
+        foreign = sorted({_type_name(d) for d in self._data.values() if d.info.kind not in native})
+        self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
+
+    def _tensor(self, name: str) -> TensorData:
+        d = self._data.get(name)
+        if d is None:
+            raise MpillamaError(f"{self.path}: no tensor {name!r}; it has: {', '.join(list(self._data)[:8])}, ...")
+        return d
+
+    def read_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        return self._tensor(name).read_f32(rows, cols)
+
+    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        return self._tensor(name).read_q40(rows, cols, self._notice)
+
+    def raw_metadata(self) -> dict[str, GGUFValue]:
+        """Every metadata value with its GGUF type (synth copies tokenizer keys with this)."""
+        return self._kv
+
+    def tokenizer_metadata(self) -> dict[str, object] | None:
+        return gguf_tokenizer_metadata(self._kv)
+
+    def close(self) -> None:
+        """Drop every reference to the memory map (arrays already returned are copies)."""
+        self._data, self._kv, self._buf = {}, {}, np.zeros(0, np.uint8)
+
+
+def _type_name(d: TensorData) -> str:
+    if d.ggml_type is not None:
+        return GGMLQuantizationType(d.ggml_type).name
+    return {"q80": "Q8_0"}.get(d.info.kind, d.info.kind)
+
+
+def gguf_tokenizer_metadata(kv: dict[str, GGUFValue]) -> dict[str, object] | None:
+    """The tokenizer.* keys as Python values, named without their prefix, plus short aliases.
+
+    tokenizer.ggml.tokens -> 'tokens', tokenizer.ggml.bos_token_id -> 'bos_token_id',
+    tokenizer.chat_template -> 'chat_template', ...; aliases: 'bos_id', 'eos_id', 'add_bos'.
+    None when the file has no vocabulary.
+    """
+    if "tokenizer.ggml.tokens" not in kv:
+        return None
+    out: dict[str, object] = {}
+    for key, v in kv.items():
+        if key.startswith("tokenizer.ggml."):
+            out[key[len("tokenizer.ggml.") :]] = v.get()
+        elif key.startswith("tokenizer."):
+            out[key[len("tokenizer.") :]] = v.get()
+    out["bos_id"] = out.get("bos_token_id")
+    out["eos_id"] = out.get("eos_token_id")
+    out["add_bos"] = out.get("add_bos_token")
+    return out

@@ -1,0 +1,303 @@
+"""Synthetic models: random weights at real shapes, written as GGUF files llama.cpp can load.
+
+Owns: SHAPES (the named shapes, their vocabularies and weight statistics), the chat templates
+added when a vocabulary file carries none, and write_synthetic(), which streams one tensor at
+a time (generate, quantize, write) so a 1.2 B-parameter model fits in bounded memory.
+
+Files look like llama.cpp's own conversions: metadata under the architecture's keys, the
+tokenizer.* keys of a real tokenizer vocabulary (mpillama.formats.vocab), Q4_0 for every 2-D
+matrix (token_embd and output too, like `llama-quantize --pure`) or all F32, F32 norms, and
+for Llama 3.x rope scaling a rope_freqs tensor of per-frequency factors (what llama.cpp's
+converter writes; mpillama recognises it when reading). Llama q/k rows in GGUF are in the
+'pairs' rope layout; random weights are simply generated in that layout (nothing to permute).
+
+Imports numpy, gguf (its writer), and mpillama config/errors/quant/formats. Never mpi4py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from gguf import GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from mpillama.config import ModelConfig, RopeScaling
+from mpillama.errors import MpillamaError
+from mpillama.formats.gguf import T_BOOL, T_STRING, T_UINT32, GGUFValue, read_gguf_header
+from mpillama.formats.tensors import expected_tensors, llama3_rope_factors
+from mpillama.formats.vocab import vocab_gguf
+from mpillama.quant import quantize_q40
+
+
+@dataclass(frozen=True)
+class SynthShape:
+    """A model shape plus how to fill it.
+
+    Matrices are N(0, (gain / sqrt(fan_in))^2), so each projection of a unit-rms vector has unit
+    variance; the embedding is N(0, embed_std^2); norms are 1 + N(0, norm_noise^2). The output
+    head gets out_gain / sqrt(dim), and its rows are scaled by exp(head_spread * N(0, 1)) so the
+    logits are heavy-tailed: the top token stands out from the runner-up by a clear margin more
+    often than with Gaussian logits (see FIELD-NOTES: random models have flat logits).
+    """
+
+    config: ModelConfig
+    vocab: str  # name for formats.vocab.vocab_gguf
+    embed_std: float = 1.0
+    gain: float = 1.0
+    out_gain: float = 4.0  # untied head: logits of std ~4, about what trained models show
+    head_spread: float = 0.0
+    norm_noise: float = 0.05
+    out_norm_mean: float = 1.0  # output_norm = out_norm_mean + N(0, out_norm_std^2)
+    out_norm_std: float = 0.05
+
+
+_LLAMA32_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+
+
+def _llama(**kw: object) -> ModelConfig:
+    base = dict(arch="llama", vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, rope_style="pairs")
+    return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _qwen3(**kw: object) -> ModelConfig:
+    base = dict(arch="qwen3", vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, rope_style="halves",
+                qk_norm=True, tied_embeddings=True)  # fmt: skip
+    return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _tied(dim: int) -> dict[str, float]:
+    """Init for tied embeddings: logits of std ~4 from N(0, (4/sqrt(dim))^2) rows, and a zero-mean
+    output_norm. With norms ~1 the residual keeps the input token's embedding, whose own logit
+    then towers over the rest and greedy decoding repeats one token forever; random-sign norm
+    weights cancel that self-match on average."""
+    return dict(embed_std=4.0 / dim**0.5, out_norm_mean=0.0, out_norm_std=1.0)
+
+
+SHAPES: dict[str, SynthShape] = {
+    "llama3.2-1b": SynthShape(
+        _llama(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, seq_len=131072,
+               rope_scaling=_LLAMA32_ROPE, tied_embeddings=True), "llama-bpe", **_tied(2048)),  # fmt: skip
+    "llama3.2-3b": SynthShape(
+        _llama(dim=3072, hidden_dim=8192, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, seq_len=131072,
+               rope_scaling=_LLAMA32_ROPE, tied_embeddings=True), "llama-bpe", **_tied(3072)),  # fmt: skip
+    "llama3-8b": SynthShape(
+        _llama(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, seq_len=8192),
+        "llama-bpe"),  # fmt: skip
+    "qwen3-0.6b": SynthShape(
+        _qwen3(dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, seq_len=40960),
+        "qwen2", **_tied(1024)),  # fmt: skip
+    # Test shapes. Their output rows get a log-normal norm spread (head_spread): against a float64
+    # reference forward pass, the median top-1 margin grew from ~0.15 to ~1 logit std, while greedy
+    # output still visits many different tokens. Near-ties remain possible (random weights).
+    # tiny: hidden 352 = 11 blocks of 32, so feed-forward splits are uneven; untied output.
+    "tiny": SynthShape(
+        _llama(dim=128, hidden_dim=352, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, seq_len=512,
+               rope_scaling=_LLAMA32_ROPE, tied_embeddings=False), "llama-bpe", head_spread=0.5),  # fmt: skip
+    # qwen3-tiny: head_dim 64 with dim 128, so q_dim = 256 != dim, like real Qwen3; tied.
+    "qwen3-tiny": SynthShape(
+        _qwen3(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512),
+        "qwen2", embed_std=0.5, out_norm_mean=0.0, out_norm_std=1.0, head_spread=0.35),  # fmt: skip
+}
+
+# Chat templates for vocabularies that carry none (Jinja over messages/role/content,
+# bos_token, add_generation_prompt), written for mpillama.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- (message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# per architecture: (chat template if the vocabulary has none, end-of-turn token used as eos, add_bos)
+_CHAT = {"llama": (LLAMA3_TEMPLATE, "<|eot_id|>", True), "qwen3": (CHATML_TEMPLATE, "<|im_end|>", False)}
+
+WEIGHT_TYPES = ("q40", "f32")
+_ROWS_PER_CHUNK_VALUES = 1 << 22  # values generated per step: bounds memory for 128k x 4096 tensors
+
+
+@dataclass(frozen=True)
+class _Planned:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # math orientation
+    std: float  # 0 for fixed tensors (rope_freqs)
+    mean: float
+    row_spread: float = 0.0
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the model (embedding counted once when tied), as model cards count them."""
+    return sum(int(np.prod(s)) for s in expected_tensors(cfg).values())
+
+
+def tensor_plan(shape: SynthShape) -> list[_Planned]:
+    """Every tensor of the file in write order, with its shape and distribution."""
+    c, s = shape.config, shape
+    norm = s.norm_noise
+    # a tied embedding is also the output head, so it carries the head's row spread
+    plan = [_Planned("token_embd.weight", (c.vocab_size, c.dim), s.embed_std, 0.0,
+                     s.head_spread if c.tied_embeddings else 0.0)]  # fmt: skip
+    if c.rope_scaling is not None:
+        plan.append(_Planned("rope_freqs.weight", (c.head_dim // 2,), 0.0, 0.0))
+    for i in range(c.n_layers):
+        b = f"blk.{i}."
+        plan += [
+            _Planned(b + "attn_norm.weight", (c.dim,), norm, 1.0),
+            _Planned(b + "attn_q.weight", (c.q_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+            _Planned(b + "attn_k.weight", (c.kv_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+            _Planned(b + "attn_v.weight", (c.kv_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+            _Planned(b + "attn_output.weight", (c.dim, c.q_dim), s.gain / np.sqrt(c.q_dim), 0.0),
+        ]
+        if c.qk_norm:
+            plan += [_Planned(b + "attn_q_norm.weight", (c.head_dim,), norm, 1.0),
+                     _Planned(b + "attn_k_norm.weight", (c.head_dim,), norm, 1.0)]  # fmt: skip
+        plan += [
+            _Planned(b + "ffn_norm.weight", (c.dim,), norm, 1.0),
+            _Planned(b + "ffn_gate.weight", (c.hidden_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+            _Planned(b + "ffn_up.weight", (c.hidden_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+            _Planned(b + "ffn_down.weight", (c.dim, c.hidden_dim), s.gain / np.sqrt(c.hidden_dim), 0.0),
+        ]
+    plan.append(_Planned("output_norm.weight", (c.dim,), s.out_norm_std, s.out_norm_mean))
+    if not c.tied_embeddings:
+        plan.append(_Planned("output.weight", (c.vocab_size, c.dim), s.out_gain / np.sqrt(c.dim), 0.0, s.head_spread))
+    return plan
+
+
+def _ggml_type(p: _Planned, weight_type: str) -> GGMLQuantizationType:
+    return GGMLQuantizationType.Q4_0 if weight_type == "q40" and p.is_matrix else GGMLQuantizationType.F32
+
+
+def _nbytes(p: _Planned, qtype: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(p.shape)) // block * size
+
+
+def _chunks(p: _Planned, shape: SynthShape, qtype: GGMLQuantizationType, seed: int) -> Iterator[np.ndarray]:
+    """The tensor's stored bytes, a block of rows at a time; deterministic from (seed, name)."""
+    c = shape.config
+    if p.name == "rope_freqs.weight":
+        assert c.rope_scaling is not None
+        yield llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
+        return
+    rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
+    rows, cols = (p.shape[0], p.shape[1]) if p.is_matrix else (1, p.shape[0])
+    spread = None
+    if p.row_spread:
+        spread = np.exp(p.row_spread * rng.standard_normal(rows, dtype=np.float32))  # (rows,) f32
+        spread /= np.sqrt(np.mean(spread * spread))  # keep the overall scale at std
+    step = max(1, _ROWS_PER_CHUNK_VALUES // cols)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        x = rng.standard_normal((n, cols), dtype=np.float32)  # (n, cols) f32
+        x *= np.float32(p.std)
+        if p.mean:
+            x += np.float32(p.mean)
+        if spread is not None:
+            x *= spread[r : r + n, None]
+        yield quantize_q40(x) if qtype == GGMLQuantizationType.Q4_0 else x
+
+
+def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
+    """The vocabulary file's tokenizer.* keys, with eos = the end-of-turn token, add_bos, and a chat template."""
+    kv = {k: v for k, v in read_gguf_header(vocab_gguf(shape.vocab)).kv.items() if k.startswith("tokenizer.")}
+    template, eot, add_bos = _CHAT[shape.config.arch]
+    tokens = kv["tokenizer.ggml.tokens"].get()
+    if len(tokens) != shape.config.vocab_size:
+        raise MpillamaError(f"vocabulary {shape.vocab!r} has {len(tokens)} tokens, the shape needs "
+                            f"{shape.config.vocab_size}: pick a vocabulary of the model's size")  # fmt: skip
+    # chat models stop at the end of a turn: that is their eos (as in Llama 3.2 Instruct / Qwen3 GGUFs)
+    if eot in tokens:
+        kv["tokenizer.ggml.eos_token_id"] = GGUFValue(T_UINT32, tokens.index(eot))
+    kv["tokenizer.ggml.add_bos_token"] = GGUFValue(T_BOOL, add_bos)
+    kv.setdefault("tokenizer.chat_template", GGUFValue(T_STRING, template))
+    return kv
+
+
+def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str) -> None:
+    c, a = shape.config, shape.config.arch
+    w.add_name(f"mpillama synthetic {name}")
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if weight_type == "q40" else LlamaFileType.ALL_F32)
+    if weight_type == "q40":
+        w.add_quantization_version(2)
+    w.add_uint32(f"{a}.vocab_size", c.vocab_size)
+    w.add_uint32(f"{a}.context_length", c.seq_len)
+    w.add_uint32(f"{a}.embedding_length", c.dim)
+    w.add_uint32(f"{a}.block_count", c.n_layers)
+    w.add_uint32(f"{a}.feed_forward_length", c.hidden_dim)
+    w.add_uint32(f"{a}.attention.head_count", c.n_heads)
+    w.add_uint32(f"{a}.attention.head_count_kv", c.n_kv_heads)
+    w.add_uint32(f"{a}.attention.key_length", c.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", c.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", c.norm_eps)
+    w.add_float32(f"{a}.rope.freq_base", c.rope_theta)
+    w.add_uint32(f"{a}.rope.dimension_count", c.head_dim)
+    for key, v in _tokenizer_kv(shape).items():
+        w.add_key_value(key, v.get(), v.vtype, v.sub_type)
+
+
+def _pad(f: BinaryIO, alignment: int) -> None:
+    f.write(b"\0" * (-f.tell() % alignment))
+
+
+def write_synthetic(shape: str, out: str | Path, weight_type: str = "q40", seed: int = 0) -> Path:
+    """Write a random-weight GGUF of a named shape to `out` (via out + '.part', renamed when complete)."""
+    if shape not in SHAPES:
+        raise MpillamaError(f"unknown synthetic shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    return write_shape(SHAPES[shape], out, weight_type, seed, name=shape)
+
+
+def write_shape(s: SynthShape, out: str | Path, weight_type: str = "q40", seed: int = 0, name: str = "custom") -> Path:
+    """write_synthetic for any SynthShape (tests use variants of the named ones)."""
+    if weight_type not in WEIGHT_TYPES:
+        raise MpillamaError(f"synthetic weight type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
+    out = Path(out)
+    part = out.with_name(out.name + ".part")
+    plan = tensor_plan(s)
+    w = GGUFWriter(part, s.config.arch)
+    try:
+        _add_metadata(w, s, name, weight_type)
+        for p in plan:
+            qtype = _ggml_type(p, weight_type)
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        assert w.fout is not None
+        f = w.fout[0]
+        # tensor data: each tensor starts aligned, as the offsets written in the tensor infos say
+        for p in plan:
+            qtype = _ggml_type(p, weight_type)
+            _pad(f, w.data_alignment)
+            start = f.tell()
+            for chunk in _chunks(p, s, qtype, seed):
+                f.write(np.ascontiguousarray(chunk).tobytes())
+            assert f.tell() - start == _nbytes(p, qtype), f"{p.name}: wrote {f.tell() - start} bytes"
+        _pad(f, w.data_alignment)
+        w.close()
+        part.replace(out)
+    except BaseException:
+        w.close()
+        part.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def with_config(shape: SynthShape, **changes: object) -> SynthShape:
+    """A copy of a shape with config fields changed (tests use it for variants)."""
+    return dataclasses.replace(shape, config=dataclasses.replace(shape.config, **changes))  # type: ignore[arg-type]

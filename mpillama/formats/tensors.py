@@ -1,0 +1,282 @@
+"""What every model-file reader shares: tensor descriptions, the tensors a config needs, and
+reading a tensor's rows/columns out of a memory map as f32 or as Q40 bytes.
+
+Owns: TensorInfo, the canonical tensor names and shapes (expected_tensors), the check that a
+file holds them (check_tensors), TensorData (where one tensor's bytes are in a mapped file)
+with read_f32 / read_q40 over any stored kind, the pairs/halves row permutations of q/k, and
+the Llama 3.1 rope-factor formula used to recognise GGUF rope_freqs tensors.
+
+Imports numpy, gguf (for dequantizing types mpillama does not run natively), mpillama.quant
+and mpillama.config/errors. Never mpi4py.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpillama.config import ModelConfig, RopeScaling
+from mpillama.errors import MpillamaError
+from mpillama.quant import (
+    Q40_BLOCK_BYTES,
+    Q80_BLOCK_BYTES,
+    QK,
+    dequantize_q40,
+    dequantize_q80,
+    quantize_q40,
+    rope_frequencies_ref,
+)
+
+# kinds mpillama reads without a foreign dequantizer; anything else is a GGUF type name
+NATIVE_KINDS = ("f32", "f16", "bf16", "q40", "q80")
+# kinds whose Q40 view is a requantization (worth a notice): everything but floats and q40
+_FLOAT_KINDS = ("f32", "f16", "bf16")
+# rows converted per step when a whole tensor is converted, to bound temporary memory
+_CHUNK_VALUES = 1 << 24
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a reader sees it. shape is in math orientation: (rows=out, cols=in), or (n,)."""
+
+    name: str
+    kind: str  # 'f32'|'f16'|'bf16'|'q40'|'q80' or a GGUF type name ('Q6_K', ...)
+    shape: tuple[int, ...]
+
+
+def row_bytes(kind: str, cols: int, block: tuple[int, int] | None = None) -> int:
+    """Bytes of one stored row of `cols` values. `block` = (values, bytes) for foreign kinds."""
+    if kind == "f32":
+        return 4 * cols
+    if kind in ("f16", "bf16"):
+        return 2 * cols
+    if kind == "q40":
+        return cols // QK * Q40_BLOCK_BYTES
+    if kind == "q80":
+        return cols // QK * Q80_BLOCK_BYTES
+    assert block is not None, f"row_bytes: kind {kind} needs its (block values, block bytes)"
+    return cols // block[0] * block[1]
+
+
+# ---------------------------------------------------------------- what a config needs
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor the forward pass reads (output absent when tied)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd": (cfg.vocab_size, cfg.dim),
+        "output_norm": (cfg.dim,),
+    }
+    if not cfg.tied_embeddings:
+        shapes["output"] = (cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
+        b = f"blk.{i}."
+        shapes[b + "attn_norm"] = (cfg.dim,)
+        shapes[b + "attn_q"] = (cfg.q_dim, cfg.dim)
+        shapes[b + "attn_k"] = (cfg.kv_dim, cfg.dim)
+        shapes[b + "attn_v"] = (cfg.kv_dim, cfg.dim)
+        shapes[b + "attn_output"] = (cfg.dim, cfg.q_dim)
+        if cfg.qk_norm:
+            shapes[b + "attn_q_norm"] = (cfg.head_dim,)
+            shapes[b + "attn_k_norm"] = (cfg.head_dim,)
+        shapes[b + "ffn_norm"] = (cfg.dim,)
+        shapes[b + "ffn_gate"] = (cfg.hidden_dim, cfg.dim)
+        shapes[b + "ffn_up"] = (cfg.hidden_dim, cfg.dim)
+        shapes[b + "ffn_down"] = (cfg.dim, cfg.hidden_dim)
+    return shapes
+
+
+def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo], hint: str = "") -> None:
+    """Every tensor the config needs exists with its shape; raise on the first that does not."""
+    for name, shape in expected_tensors(cfg).items():
+        info = tensors.get(name)
+        if info is None:
+            raise MpillamaError(
+                f"{path}: tensor {name!r} is missing (the header describes a {cfg.arch} model with "
+                f"{cfg.n_layers} layers{', untied output' if name == 'output' else ''}): "
+                f"the file is incomplete or not a {cfg.arch} model; re-convert it{hint}"
+            )
+        if info.shape != shape:
+            raise MpillamaError(
+                f"{path}: tensor {name!r} has shape {info.shape} but the header implies {shape}: "
+                f"header and tensors disagree; re-convert the model{hint}"
+            )
+
+
+def config_error(path: Path, err: MpillamaError) -> MpillamaError:
+    """A ModelConfig validation error, prefixed with the file it came from."""
+    return MpillamaError(f"{path}: {err}")
+
+
+# ---------------------------------------------------------------- q/k row layouts
+
+
+def halves_to_pairs_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order that turns a 'halves' q/k matrix into 'pairs' (llama.cpp's convert permute).
+
+    Within each head, new row 2i is old row i and new row 2i+1 is old row i + head_dim/2, so
+    rope on adjacent pairs of the result equals rope on halves of the original.
+    """
+    hd = n_rows // n_heads
+    assert hd * n_heads == n_rows and hd % 2 == 0, f"{n_rows} rows do not split into {n_heads} even heads"
+    idx = np.arange(n_rows).reshape(n_heads, 2, hd // 2).swapaxes(1, 2)  # (heads, hd/2, 2)
+    return idx.reshape(-1)
+
+
+def pairs_to_halves_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """Inverse of halves_to_pairs_rows: the row order that undoes llama.cpp's permute."""
+    return np.argsort(halves_to_pairs_rows(n_rows, n_heads))
+
+
+# ---------------------------------------------------------------- rope scaling factors
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """(head_dim//2,) f32: base frequency / scaled frequency, what llama.cpp stores as rope_freqs."""
+    base = rope_frequencies_ref(head_dim, theta, None)
+    return (base / rope_frequencies_ref(head_dim, theta, scaling)).astype(np.float32)
+
+
+def fit_llama3_scaling(path: Path, factors: np.ndarray, head_dim: int, theta: float) -> RopeScaling | None:
+    """Recognise a rope_freqs tensor as Llama 3.1 scaling (low 1, high 4, original 8192, as every Llama 3.x).
+
+    Only the factors reach the forward pass, so any parameters that reproduce them are right.
+    """
+    factors = np.asarray(factors, np.float64)
+    if np.allclose(factors, 1.0):
+        return None
+    guess = RopeScaling(float(round(factors.max(), 4)), 1.0, 4.0, 8192)
+    if factors.shape == (head_dim // 2,):
+        if np.allclose(llama3_rope_factors(head_dim, theta, guess), factors, rtol=1e-3):
+            return guess
+    raise MpillamaError(
+        f"{path}: rope_freqs does not follow Llama 3.1 scaling (factor {guess.factor}, low 1, high 4, original 8192): "
+        "mpillama runs no other rope variant; use a model converted from a Llama 3.x checkpoint"
+    )
+
+
+# ---------------------------------------------------------------- reading one tensor
+
+
+def _span(s: slice | None, n: int, what: str) -> tuple[int, int]:
+    if s is None:
+        return 0, n
+    start, stop, step = s.indices(n)
+    assert step == 1, f"{what} slice {s} must have step 1"
+    return start, max(start, stop)
+
+
+@dataclass
+class Notice:
+    """Prints one line on stderr the first time it is triggered (one per file)."""
+
+    text: str
+    done: bool = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            print(self.text, file=sys.stderr, flush=True)
+            self.done = True
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """Where one tensor's bytes are: a uint8 memory map of its file and an offset in it."""
+
+    info: TensorInfo
+    buf: np.ndarray = field(repr=False)  # (file_bytes,) uint8 memmap
+    offset: int
+    ggml_type: int | None = None  # for foreign kinds: the GGMLQuantizationType value
+    block: tuple[int, int] | None = None  # for foreign kinds: (values, bytes) per block
+
+    @property
+    def rows(self) -> int:
+        return self.info.shape[0] if len(self.info.shape) == 2 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.info.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * row_bytes(self.info.kind, self.cols, self.block)
+
+    def _raw(self) -> np.ndarray:
+        """(rows, row_bytes) uint8 view of the mapped bytes (no copy)."""
+        rb = row_bytes(self.info.kind, self.cols, self.block)
+        return self.buf[self.offset : self.offset + self.rows * rb].reshape(self.rows, rb)
+
+    def _spans(self, rows: slice | None, cols: slice | None) -> tuple[int, int, int, int]:
+        if len(self.info.shape) == 1:
+            assert cols is None, f"{self.info.name} is 1-D: slice it with rows=, not cols="
+            r0, r1 = 0, 1
+            c0, c1 = _span(rows, self.cols, self.info.name)
+        else:
+            r0, r1 = _span(rows, self.rows, self.info.name)
+            c0, c1 = _span(cols, self.cols, self.info.name)
+        return r0, r1, c0, c1
+
+    def read_f32(self, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        """f32 copy of [rows, cols] ((n,) for 1-D tensors); touches only those rows of the map."""
+        r0, r1, c0, c1 = self._spans(rows, cols)
+        out = self._decode(r0, r1, c0, c1)  # (r, c) f32
+        return out[0] if len(self.info.shape) == 1 else out
+
+    def _decode(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        kind, raw = self.info.kind, self._raw()[r0:r1]
+        if kind == "f32":
+            return np.array(raw.view("<f4")[:, c0:c1], dtype=np.float32)
+        if kind == "f16":
+            return raw.view("<f2")[:, c0:c1].astype(np.float32)
+        if kind == "bf16":
+            bits = raw.view("<u2")[:, c0:c1].astype(np.uint32) << np.uint32(16)
+            return bits.view(np.float32)
+        if kind in ("q40", "q80"):
+            # decode the whole blocks that cover [c0, c1), then cut
+            b0, b1 = c0 // QK, -(-c1 // QK)
+            bb = Q40_BLOCK_BYTES if kind == "q40" else Q80_BLOCK_BYTES
+            blocks = np.ascontiguousarray(raw[:, b0 * bb : b1 * bb])
+            vals = dequantize_q40(blocks) if kind == "q40" else dequantize_q80(blocks)
+            return vals[:, c0 - b0 * QK : c1 - b0 * QK]
+        from gguf.quants import dequantize
+
+        assert self.ggml_type is not None, f"{self.info.name}: foreign kind {kind} without a GGML type"
+        vals = dequantize(np.ascontiguousarray(raw), self.ggml_type).reshape(r1 - r0, self.cols)
+        return np.array(vals[:, c0:c1], dtype=np.float32)
+
+    def read_q40(
+        self, rows: slice | None = None, cols: slice | None = None, notice: Notice | None = None
+    ) -> np.ndarray:
+        """uint8 (r, c//32*18) GGML Q4_0 bytes of [rows, cols]; unchanged bytes from a q40 source."""
+        r0, r1, c0, c1 = self._spans(rows, cols)
+        assert c0 % QK == 0 and (c1 % QK == 0), f"{self.info.name}: Q40 columns [{c0}, {c1}) must be whole 32-blocks"
+        if self.info.kind == "q40":
+            out = np.array(self._raw()[r0:r1, c0 // QK * Q40_BLOCK_BYTES : c1 // QK * Q40_BLOCK_BYTES])
+        else:
+            if self.info.kind not in _FLOAT_KINDS and notice is not None:
+                notice()
+            out = np.empty((r1 - r0, (c1 - c0) // QK * Q40_BLOCK_BYTES), np.uint8)  # (r, c//32*18) q40
+            step = max(1, _CHUNK_VALUES // max(1, self.cols))
+            for r in range(r0, r1, step):
+                e = min(r1, r + step)
+                out[r - r0 : e - r0] = quantize_q40(self._decode(r, e, c0, c1))
+        return out[0] if len(self.info.shape) == 1 else out
+
+
+def check_extent(path: Path, name: str, offset: int, nbytes: int, file_size: int) -> None:
+    """A tensor's bytes [offset, offset+nbytes) lie inside the file, or say where it breaks."""
+    if offset + nbytes > file_size:
+        raise MpillamaError(
+            f"{path}: truncated: tensor {name!r} needs bytes [{offset}, {offset + nbytes}) but the file ends at "
+            f"{file_size}: the file is incomplete; download or convert it again"
+        )
+
+
+def map_file(path: Path) -> np.ndarray:
+    """(file_bytes,) uint8 read-only memory map (an empty array for an empty file)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")

@@ -1,0 +1,47 @@
+"""`python -m mpillama inspect MODEL --ranks N`: the header, the tensors and the slice plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpillama import partition
+from mpillama.formats import open_model
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None, max_seq_len: int | None,
+             weight_type: str, list_tensors: bool = False) -> str:
+    mf = open_model(path)
+    cfg = mf.config
+    lines = [f"{path} ({mf.format})"]
+    for field in dataclasses.fields(cfg):
+        lines.append(f"  {field.name:>16}: {getattr(cfg, field.name)}")
+    kinds: dict[str, int] = {}
+    for info in mf.tensors.values():
+        kinds[info.kind] = kinds.get(info.kind, 0) + 1
+    lines.append(f"  {'tensors':>16}: {len(mf.tensors)} (" + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")")
+    if list_tensors:
+        for name, info in mf.tensors.items():
+            lines.append(f"    {name:<28} {info.kind:<6} {info.shape}")
+    weights = None if rank_weights == "auto" else rank_weights
+    seq = min(max_seq_len or 4096, cfg.seq_len)
+    slices = partition.plan(cfg, ranks, weights)
+    lines.append(f"slice plan for {ranks} rank(s), {weight_type} weights, KV cache at --max-seq-len {seq}:")
+    lines.append(f"  {'rank':>4} {'share':>6} {'q heads':>9} {'kv heads':>9} {'ffn rows':>11} {'vocab rows':>15}"
+                 f" {'weights':>12} {'kv cache':>12}")
+    for s in slices:
+        cost = partition.slice_cost(cfg, s, seq, weight_type)
+        lines.append(
+            f"  {s.rank:>4} {s.weight:>6.3f} {s.q_heads[0]:>4}-{s.q_heads[1]:<4} {s.kv_heads[0]:>4}-{s.kv_heads[1]:<4}"
+            f" {s.ffn_rows[0]:>5}-{s.ffn_rows[1]:<5} {s.vocab_rows[0]:>7}-{s.vocab_rows[1]:<7}"
+            f" {mib(cost.weight_bytes):>12} {mib(cost.kv_cache_bytes):>12}"
+        )
+    root = partition.slice_cost(cfg, slices[0], seq, weight_type).root_bytes
+    lines.append(f"  rank 0 also holds the embedding table and norms: {mib(root)} (every rank with --sync allreduce)")
+    if rank_weights == "auto":
+        lines.append("  (--rank-weights auto is measured at start-up; shown here with even weights)")
+    mf.close()
+    return "\n".join(lines)

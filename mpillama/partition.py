@@ -1,0 +1,170 @@
+"""The slice plan: which attention heads, FFN rows and vocabulary rows each rank owns.
+
+Pure functions of (ModelConfig, rank weights): no MPI, no numpy arrays, so the plan is
+tested for any number of ranks without mpirun. The forward pass takes a Slice and never
+edits the config.
+
+- Attention is split by query heads, in whole KV groups when there are at least as many KV
+  heads as ranks (so no KV head is computed twice). With more ranks than KV heads, query
+  heads are still divided and a KV head is computed on every rank whose query heads need it.
+- The FFN is split along the hidden dimension in blocks of 32 rows (one Q40 block), so the
+  columns of w2 that a rank owns are whole blocks.
+- The output head is split by vocabulary rows.
+Shares follow the rank weights: a rank with weight 0.5 gets about half the work of one with 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpillama.config import ModelConfig
+from mpillama.errors import MpillamaError
+
+QK = 32  # rows per FFN unit: one Q40 block
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One rank's share of every layer. Ranges are [start, end) in the model's numbering."""
+
+    rank: int
+    n_ranks: int
+    weight: float  # this rank's share of the total rank weight (0..1]
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    ffn_rows: tuple[int, int]
+    vocab_rows: tuple[int, int]
+
+    @property
+    def n_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def n_ffn_rows(self) -> int:
+        return self.ffn_rows[1] - self.ffn_rows[0]
+
+    @property
+    def n_vocab_rows(self) -> int:
+        return self.vocab_rows[1] - self.vocab_rows[0]
+
+
+def split_units(n_units: int, weights: np.ndarray) -> list[tuple[int, int]]:
+    """Divide n_units into len(weights) contiguous ranges with sizes proportional to weights.
+
+    Rounds the cumulative ideal boundaries, so sizes never differ from the ideal by a unit or
+    more and the ranges always tile [0, n_units) in order.
+    """
+    cumulative = np.cumsum(weights) / np.sum(weights) * n_units
+    bounds = [0] + [int(np.floor(c + 0.5)) for c in cumulative[:-1]] + [n_units]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(weights))]
+
+
+def normalise_weights(n_ranks: int, rank_weights: tuple[float, ...] | None) -> np.ndarray:
+    if rank_weights is None:
+        return np.ones(n_ranks)
+    if len(rank_weights) != n_ranks:
+        raise MpillamaError(
+            f"--rank-weights has {len(rank_weights)} values for {n_ranks} ranks: give one weight per rank"
+        )
+    weights = np.asarray(rank_weights, dtype=np.float64)
+    if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
+        raise MpillamaError(f"--rank-weights must be positive numbers, not {rank_weights}")
+    return weights
+
+
+def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None = None) -> list[Slice]:
+    """The slice of every rank. Raises MpillamaError when the model cannot be split that way."""
+    if n_ranks < 1:
+        raise MpillamaError(f"cannot split a model over {n_ranks} ranks")
+    if n_ranks > cfg.n_heads:
+        raise MpillamaError(
+            f"{n_ranks} ranks but the model has only {cfg.n_heads} attention heads: run at most {cfg.n_heads} ranks"
+        )
+    ffn_blocks = cfg.hidden_dim // QK
+    if n_ranks > ffn_blocks:
+        raise MpillamaError(
+            f"{n_ranks} ranks but the FFN has only {ffn_blocks} blocks of 32 rows: run at most {ffn_blocks} ranks"
+        )
+    weights = normalise_weights(n_ranks, rank_weights)
+    group = cfg.group_size
+    if n_ranks <= cfg.n_kv_heads:
+        q_ranges = [(a * group, b * group) for a, b in split_units(cfg.n_kv_heads, weights)]
+    else:
+        q_ranges = split_units(cfg.n_heads, weights)
+    ffn_ranges = [(a * QK, b * QK) for a, b in split_units(ffn_blocks, weights)]
+    vocab_ranges = split_units(cfg.vocab_size, weights)
+    slices = []
+    for r in range(n_ranks):
+        q0, q1 = q_ranges[r]
+        kv = (q0 // group, -(-q1 // group)) if q1 > q0 else (q0 // group, q0 // group)
+        slices.append(
+            Slice(
+                rank=r,
+                n_ranks=n_ranks,
+                weight=float(weights[r] / weights.sum()),
+                q_heads=(q0, q1),
+                kv_heads=kv,
+                ffn_rows=ffn_ranges[r],
+                vocab_rows=vocab_ranges[r],
+            )
+        )
+    for s in slices:
+        if s.n_heads == 0 or s.n_ffn_rows == 0:
+            raise MpillamaError(
+                f"rank {s.rank} would get no attention heads or FFN rows with weights {tuple(weights)}: "
+                "raise its --rank-weights value or run fewer ranks"
+            )
+    return slices
+
+
+def kv_groups(cfg: ModelConfig, slc: Slice) -> list[tuple[int, int, int]]:
+    """(local kv head, first local q head, end local q head) for each KV head the slice computes.
+
+    Lets attention run per KV head when a slice's query heads do not start on a group boundary.
+    """
+    group = cfg.group_size
+    out = []
+    for kv in range(*slc.kv_heads):
+        a = max(slc.q_heads[0], kv * group) - slc.q_heads[0]
+        b = min(slc.q_heads[1], (kv + 1) * group) - slc.q_heads[0]
+        out.append((kv - slc.kv_heads[0], a, b))
+    return out
+
+
+def is_group_aligned(cfg: ModelConfig, slc: Slice) -> bool:
+    """True when local query head h uses local KV head h // group_size."""
+    return slc.q_heads[0] % cfg.group_size == 0 and slc.q_heads[1] % cfg.group_size == 0
+
+
+@dataclass(frozen=True)
+class SliceCost:
+    """Memory a slice needs, for `inspect` and the README's table."""
+
+    weight_bytes: int
+    kv_cache_bytes: int
+    root_bytes: int  # embedding table and norms, held by rank 0 (every rank under allreduce)
+
+
+def matrix_bytes(rows: int, cols: int, weight_type: str) -> int:
+    return rows * cols * 4 if weight_type == "f32" else rows * (cols // QK) * 18
+
+
+def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str = "q40") -> SliceCost:
+    hd = cfg.head_dim
+    per_layer = (
+        matrix_bytes(slc.n_heads * hd, cfg.dim, weight_type)  # wq
+        + 2 * matrix_bytes(slc.n_kv_heads * hd, cfg.dim, weight_type)  # wk, wv
+        + matrix_bytes(cfg.dim, slc.n_heads * hd, weight_type)  # wo columns
+        + 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, weight_type)  # w1, w3
+        + matrix_bytes(cfg.dim, slc.n_ffn_rows, weight_type)  # w2 columns
+    )
+    head = matrix_bytes(slc.n_vocab_rows, cfg.dim, weight_type)
+    kv = 2 * cfg.n_layers * max_seq_len * slc.n_kv_heads * hd * 4
+    root = matrix_bytes(cfg.vocab_size, cfg.dim, weight_type) + (2 * cfg.n_layers + 1) * cfg.dim * 4
+    return SliceCost(weight_bytes=cfg.n_layers * per_layer + head, kv_cache_bytes=kv, root_bytes=root)

@@ -1,0 +1,203 @@
+"""The commands that run the model (generate, chat, bench) and their error policy.
+
+Every rank loads; rank 0 drives and prints, the others follow in Engine.worker_loop.
+Errors before the first forward pass are agreed by all ranks and exit with code 2 on every
+rank. After that, a failure on any rank prints one line (tagged with the rank), leaves a
+partial trace on rank 0 where it can, and ends the whole job with MPI Abort: the other ranks
+are inside collectives and would otherwise wait forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mpillama.comm import Comm, abort, world
+from mpillama.config import RunConfig
+from mpillama.engine import Engine, Generation, install_signal_handlers, save_npy_atomic, say
+from mpillama.errors import MpillamaError
+from mpillama.sampler import Sampler
+
+
+def start(run: RunConfig) -> Comm:
+    return Comm(world(), run.sync_timeout, run.chunk_bytes)
+
+
+def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) -> int:
+    """Run body on rank 0 while the workers follow; apply the error policy."""
+    if comm.rank != 0:
+        try:
+            engine.worker_loop()
+            engine.close()
+        except BaseException as e:  # noqa: BLE001 - any failure must end every rank
+            fail(comm, engine, e)
+        return 0
+    install_signal_handlers(engine.session)
+    try:
+        summary = body(engine)
+    except MpillamaError as e:
+        if engine.step == 0:  # nothing ran yet: the workers are waiting for a command, stop them cleanly
+            engine.close()
+            raise
+        fail(comm, engine, e)
+    except BaseException as e:  # noqa: BLE001
+        fail(comm, engine, e)
+    engine.close(summary)
+    return 0
+
+
+def fail(comm: Comm, engine: Engine, error: BaseException) -> None:
+    interrupted = isinstance(error, KeyboardInterrupt)
+    text = "interrupted" if interrupted else (str(error) if isinstance(error, MpillamaError) else repr(error))
+    prefix = "" if text.startswith("rank ") else f"rank {comm.rank}: "
+    print(f"mpillama: error: {prefix}{text}", file=sys.stderr, flush=True)
+    if comm.rank == 0:
+        engine.session.write_partial(text)
+    code = 130 if interrupted else 2 if isinstance(error, MpillamaError) else 1
+    if comm.size > 1:
+        abort(code)
+    raise SystemExit(code)
+
+
+def print_stats(comm: Comm, gen: Generation) -> None:
+    say(comm, f"mpillama: prompt {gen.prompt_tokens} tokens in {gen.prefill_s:.2f} s ({gen.prompt_tok_s:.1f} tok/s); "
+              f"generated {len(gen.tokens)} tokens, {gen.gen_tok_s:.2f} tok/s; stop: {gen.stop_reason}")
+
+
+def summary_of(gen: Generation) -> dict[str, Any]:
+    return {"prompt_tokens": gen.prompt_tokens, "generated_tokens": len(gen.tokens),
+            "prompt_tok_s": gen.prompt_tok_s, "gen_tok_s": gen.gen_tok_s, "stop_reason": gen.stop_reason}
+
+
+def sampler_of(run: RunConfig) -> Sampler:
+    return Sampler(temperature=run.temperature, top_p=run.top_p, top_k=run.top_k, seed=run.seed)
+
+
+def write_text(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+# -- generate ---------------------------------------------------------------------------------
+def generate(args: argparse.Namespace, run: RunConfig) -> int:
+    if args.steps < 1:
+        raise MpillamaError(f"--steps {args.steps}: generate at least one token")
+    comm = start(run)
+    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+
+    def body(engine: Engine) -> dict[str, Any]:
+        ids = engine.tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
+        dump = np.zeros((args.steps, engine.cfg.vocab_size), dtype=np.float32) if args.dump_logits else None
+        gen = engine.generate(ids, args.steps, sampler_of(run), on_text=write_text, dump_logits=dump,
+                              stop_on_eos=not args.ignore_eos)
+        write_text("\n")
+        if dump is not None:
+            save_npy_atomic(args.dump_logits, dump[: len(gen.tokens)])
+        print_stats(comm, gen)
+        return summary_of(gen)
+
+    return drive(comm, engine, body)
+
+
+# -- chat -------------------------------------------------------------------------------------
+def chat(args: argparse.Namespace, run: RunConfig) -> int:
+    from mpillama.chat import render_chat
+
+    comm = start(run)
+    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+
+    def body(engine: Engine) -> dict[str, Any]:
+        tok = engine.tokenizer
+        messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+        in_cache: list[int] = []  # the tokens whose K/V rows the cache holds, in order
+        sampler = sampler_of(run)
+        interactive = sys.stdin.isatty()
+        last: Generation | None = None
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            prompt = render_chat(tok.chat_template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
+                                 add_generation_prompt=True, arch_hint=engine.cfg.arch)
+            ids = tok.encode(prompt)  # adds BOS only if the template did not write it
+            # reuse the cache for the conversation so far; feed only what is new
+            keep = common_prefix(in_cache, ids)
+            if keep == len(ids):
+                keep -= 1  # always run at least one token to get logits
+            engine.pos = keep
+            try:
+                last = engine.generate(ids[keep:], args.steps, sampler, on_text=write_text)
+            except MpillamaError as e:
+                if "--max-seq-len" not in str(e):
+                    raise
+                say(comm, f"mpillama: {e}; starting a new conversation")
+                messages = messages[:1] if args.system else []
+                in_cache = []
+                continue
+            write_text("\n")
+            in_cache = ids + last.tokens[:-1] if last.tokens else ids
+            messages.append({"role": "assistant", "content": last.text.strip()})
+        return summary_of(last) if last is not None else {}
+
+    return drive(comm, engine, body)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# -- bench ------------------------------------------------------------------------------------
+def synthetic_model(comm: Comm, shape: str, weight_type: str) -> Path:
+    """The cached synthetic model of this shape, written by rank 0 on first use."""
+    from mpillama.formats.synth import write_synthetic
+    from mpillama.formats.vocab import cache_dir
+
+    path = cache_dir() / "models" / f"{shape}-{weight_type}.gguf"
+    error = None
+    if comm.rank == 0 and not path.exists():
+        say(comm, f"mpillama: writing synthetic model {path} (once)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_synthetic(shape, path, weight_type=weight_type, seed=0)
+        except MpillamaError as e:
+            error = e
+    comm.agree(error)
+    return path
+
+
+def bench(args: argparse.Namespace, run: RunConfig) -> int:
+    from mpillama.bench_run import run_bench
+
+    comm = start(run)
+    model = args.model or str(synthetic_model(comm, args.synthetic, "q40" if run.weight_type == "q40" else "f32"))
+    engine = Engine.load(comm, model, None, run, trace_path=args.trace, argv=sys.argv, verbose=not args.json,
+                         need_tokenizer=False)
+
+    def body(engine: Engine) -> dict[str, Any]:
+        result = run_bench(engine, args.prompt_tokens, args.steps, args.repeat)
+        result["model"] = args.synthetic or model
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, value in result.items():
+                say(comm, f"{key:>24}: {value}", err=False)
+        return result
+
+    return drive(comm, engine, body)
+

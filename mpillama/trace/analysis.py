@@ -1,0 +1,492 @@
+"""Loading trace files and deriving tables from them: waits, skew, stragglers, time per token.
+
+Owns load_trace() (the reader: it checks the version and returns a Trace of numpy
+columns) and the analyzers: each takes a Trace (or what an earlier analyzer returned)
+and returns a table. Nothing here prints or plots. Clocks are already aligned to rank 0
+in the file (clock.to_rank0, applied once when it is written).
+
+Derived, never stored:
+- a collective instance is one (step, layer, seg, occurrence) recorded by the ranks;
+- entry / exit per rank; last rank = latest entry; skew = last entry - first entry;
+- wait of a rank = last entry - its entry (time spent waiting for the last one);
+- transfer of a rank = its exit - last entry (time the collective itself took);
+- the straggler is the rank most often last.
+Time a rank spends before rank 0 began a step (a worker waiting in ctrl_sync while a chat
+user types, or while rank 0 samples) belongs to no step: entries and starts are clipped
+to the step's start for every per-step figure (wait, skew, time per token, worst segments).
+
+Imports numpy, h5py and the trace schema; no MPI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mpillama.errors import MpillamaError
+from mpillama.trace import schema
+
+
+@dataclass(frozen=True)
+class Segments:
+    """All ranks' segments, ordered by (rank, t_start). Times: s on rank 0's clock since clock_origin."""
+
+    step: np.ndarray  # (n_seg,) i32, -1 outside steps
+    rank: np.ndarray  # (n_seg,) i16
+    layer: np.ndarray  # (n_seg,) i16, -1 outside layers
+    seg: np.ndarray  # (n_seg,) u8, index into Trace.segment_names
+    t_start: np.ndarray  # (n_seg,) f64 s
+    t_end: np.ndarray  # (n_seg,) f64 s
+    nbytes: np.ndarray  # (n_seg,) i64
+
+    @property
+    def dur(self) -> np.ndarray:
+        return self.t_end - self.t_start
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Rank 0's forward passes, in order. t_end is NaN for a step a partial run did not finish."""
+
+    step: np.ndarray  # (n_steps,) i32
+    phase: np.ndarray  # (n_steps,) u8, index into Trace.phase_names
+    tokens: np.ndarray  # (n_steps,) i32
+    position: np.ndarray  # (n_steps,) i32
+    t_start: np.ndarray  # (n_steps,) f64 s
+    t_end: np.ndarray  # (n_steps,) f64 s
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+@dataclass(frozen=True)
+class Trace:
+    path: str
+    attrs: dict[str, Any]  # root attributes, as Python values
+    ranks: dict[str, np.ndarray]  # /ranks columns, each (n_ranks,)
+    segments: Segments
+    steps: Steps
+    segment_names: tuple[str, ...]
+    phase_names: tuple[str, ...]
+
+    @property
+    def n_ranks(self) -> int:
+        return int(self.attrs["n_ranks"])
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.attrs.get("partial", False))
+
+    @property
+    def partial_reason(self) -> str:
+        return str(self.attrs.get("partial_reason", ""))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        p = schema.SUMMARY_PREFIX
+        return {k[len(p):]: v for k, v in self.attrs.items() if k.startswith(p)}
+
+    def sync_codes(self) -> np.ndarray:
+        return np.array([i for i, name in enumerate(self.segment_names) if name.endswith("_sync")], np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _py(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (bytes -> str, numpy scalars -> int/float/bool)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OSU":
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _column(group: h5py.Group, name: str) -> np.ndarray:
+    data = group[name][()]
+    if data.dtype.kind in "OS":
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in data], dtype=object)
+    return data
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read a trace file written by session.write_trace; refuses unknown formats and versions."""
+    path = Path(path)
+    if not path.is_file():
+        raise MpillamaError(f"trace file {path} does not exist: pass the FILE.h5 given to --trace")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise MpillamaError(f"{path} is not a readable HDF5 file ({exc}): pass a file written by --trace") from None
+    with f:
+        attrs = {k: _py(v) for k, v in f.attrs.items()}
+        schema.check_version(str(path), attrs)
+        for group in (schema.RANKS, schema.SEGMENTS_GROUP, schema.STEPS):
+            if group not in f:
+                raise MpillamaError(f"{path} has no /{group} group: the file is damaged; record the run again")
+        ranks = {name: _column(f[schema.RANKS], name) for name in f[schema.RANKS]}
+        g = f[schema.SEGMENTS_GROUP]
+        seg = {name: _column(g, name) for name in schema.SEGMENT_COLUMNS}
+        names = tuple(_py(g.attrs[schema.SEGMENT_NAMES_ATTR]))
+        s = f[schema.STEPS]
+        st = {name: _column(s, name) for name in schema.STEP_COLUMNS}
+        phases = tuple(_py(s.attrs[schema.PHASE_NAMES_ATTR]))
+    return Trace(
+        path=str(path),
+        attrs=attrs,
+        ranks=ranks,
+        segments=Segments(seg["step"], seg["rank"], seg["layer"], seg["seg"], seg["t_start"], seg["t_end"], seg["bytes"]),
+        steps=Steps(st["step"], st["phase"], st["tokens"], st["position"], st["t_start"], st["t_end"]),
+        segment_names=names,
+        phase_names=phases,
+    )
+
+
+# ---------------------------------------------------------------------------------------- step windows
+
+
+def _step_index(step_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Row of each query step in step_ids (-1 if absent)."""
+    if len(step_ids) == 0:
+        return np.full(len(query), -1)
+    order = np.argsort(step_ids, kind="stable")
+    pos = np.clip(np.searchsorted(step_ids[order], query), 0, len(step_ids) - 1)
+    found = step_ids[order][pos] == query
+    return np.where(found, order[pos], -1)
+
+
+def step_start_of(trace: Trace, step_ids: np.ndarray) -> np.ndarray:
+    """Rank 0's start of each given step (-inf for steps not in /steps, such as load at step -1)."""
+    row = _step_index(trace.steps.step, step_ids)
+    return np.where(row >= 0, trace.steps.t_start[np.maximum(row, 0)] if len(trace.steps) else 0.0, -np.inf)
+
+
+def clipped_dur(trace: Trace) -> np.ndarray:
+    """(n_seg,) s of each segment inside its step: what precedes rank 0's start of the step is idle."""
+    s = trace.segments
+    start = np.maximum(s.t_start, step_start_of(trace, s.step))
+    return np.maximum(s.t_end - start, 0.0)
+
+
+# ---------------------------------------------------------------------------------------- collectives
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """One row per collective instance; one column per rank (NaN where a rank has no record)."""
+
+    step: np.ndarray  # (n_inst,) i64
+    layer: np.ndarray  # (n_inst,) i64
+    seg: np.ndarray  # (n_inst,) i64 segment code
+    occ: np.ndarray  # (n_inst,) i64 occurrence within (step, layer, seg)
+    entry: np.ndarray  # (n_inst, n_ranks) f64 s
+    exit: np.ndarray  # (n_inst, n_ranks) f64 s
+    complete: np.ndarray  # (n_inst,) bool: every rank recorded it
+    last_rank: np.ndarray  # (n_inst,) i64, the latest entry among the ranks present
+    skew: np.ndarray  # (n_inst,) f64 s, last entry - first entry
+    wait: np.ndarray  # (n_inst, n_ranks) f64 s, last entry - own entry (not before the step began)
+    transfer: np.ndarray  # (n_inst, n_ranks) f64 s, own exit - last entry
+    index: np.ndarray  # (n_inst, n_ranks) i64 row in Trace.segments (-1 where a rank has no record)
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+def _occurrence(keys: list[np.ndarray]) -> np.ndarray:
+    """For rows already sorted by keys (+ time): 0, 1, 2... within each run of equal keys."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, np.int64)
+    change = np.zeros(n, bool)
+    change[0] = True
+    for k in keys:
+        change[1:] |= k[1:] != k[:-1]
+    idx = np.arange(n)
+    group_start = np.maximum.accumulate(np.where(change, idx, 0))
+    return idx - group_start
+
+
+def collectives(trace: Trace) -> Collectives:
+    """Match every rank's record of each collective by (step, layer, seg, occurrence)."""
+    s = trace.segments
+    n_ranks = trace.n_ranks
+    mask = np.isin(s.seg, trace.sync_codes())
+    rank = s.rank[mask].astype(np.int64)
+    step = s.step[mask].astype(np.int64)
+    layer = s.layer[mask].astype(np.int64)
+    seg = s.seg[mask].astype(np.int64)
+    t0, t1 = s.t_start[mask], s.t_end[mask]
+    order = np.lexsort((t0, seg, layer, step, rank))
+    rank, step, layer, seg, t0, t1 = (a[order] for a in (rank, step, layer, seg, t0, t1))
+    rows = np.nonzero(mask)[0][order]
+    occ = _occurrence([rank, step, layer, seg])
+    keys = np.stack([step, layer, seg, occ], axis=1)  # (n_rec, 4) i64
+    if len(keys):
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+    else:
+        uniq, inv = np.zeros((0, 4), np.int64), np.zeros(0, np.int64)
+    n_inst = len(uniq)
+    entry = np.full((n_inst, n_ranks), np.nan)  # (n_inst, n_ranks) f64
+    exit_ = np.full((n_inst, n_ranks), np.nan)  # (n_inst, n_ranks) f64
+    index = np.full((n_inst, n_ranks), -1, np.int64)  # (n_inst, n_ranks) i64
+    entry[inv, rank] = t0
+    exit_[inv, rank] = t1
+    index[inv, rank] = rows
+    present = ~np.isnan(entry)
+    complete = present.all(axis=1)
+    filled = np.where(present, entry, -np.inf)
+    last_rank = filled.argmax(axis=1) if n_inst else np.zeros(0, np.int64)
+    last_entry = filled.max(axis=1) if n_inst else np.zeros(0)
+    entered = np.maximum(entry, step_start_of(trace, uniq[:, 0])[:, None])  # idle before the step is not waiting
+    first_entry = np.where(present, entered, np.inf).min(axis=1) if n_inst else np.zeros(0)
+    return Collectives(
+        step=uniq[:, 0], layer=uniq[:, 1], seg=uniq[:, 2], occ=uniq[:, 3],
+        entry=entry, exit=exit_, complete=complete, last_rank=last_rank,
+        skew=last_entry - first_entry,
+        wait=last_entry[:, None] - entered,
+        transfer=exit_ - last_entry[:, None],
+        index=index,
+    )
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """Who was last into the collectives, and how long the others waited on each rank.
+
+    `rank` is the rank the others waited on longest in total; `most_often_last` the rank
+    most often last. They differ when lateness is structural but cheap: with sync=star,
+    rank 0 normalises x while the workers wait, so it is last into every Bcast by a few
+    microseconds, while a slow worker last into each Gather may cost milliseconds.
+    """
+
+    rank: int | None  # the others waited longest on it; None with one rank or no collectives
+    most_often_last: int | None
+    n_collectives: int  # complete collectives with a single last rank
+    last_counts: np.ndarray  # (n_ranks,) i64 times each rank was last
+    caused_wait_s: np.ndarray  # (n_ranks,) f64 s summed over the other ranks, in collectives where this rank was last
+    caused_wait_mean_s: np.ndarray  # (n_ranks,) f64 s mean wait of one other rank per collective this rank was last in
+
+
+def straggler(coll: Collectives, n_ranks: int) -> Straggler:
+    """Counts only complete collectives with one latest rank: an exact tie names nobody."""
+    at_max = (coll.entry == coll.entry.max(axis=1, initial=-np.inf)[:, None]).sum(axis=1) if len(coll) else np.zeros(0)
+    done = coll.complete & (at_max == 1)
+    last = coll.last_rank[done]
+    counts = np.bincount(last, minlength=n_ranks).astype(np.int64)
+    others_wait = np.nansum(coll.wait[done], axis=1)  # (n_complete,) the last rank's own wait is 0
+    caused = np.bincount(last, weights=others_wait, minlength=n_ranks)
+    mean = np.zeros(n_ranks)
+    if n_ranks > 1:
+        mean = np.where(counts > 0, caused / np.maximum(counts, 1) / (n_ranks - 1), 0.0)
+    if n_ranks < 2 or counts.sum() == 0:
+        return Straggler(None, None, int(done.sum()), counts, caused, mean)
+    by_wait = int(np.lexsort((-counts, -caused))[0])  # longest caused wait; ties broken by count
+    by_count = int(np.lexsort((-caused, -counts))[0])
+    return Straggler(by_wait, by_count, int(done.sum()), counts, caused, mean)
+
+
+def skew_distribution(trace: Trace, coll: Collectives, bins: int = 30) -> dict[str, Any]:
+    """Skew of complete collectives in ms: quantiles overall and per collective kind, and a histogram."""
+    def stats(x: np.ndarray) -> dict[str, float | int]:
+        if len(x) == 0:
+            return {"n": 0, "mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+        q = np.percentile(x, [50, 90, 99])
+        return {"n": int(len(x)), "mean": float(x.mean()), "p50": float(q[0]), "p90": float(q[1]),
+                "p99": float(q[2]), "max": float(x.max())}
+
+    ms = coll.skew[coll.complete] * 1e3
+    kinds = coll.seg[coll.complete]
+    counts, edges = np.histogram(ms, bins=bins) if len(ms) else (np.zeros(0, np.int64), np.zeros(0))
+    return {
+        "all": stats(ms),
+        "by_kind": {trace.segment_names[k]: stats(ms[kinds == k]) for k in np.unique(kinds)},
+        "hist_counts": counts,
+        "hist_edges_ms": edges,
+        "values_ms": ms,
+    }
+
+
+# ---------------------------------------------------------------------------------------- time per step
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Per finished step and rank: where the time went (s). sync = wait + transfer."""
+
+    step: np.ndarray  # (n_steps,) i32 step ids, in /steps order
+    phase: np.ndarray  # (n_steps,) u8
+    tokens: np.ndarray  # (n_steps,) i32
+    wall: np.ndarray  # (n_steps,) f64 s, rank 0's step duration
+    compute: np.ndarray  # (n_steps, n_ranks) f64 s, all segments that are not collectives
+    sync: np.ndarray  # (n_steps, n_ranks) f64 s, time inside collectives
+    wait: np.ndarray  # (n_steps, n_ranks) f64 s, part of sync spent waiting for the last rank
+
+
+def step_times(trace: Trace, coll: Collectives) -> StepTimes:
+    st = trace.steps
+    done = ~np.isnan(st.t_end)
+    ids = st.step[done]
+    n, n_ranks = len(ids), trace.n_ranks
+    s = trace.segments
+    row = _step_index(ids, s.step)
+    ok = row >= 0
+    is_sync = np.isin(s.seg, trace.sync_codes())
+    compute = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
+    sync = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
+    dur = clipped_dur(trace)
+    np.add.at(compute, (row[ok & ~is_sync], s.rank[ok & ~is_sync]), dur[ok & ~is_sync])
+    np.add.at(sync, (row[ok & is_sync], s.rank[ok & is_sync]), dur[ok & is_sync])
+    wait = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
+    crow = _step_index(ids, coll.step)
+    use = (crow >= 0) & coll.complete
+    if use.any():
+        np.add.at(wait, crow[use], coll.wait[use])
+    return StepTimes(ids, st.phase[done], st.tokens[done], (st.t_end - st.t_start)[done], compute, sync, wait)
+
+
+def phase_table(trace: Trace, times: StepTimes) -> dict[str, dict[str, Any]]:
+    """Per phase: tokens, wall seconds, tok/s, and per rank ms per token of compute / sync / wait / transfer."""
+    out: dict[str, dict[str, Any]] = {}
+    for code, name in enumerate(trace.phase_names):
+        m = times.phase == code
+        if not m.any():
+            continue
+        tokens = int(times.tokens[m].sum())
+        seconds = float(times.wall[m].sum())
+        per_tok = 1e3 / max(tokens, 1)
+        sync = times.sync[m].sum(axis=0)
+        wait = times.wait[m].sum(axis=0)
+        out[name] = {
+            "steps": int(m.sum()),
+            "tokens": tokens,
+            "seconds": seconds,
+            "tok_s": tokens / seconds if seconds > 0 else 0.0,
+            "compute_ms_per_token": times.compute[m].sum(axis=0) * per_tok,
+            "sync_ms_per_token": sync * per_tok,
+            "wait_ms_per_token": wait * per_tok,
+            "transfer_ms_per_token": (sync - wait) * per_tok,
+        }
+    return out
+
+
+def wait_by_layer(trace: Trace, coll: Collectives) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, table): mean wait per step in ms, rows = layers (-1: outside the layers), columns = ranks."""
+    done = coll.complete
+    layers = np.unique(coll.layer[done])
+    table = np.zeros((len(layers), trace.n_ranks))  # (n_layer_rows, n_ranks) f64 ms
+    if len(layers):
+        row = np.searchsorted(layers, coll.layer[done])
+        np.add.at(table, row, coll.wait[done] * 1e3)
+        n_steps = max(len(np.unique(coll.step[done])), 1)
+        table /= n_steps
+    return layers, table
+
+
+def worst_segments(trace: Trace, n: int = 10) -> list[dict[str, Any]]:
+    """Segments inside steps that exceed the median of their kind (same segment, same phase) the most."""
+    s = trace.segments
+    row = _step_index(trace.steps.step, s.step)
+    inside = row >= 0
+    if not inside.any():
+        return []
+    idx = np.nonzero(inside)[0]
+    phase = trace.steps.phase[row[idx]].astype(np.int64)
+    group = s.seg[idx].astype(np.int64) * 256 + phase
+    dur = clipped_dur(trace)[idx]
+    median = np.zeros(len(idx))
+    for g in np.unique(group):
+        m = group == g
+        median[m] = np.median(dur[m])
+    excess = dur - median
+    top = np.argsort(-excess, kind="stable")[:n]
+    return [
+        {
+            "rank": int(s.rank[idx[i]]), "step": int(s.step[idx[i]]), "layer": int(s.layer[idx[i]]),
+            "seg": trace.segment_names[int(s.seg[idx[i]])], "phase": trace.phase_names[int(phase[i])],
+            "ms": float(dur[i] * 1e3), "median_ms": float(median[i] * 1e3), "excess_ms": float(excess[i] * 1e3),
+        }
+        for i in top
+    ]
+
+
+def coverage(trace: Trace) -> dict[str, np.ndarray]:
+    """Per rank: seconds of segments inside finished steps vs the steps' wall time on rank 0."""
+    done = ~np.isnan(trace.steps.t_end)
+    times_wall = float((trace.steps.t_end - trace.steps.t_start)[done].sum())
+    s = trace.segments
+    inside = _step_index(trace.steps.step[done], s.step) >= 0
+    seg_s = np.bincount(s.rank[inside], weights=clipped_dur(trace)[inside], minlength=trace.n_ranks)
+    return {"segment_s": seg_s, "wall_s": np.full(trace.n_ranks, times_wall),
+            "ratio": seg_s / times_wall if times_wall > 0 else np.zeros(trace.n_ranks)}
+
+
+def segment_problems(trace: Trace, tolerance_s: float = 1e-6) -> list[str]:
+    """Broken invariants: negative durations, overlapping segments on a rank, finished steps a rank missed."""
+    s = trace.segments
+    problems = []
+    neg = np.nonzero(s.dur < -tolerance_s)[0]
+    if len(neg):
+        problems.append(f"{len(neg)} segments end before they start (first: rank {s.rank[neg[0]]} step {s.step[neg[0]]})")
+    for r in range(trace.n_ranks):
+        m = np.nonzero(s.rank == r)[0]
+        order = m[np.argsort(s.t_start[m], kind="stable")]
+        over = np.nonzero(s.t_start[order][1:] < s.t_end[order][:-1] - tolerance_s)[0]
+        if len(over):
+            i = order[over[0] + 1]
+            problems.append(f"rank {r}: {len(over)} overlapping segments (first at step {s.step[i]} layer {s.layer[i]})")
+        done = trace.steps.step[~np.isnan(trace.steps.t_end)]
+        missing = np.setdiff1d(done, s.step[m])
+        if len(missing):
+            problems.append(f"rank {r}: no segments in {len(missing)} finished steps (first: step {missing[0]})")
+    return problems
+
+
+def load_seconds(trace: Trace) -> np.ndarray:
+    """(n_ranks,) s of 'load' segments per rank."""
+    s = trace.segments
+    if "load" not in trace.segment_names:
+        return np.zeros(trace.n_ranks)
+    m = s.seg == trace.segment_names.index("load")
+    return np.bincount(s.rank[m], weights=s.dur[m], minlength=trace.n_ranks)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Every derived table of one trace (what report, plot and compare read)."""
+
+    trace: Trace
+    coll: Collectives
+    times: StepTimes
+    phases: dict[str, dict[str, Any]]
+    straggler: Straggler
+    skew: dict[str, Any]
+    wait_layers: np.ndarray
+    wait_table_ms: np.ndarray
+    worst: list[dict[str, Any]]
+    coverage: dict[str, np.ndarray]
+    load_s: np.ndarray
+    problems: list[str] = field(default_factory=list)
+
+
+def analyze(trace: Trace, n_worst: int = 10) -> Analysis:
+    coll = collectives(trace)
+    times = step_times(trace, coll)
+    layers, table = wait_by_layer(trace, coll)
+    return Analysis(
+        trace=trace, coll=coll, times=times, phases=phase_table(trace, times),
+        straggler=straggler(coll, trace.n_ranks), skew=skew_distribution(trace, coll),
+        wait_layers=layers, wait_table_ms=table, worst=worst_segments(trace, n_worst),
+        coverage=coverage(trace), load_s=load_seconds(trace), problems=segment_problems(trace),
+    )

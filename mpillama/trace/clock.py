@@ -1,0 +1,80 @@
+"""Clock offsets between ranks: ping-pong estimation and the one function that aligns times to rank 0.
+
+Each rank times segments with its own perf_counter. Rank 0 measures every other rank's
+offset (rank clock minus rank 0 clock) by ping-pong at the start and at the end of a run,
+keeping the round trip with the smallest duration: its midpoint assumption is then off by
+at most rtt/2. Between the two samples the offset is taken to change linearly (drift).
+
+Takes an mpi4py communicator object as an argument; never imports mpi4py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PING_TAG = 7301  # message tag of the ping-pong, distinct from anything the engine sends
+ROUNDS = 24  # round trips per rank; the shortest one is kept
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """One offset estimate: at the rank's local time t_local its clock read `offset` s more than rank 0's."""
+
+    t_local: float
+    offset: float
+    rtt: float  # s, round trip of the sample (error bound: |true - offset| <= rtt / 2)
+
+
+@dataclass(frozen=True)
+class ClockFit:
+    """A rank's offset over the run: the start sample, and the end sample when the run finished."""
+
+    start: ClockSample
+    end: ClockSample | None = None
+
+    @property
+    def drift(self) -> float:
+        """s of offset change per s of local time (0 without an end sample)."""
+        if self.end is None or self.end.t_local <= self.start.t_local:
+            return 0.0
+        return (self.end.offset - self.start.offset) / (self.end.t_local - self.start.t_local)
+
+
+ZERO_FIT = ClockFit(ClockSample(0.0, 0.0, 0.0), ClockSample(0.0, 0.0, 0.0))  # rank 0 against itself
+
+
+def to_rank0(t_local: np.ndarray, fit: ClockFit) -> np.ndarray:
+    """Times read on a rank's clock -> the same instants on rank 0's clock. The only place clocks are aligned."""
+    offset = fit.start.offset + fit.drift * (t_local - fit.start.t_local)
+    return t_local - offset
+
+
+def ping_pong(comm: Any, rounds: int = ROUNDS) -> list[ClockSample] | None:
+    """Collective. On rank 0: one sample per rank (rank 0's own is zero); on the others: None."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    buf = np.zeros(1, np.float64)  # (1,) f64: the ping carries nothing, the pong the worker's clock
+    comm.Barrier()
+    if rank != 0:
+        for _ in range(rounds):
+            comm.Recv(buf, source=0, tag=PING_TAG)
+            buf[0] = time.perf_counter()
+            comm.Send(buf, dest=0, tag=PING_TAG)
+        return None
+    samples = [ClockSample(0.0, 0.0, 0.0)]
+    for peer in range(1, size):
+        best: ClockSample | None = None
+        for _ in range(rounds):
+            t1 = time.perf_counter()
+            comm.Send(buf, dest=peer, tag=PING_TAG)
+            comm.Recv(buf, source=peer, tag=PING_TAG)
+            t2 = time.perf_counter()
+            sample = ClockSample(t_local=float(buf[0]), offset=float(buf[0]) - 0.5 * (t1 + t2), rtt=t2 - t1)
+            if best is None or sample.rtt < best.rtt:
+                best = sample
+        assert best is not None
+        samples.append(best)
+    return samples

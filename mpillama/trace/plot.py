@@ -1,0 +1,98 @@
+"""`trace plot`: three PNGs from one trace, drawn with matplotlib's Agg canvas.
+
+Only the plot command imports this module (matplotlib is slow to import and needed
+nowhere else). It uses Figure + FigureCanvasAgg directly, so no global backend or
+pyplot state is touched. The tables come from analysis.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mpillama.errors import MpillamaError
+from mpillama.trace.analysis import Analysis, analyze, load_trace
+
+COLORS = {"compute": "#4c72b0", "transfer": "#55a868", "wait": "#c44e52"}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_rank_time(a: Analysis, path: Path) -> Path:
+    """Per rank, over steps: compute / transfer / wait ms per token, stacked."""
+    t = a.times
+    n = a.trace.n_ranks
+    fig = Figure(figsize=(10, 1.8 + 1.6 * n))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    tokens = np.maximum(t.tokens, 1)[:, None]
+    parts = {
+        "compute": t.compute * 1e3 / tokens,
+        "transfer": (t.sync - t.wait) * 1e3 / tokens,
+        "wait": t.wait * 1e3 / tokens,
+    }
+    for r, ax in enumerate(axes):
+        if len(t.step):
+            ax.stackplot(t.step, *(p[:, r] for p in parts.values()), labels=list(parts),
+                         colors=[COLORS[k] for k in parts], step="mid")
+        ax.set_ylabel(f"rank {r}\nms/token")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize="small", ncols=3)
+    axes[-1].set_xlabel("step")
+    fig.suptitle("time per token by rank: compute, transfer (sync minus wait), wait")
+    return _save(fig, path)
+
+
+def plot_wait_heatmap(a: Analysis, path: Path) -> Path:
+    """Mean wait per step (ms) in the collectives of each layer, by rank."""
+    fig = Figure(figsize=(2.5 + 0.9 * a.trace.n_ranks, 2 + 0.25 * max(len(a.wait_layers), 1)))
+    ax = fig.subplots()
+    table = a.wait_table_ms if len(a.wait_layers) else np.zeros((1, a.trace.n_ranks))
+    im = ax.imshow(table, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(a.trace.n_ranks), [str(r) for r in range(a.trace.n_ranks)])
+    labels = ["head/ctrl" if layer < 0 else str(layer) for layer in a.wait_layers] or ["-"]
+    ax.set_yticks(range(len(labels)), labels, fontsize="small")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="wait, ms per step")
+    ax.set_title("wait in collectives")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_skew_hist(a: Analysis, path: Path) -> Path:
+    """Histogram of skew (last entry - first entry) over all complete collectives."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    values = a.skew["values_ms"]
+    if len(values):
+        ax.hist(values, bins=40, color=COLORS["wait"])
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no complete collectives", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("skew, ms (last entry - first entry)")
+    ax.set_ylabel("collectives")
+    ax.set_title(f"skew of {len(values)} collectives")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def trace_plot(path: str | Path, out_dir: str | Path) -> list[Path]:
+    """What `python -m mpillama trace plot FILE.h5 --out DIR` does. Returns the PNGs written."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MpillamaError(f"--out {out} is a file: give a directory for the PNGs")
+    out.mkdir(parents=True, exist_ok=True)
+    a = analyze(load_trace(path))
+    return [
+        plot_rank_time(a, out / "rank_time.png"),
+        plot_wait_heatmap(a, out / "wait_heatmap.png"),
+        plot_skew_hist(a, out / "skew_hist.png"),
+    ]

@@ -1,0 +1,193 @@
+"""Where each rank's weight slices come from.
+
+--weights mmap (default): every rank opens the model file (every host has a copy) and reads
+only the rows and columns of its own slice. --weights scatter: only rank 0 opens the file;
+it reads every other rank's slices and sends them in --chunk-bytes pieces, one rank after
+another, so no host but rank 0 needs the file.
+
+Either way a rank ends up with the same arrays: Q40 repacked for the kernel, or f32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from mpillama import kernels
+from mpillama.comm import Comm, abort
+from mpillama.config import ModelConfig, RunConfig
+from mpillama.errors import MpillamaError
+from mpillama.formats import ModelFile, open_model
+from mpillama.model import load_weights
+from mpillama.partition import Slice
+from mpillama.quant import quantize_q40
+
+TAG_WEIGHTS = 21
+
+
+def read_raw(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
+             weight_type: str) -> np.ndarray:
+    """The named matrices' row ranges (and column range), stacked: Q4_0 bytes or f32."""
+    parts = []
+    for i, name in enumerate(names):
+        r = slice(*rows[i]) if rows is not None else None
+        c = slice(*cols) if cols is not None else None
+        parts.append(mf.read_q40(name, r, c) if weight_type == "q40" else mf.read_f32(name, r, c))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def finish_matrix(raw: np.ndarray, weight_type: str) -> Any:
+    return kernels.pack_q40(raw) if weight_type == "q40" else np.ascontiguousarray(raw, dtype=np.float32)
+
+
+def raw_shape(tensors: dict[str, Any], names: list[str], rows: list[tuple[int, int]] | None,
+              cols: tuple[int, int] | None, weight_type: str) -> tuple[tuple[int, int], Any]:
+    """Shape and dtype of what read_raw returns, computed from the header alone."""
+    n_rows = sum(b - a for a, b in rows) if rows is not None else sum(tensors[n].shape[0] for n in names)
+    n_cols = cols[1] - cols[0] if cols is not None else tensors[names[0]].shape[1]
+    if weight_type == "q40":
+        return (n_rows, n_cols // 32 * 18), np.uint8
+    return (n_rows, n_cols), np.float32
+
+
+class FileSource:
+    """A rank's slices read straight from its own copy of the model file."""
+
+    def __init__(self, mf: ModelFile, weight_type: str) -> None:
+        self.mf, self.weight_type = mf, weight_type
+
+    def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
+        return finish_matrix(read_raw(self.mf, names, rows, cols, self.weight_type), self.weight_type)
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.mf.read_f32(name)
+
+    def embedding(self) -> tuple[str, np.ndarray]:
+        if self.weight_type == "q40":
+            return "q40", self.mf.read_q40("token_embd")
+        return "f32", self.mf.read_f32("token_embd")
+
+
+class SendingSource:
+    """Rank 0 walks another rank's load order, reading each piece and sending it there."""
+
+    def __init__(self, mf: ModelFile, weight_type: str, comm: Comm, dest: int) -> None:
+        self.mf, self.weight_type, self.comm, self.dest = mf, weight_type, comm, dest
+        self.sent = 0
+
+    def _send(self, data: np.ndarray) -> None:
+        data = np.ascontiguousarray(data)
+        reqs = [self.comm.mpi.Isend(part, dest=self.dest, tag=TAG_WEIGHTS) for part in self.comm.chunks(data)]
+        self.comm.wait(reqs, [self.dest] * len(reqs))
+        self.sent += data.nbytes
+
+    def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> None:
+        self._send(read_raw(self.mf, names, rows, cols, self.weight_type))
+
+    def vector(self, name: str) -> None:
+        self._send(self.mf.read_f32(name))
+
+    def embedding(self) -> None:
+        self._send(FileSource(self.mf, self.weight_type).embedding()[1])
+
+
+class ReceivingSource:
+    """A worker without the model file receives its slices from rank 0 in load order."""
+
+    def __init__(self, tensors: dict[str, Any], weight_type: str, comm: Comm) -> None:
+        self.tensors, self.weight_type, self.comm = tensors, weight_type, comm
+
+    def _recv(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        reqs = [self.comm.mpi.Irecv(part, source=0, tag=TAG_WEIGHTS) for part in self.comm.chunks(out)]
+        # rank 0 serves the ranks one after another: waiting for our turn is not a timeout
+        self.comm.wait(reqs, [0] * len(reqs), timeout=None)
+        return out
+
+    def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
+        shape, dtype = raw_shape(self.tensors, names, rows, cols, self.weight_type)
+        return finish_matrix(self._recv(shape, dtype), self.weight_type)
+
+    def vector(self, name: str) -> np.ndarray:
+        return self._recv(self.tensors[name].shape, np.float32)
+
+    def embedding(self) -> tuple[str, np.ndarray]:
+        vocab, dim = self.tensors["token_embd"].shape
+        if self.weight_type == "q40":
+            return "q40", self._recv((vocab, dim // 32 * 18), np.uint8)
+        return "f32", self._recv((vocab, dim), np.float32)
+
+
+class ModelSource:
+    """The model as this rank sees it: its config, and where its slices come from."""
+
+    def __init__(self, comm: Comm, mf: ModelFile | None, config: ModelConfig, tensors: dict[str, Any],
+                 run: RunConfig) -> None:
+        self.comm, self.mf, self.config, self.tensors, self.run = comm, mf, config, tensors, run
+
+    def for_rank(self, slc: Slice, slices: list[Slice]) -> Any:
+        wt = self.run.weight_type
+        if self.run.weights == "mmap":
+            assert self.mf is not None
+            return FileSource(self.mf, wt)
+        if self.comm.rank != 0:
+            return ReceivingSource(self.tensors, wt, self.comm)
+        assert self.mf is not None
+        try:  # a failure here would leave the workers waiting: end the whole job
+            for other in slices[1:]:
+                owns_residual = self.run.sync == "allreduce"
+                load_weights(self.config, other, SendingSource(self.mf, wt, self.comm, other.rank), owns_residual)
+        except Exception as e:
+            print(f"mpillama: rank 0: sending weights failed: {e}", file=sys.stderr, flush=True)
+            abort(2)
+        return FileSource(self.mf, wt)
+
+    def tokenizer(self, tokenizer_path: str | None) -> Any:
+        from mpillama.tokenizer import load_tokenizer
+
+        assert self.mf is not None
+        return load_tokenizer(self.mf, tokenizer_path)
+
+
+def open_weight_source(comm: Comm, path: str, run: RunConfig) -> ModelSource:
+    """Open the model where this mode needs it (collective under scatter: rank 0 shares the header)."""
+    if run.weights == "mmap":
+        mf = open_model(path)
+        return ModelSource(comm, mf, mf.config, mf.tensors, run)
+    mf, header, error = None, None, None
+    if comm.rank == 0:
+        try:
+            mf = open_model(path)
+            header = (mf.config, mf.tensors)
+        except MpillamaError as e:
+            error = e
+    comm.agree(error)
+    config, tensors = comm.bcast_obj(header)
+    return ModelSource(comm, mf, config, tensors, run)
+
+
+def measure_rank_speed(rank: int, seconds: float = 0.3) -> float:
+    """G weights/s of this rank's Q40 kernel on a fixed 2048x2048 matvec (for --rank-weights auto).
+
+    MPILLAMA_TEST_THROTTLE=RANK:FACTOR makes rank RANK measure FACTOR times slower (tests).
+    """
+    rng = np.random.default_rng(0)
+    w = kernels.pack_q40(quantize_q40(rng.standard_normal((2048, 2048), dtype=np.float32)))
+    acts = kernels.new_activations(1, 2048)
+    kernels.quantize_activations(acts, rng.standard_normal((1, 2048), dtype=np.float32))
+    out = np.zeros((1, 2048), dtype=np.float32)
+    kernels.matmul_q40(out, w, acts, 1)  # compile / warm up
+    throttle = 1.0
+    spec = os.environ.get("MPILLAMA_TEST_THROTTLE")
+    if spec and int(spec.split(":")[0]) == rank:
+        throttle = float(spec.split(":")[1])
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        kernels.matmul_q40(out, w, acts, 1)
+        n += 1
+    elapsed = (time.perf_counter() - start) * throttle
+    return n * 2048 * 2048 / elapsed / 1e9

@@ -1,0 +1,61 @@
+"""N ranks give the tokens of one rank: run under mpirun with 1, 2, 3 and 4 ranks (pytest-mpi).
+
+tests/test_mpi_runs.py writes the one-rank expectations, then launches this file.
+With f32 sync buffers the partial sums differ from one rank's only by float rounding; with
+Q80 buffers every partial is rounded to 8 bits per block of 32, and the logits stay within
+Q80_TOLERANCE of one rank's (as a fraction of the largest logit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from tests.mpi.common import CASES, expected, run_engine
+
+F32_TOLERANCE = 1e-4
+Q80_TOLERANCE = 0.03
+
+WORLD = MPI.COMM_WORLD
+
+
+def check(case: str, tokens: list[int] | None, logits: np.ndarray | None, buffer: str) -> None:
+    if WORLD.Get_rank() != 0:
+        return
+    want_tokens, want_logits = expected(case)
+    assert tokens == want_tokens
+    if logits is not None:
+        scale = np.abs(want_logits).max()
+        tol = F32_TOLERANCE if buffer == "f32" else Q80_TOLERANCE
+        assert np.abs(logits - want_logits).max() <= tol * scale
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("buffer", ["f32", "q80"])
+@pytest.mark.parametrize("sync", ["star", "allreduce"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_tokens_as_one_rank(case: str, sync: str, buffer: str) -> None:
+    tokens, logits = run_engine(WORLD, case, sync=sync, buffer_float_type=buffer)
+    check(case, tokens, logits, buffer)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("sync", ["star", "allreduce"])
+def test_greedy_without_full_logits(sync: str) -> None:
+    """Greedy decoding gathers only each rank's best (value, index), not the whole row."""
+    tokens, _ = run_engine(WORLD, "tiny-q40", dump=False, sync=sync, buffer_float_type="f32")
+    check("tiny-q40", tokens, None, "f32")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_uneven_rank_weights() -> None:
+    weights = tuple([0.4] + [1.0] * (WORLD.Get_size() - 1))
+    tokens, logits = run_engine(WORLD, "tiny-q40", rank_weights=weights, buffer_float_type="f32")
+    check("tiny-q40", tokens, logits, "f32")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_scatter_weights_and_small_chunks() -> None:
+    tokens, logits = run_engine(WORLD, "qwen3-tiny-q40", weights="scatter", chunk_bytes=4096, buffer_float_type="f32")
+    check("qwen3-tiny-q40", tokens, logits, "f32")

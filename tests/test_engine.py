@@ -1,0 +1,132 @@
+"""The single-rank engine end to end: logits against the independent reference, exact tokens,
+and the errors users see for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpillama.cli import main
+from tests import reference
+
+STEPS = 32
+PROMPT = "The capital of France is"
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def generate(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> np.ndarray:
+    dump = tmp_path / "logits.npy"
+    code, out, err = run_cli(["generate", "--model", str(model), "--prompt", PROMPT, "--steps", str(STEPS),
+                              "--ignore-eos", "--dump-logits", str(dump), *extra], capsys)
+    assert code == 0, err
+    return np.load(dump)
+
+
+def prompt_ids(model: Path) -> list[int]:
+    from mpillama.formats import open_model
+    from mpillama.tokenizer import load_tokenizer
+
+    return load_tokenizer(open_model(model), None).encode(PROMPT)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "qwen3-tiny"])
+def test_f32_logits_match_reference(shape: str, models: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = models[f"{shape}-f32"]
+    logits = generate(path, tmp_path, capsys, "--weight-type", "f32")
+    ref_tokens, ref_logits = reference.greedy(reference.load(str(path)), prompt_ids(path), STEPS)
+    assert logits.shape == ref_logits.shape
+    scale = np.abs(ref_logits).max()
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4 * scale)
+    assert list(np.argmax(logits, axis=1)) == ref_tokens
+
+
+@pytest.mark.parametrize("shape", ["tiny", "qwen3-tiny"])
+def test_q40_tokens_match_reference(shape: str, models: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Q40 weights with Q80 activations (as llama.cpp) against f32 math on the dequantized weights."""
+    path = models[f"{shape}-q40"]
+    logits = generate(path, tmp_path, capsys)
+    ref_tokens, ref_logits = reference.greedy(reference.load(str(path)), prompt_ids(path), STEPS)
+    assert list(np.argmax(logits, axis=1)) == ref_tokens
+    # Q80 activations: each matmul input is rounded to 8 bits per block, so logits move by ~1% of their range
+    scale = np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() < 0.03 * scale
+
+
+def test_generate_prints_text_and_stats(models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["generate", "--model", str(models["tiny-q40"]), "--prompt", PROMPT, "--steps", "8",
+                              "--ignore-eos"], capsys)
+    assert code == 0
+    assert out.strip()
+    assert "generated 8 tokens" in err and "tok/s" in err
+
+
+def test_sampling_is_reproducible_with_a_seed(models: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--temperature", "1.0", "--top-p", "0.95", "--seed", "42")
+    a = generate(models["tiny-q40"], tmp_path, capsys, *args)
+    b = generate(models["tiny-q40"], tmp_path, capsys, *args)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_small_prefill_batches_give_the_same_logits(models: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    whole = generate(models["tiny-f32"], tmp_path, capsys, "--weight-type", "f32")
+    chunked = generate(models["tiny-f32"], tmp_path, capsys, "--weight-type", "f32", "--batch", "2")
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+
+
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mpillama", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mpillama: error:")]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_prompt_longer_than_context_is_an_error(models: dict[str, Path]) -> None:
+    done = cli_subprocess("generate", "--model", str(models["tiny-q40"]), "--prompt", "word " * 100,
+                          "--max-seq-len", "32", "--steps", "4")
+    assert_one_line_error(done, "--max-seq-len", "prompt")
+
+
+def test_truncated_model_is_an_error(models: dict[str, Path], tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = models["tiny-q40"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    done = cli_subprocess("generate", "--model", str(cut), "--prompt", "hi", "--steps", "2")
+    assert_one_line_error(done, str(cut))
+
+
+def test_wrong_magic_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    done = cli_subprocess("generate", "--model", str(bad), "--prompt", "hi", "--steps", "2")
+    assert_one_line_error(done, str(bad))
+
+
+def test_missing_model_is_an_error(tmp_path: Path) -> None:
+    done = cli_subprocess("generate", "--model", str(tmp_path / "none.gguf"), "--prompt", "hi", "--steps", "2")
+    assert_one_line_error(done, "none.gguf")
+
+
+def test_bad_flag_values_are_errors(models: dict[str, Path]) -> None:
+    done = cli_subprocess("generate", "--model", str(models["tiny-q40"]), "--prompt", "hi", "--top-p", "2")
+    assert_one_line_error(done, "--top-p")
+    done = cli_subprocess("generate", "--model", str(models["tiny-q40"]), "--prompt", "hi", "--profile", "nope")
+    assert_one_line_error(done, "profile", "nope")

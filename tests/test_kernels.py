@@ -1,0 +1,226 @@
+"""kernels.py against the numpy references in quant.py, on random shapes including odd sizes and block edges."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from mpillama import kernels, quant
+from mpillama.config import RopeScaling
+from mpillama.errors import MpillamaError
+
+THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def nthreads(request):
+    """Run a test with the serial kernels (1) and the threaded ones (2), then restore."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(before)
+
+
+def awkward(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random f32 rows at scales from f16-subnormal to large, with zero blocks and exact halves."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    x *= (10.0 ** rng.uniform(-7, 3, shape[:-1] + (1,))).astype(np.float32)
+    x.reshape(-1, shape[-1])[0, :32] = 0
+    if x.reshape(-1, shape[-1]).shape[0] > 1:
+        # d = 63.5 / 127 = 0.5 exactly, so x / d = +-(k + 0.5): ties that roundf sends away from zero
+        tie = (np.arange(32) * 0.5 + 0.25) * np.where(np.arange(32) % 2, -1, 1)
+        tie[31] = 63.5
+        x.reshape(-1, shape[-1])[1, :32] = tie
+    return x
+
+
+# ---------------------------------------------------------------- layout and activations
+
+
+@pytest.mark.parametrize("rows", [1, 31, 255, 256, 257, 600])
+@pytest.mark.parametrize("cols", [32, 96])
+def test_pack_unpack_roundtrip(rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    ggml = rng.integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
+    m = kernels.pack_q40(ggml)
+    assert (m.rows, m.cols) == (rows, cols)
+    assert m.qs.shape[0] * kernels.TILE >= rows
+    assert np.array_equal(kernels.unpack_q40(m), ggml)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (5, 96), (3, 2048)])
+def test_quantize_activations_is_q8_0(shape):
+    rng = np.random.default_rng(11)
+    x = awkward(rng, shape)
+    acts = kernels.new_activations(8, shape[1])
+    kernels.quantize_activations(acts, x)
+    payload = np.zeros((shape[0], shape[1] // 32 * 34), np.uint8)
+    kernels.q80_bytes_from_activations(payload, acts, shape[0])
+    assert np.array_equal(payload, quant.quantize_q80(x))
+    d, q = quant.split_q80(payload)
+    T = shape[0]
+    assert np.array_equal(acts.d[:T], d) and np.array_equal(acts.qs[:T], q)
+    assert np.array_equal(acts.corr[:T], 8 * q.astype(np.int32).sum(-1))
+
+
+def test_activations_from_q80_equal_quantize_activations():
+    rng = np.random.default_rng(12)
+    x = awkward(rng, (6, 256))
+    a = kernels.new_activations(6, 256)
+    b = kernels.new_activations(6, 256)
+    kernels.quantize_activations(a, x)
+    kernels.activations_from_q80(b, quant.quantize_q80(x))
+    for name in ("qs", "d", "dbits", "corr"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (4, 160), (2, 2048)])
+def test_quantize_q80_into_and_dequantize_add(shape):
+    rng = np.random.default_rng(13)
+    x = awkward(rng, shape)
+    payload = np.zeros((shape[0], shape[1] // 32 * 34), np.uint8)
+    kernels.quantize_q80_into(payload, x)
+    assert np.array_equal(payload, quant.quantize_q80(x))
+    acc = rng.standard_normal(shape).astype(np.float32)
+    expected = acc + quant.dequantize_q80(payload)
+    kernels.dequantize_q80_add(acc, payload)
+    np.testing.assert_array_equal(acc, expected)
+
+
+# ---------------------------------------------------------------- Q40 matmul
+
+
+@pytest.mark.parametrize(("rows", "cols", "T"), [(1, 32, 1), (31, 64, 1), (256, 96, 3), (257, 32, 2), (600, 160, 5), (513, 64, 17)])
+def test_matmul_q40_equals_reference(nthreads, rows, cols, T):
+    rng = np.random.default_rng(rows + cols + T)
+    wq = quant.quantize_q40(rng.standard_normal((rows, cols)).astype(np.float32))
+    x = awkward(rng, (T, cols))
+    m = kernels.pack_q40(wq)
+    acts = kernels.new_activations(T + 2, cols)
+    kernels.quantize_activations(acts, x)
+    out = np.full((T, rows), np.nan, np.float32)
+    kernels.matmul_q40(out, m, acts, T)
+    ref = quant.matmul_q40_ref(wq, quant.quantize_q80(x))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_matmul_q40_int16_extremes(nthreads):
+    # Every nibble 0 or 15 against +-127: the block dot products hit -32512 / +28448 exactly, and the
+    # unsigned partial sums (up to 15 * 127 * 32 = 60960) overflow int16 before the correction.
+    rows, cols = 300, 128
+    rng = np.random.default_rng(4)
+    nib = np.where(rng.random((rows, cols // 32, 32)) < 0.5, 0, 15).astype(np.uint8)
+    nib[:10] = 0
+    nib[10:20] = 15
+    blocks = np.zeros((rows, cols // 32, 18), np.uint8)
+    blocks[..., :2] = np.frombuffer(np.float16(0.25).tobytes(), np.uint8)
+    blocks[..., 2:] = nib[..., :16] | (nib[..., 16:] << 4)
+    wq = blocks.reshape(rows, -1)
+    x = np.where(rng.random((2, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x[0] = 1.0
+    m = kernels.pack_q40(wq)
+    acts = kernels.new_activations(2, cols)
+    kernels.quantize_activations(acts, x)
+    assert np.all(np.abs(acts.qs[:2]) == 127)
+    out = np.zeros((2, rows), np.float32)
+    kernels.matmul_q40(out, m, acts, 2)
+    ref = quant.matmul_q40_ref(wq, quant.quantize_q80(x))
+    assert ref[0, 0] == pytest.approx(-32512 * 4 * 0.25 * acts.d[0, 0])
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_matmul_q40_near_float_product():
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((300, 512)).astype(np.float32) * 0.02
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    m = kernels.pack_q40(quant.quantize_q40(w))
+    acts = kernels.new_activations(3, 512)
+    kernels.quantize_activations(acts, x)
+    out = np.zeros((3, 300), np.float32)
+    kernels.matmul_q40(out, m, acts, 3)
+    exact = x @ w.T
+    # 4-bit weights (~8% rms error per weight) and 8-bit activations: about 10% relative overall
+    assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.15
+    deq = quant.dequantize_q80(quant.quantize_q80(x)) @ quant.dequantize_q40(quant.quantize_q40(w)).T
+    np.testing.assert_allclose(out, deq, rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_f32():
+    rng = np.random.default_rng(22)
+    w = rng.standard_normal((70, 96)).astype(np.float32)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    out = np.zeros((3, 70), np.float32)
+    kernels.matmul_f32(out, w, x)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_rmsnorm(alias):
+    rng = np.random.default_rng(23)
+    x = (rng.standard_normal((3, 2048)) * 10).astype(np.float32)
+    w = rng.standard_normal(2048).astype(np.float32)
+    ref = quant.rmsnorm_ref(x, w, 1e-5)
+    out = x if alias else np.zeros_like(x)
+    kernels.rmsnorm(out, x, w, 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul():
+    rng = np.random.default_rng(24)
+    h1 = (rng.standard_normal((2, 999)) * 5).astype(np.float32)
+    h3 = rng.standard_normal((2, 999)).astype(np.float32)
+    ref = quant.silu_mul_ref(h1, h3)
+    kernels.silu_mul(h1, h3)
+    np.testing.assert_allclose(h1, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize(
+    "scaling", [None, RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)]
+)
+def test_rope(halves, scaling):
+    rng = np.random.default_rng(25)
+    hd, max_seq = 64, 5000
+    x = rng.standard_normal((4, 3, hd)).astype(np.float32)
+    pos = np.array([0, 1, 777, 4999], np.int32)
+    cos, sin = kernels.rope_tables(hd, max_seq, 500000.0, scaling)
+    assert cos.shape == sin.shape == (max_seq, hd // 2) and cos.dtype == np.float32
+    ref = quant.rope_ref(x, pos, hd, 500000.0, scaling, halves)
+    kernels.rope(x, pos, cos, sin, halves)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n_heads", "n_kv", "hd", "pos0", "T"), [(4, 4, 32, 0, 1), (8, 2, 64, 0, 7), (6, 3, 16, 41, 1), (4, 1, 128, 9, 5)])
+def test_attention(nthreads, n_heads, n_kv, hd, pos0, T):
+    rng = np.random.default_rng(n_heads * 100 + pos0)
+    max_seq = pos0 + T + 3
+    q = (rng.standard_normal((T, n_heads, hd)) * 2).astype(np.float32)
+    k = rng.standard_normal((max_seq, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((max_seq, n_kv, hd)).astype(np.float32)
+    k[pos0 + T :] = np.nan  # beyond the last token: must never be read
+    v[pos0 + T :] = np.nan
+    out = np.full((T, n_heads, hd), np.nan, np.float32)
+    kernels.attention(out, q, k, v, pos0, T)
+    np.testing.assert_allclose(out, quant.attention_ref(q, k, v, pos0), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_increasing_scores():
+    # Every new position has a larger score: the online softmax rescales at every step.
+    hd, n = 16, 50
+    q = np.ones((1, 1, hd), np.float32)
+    k = (np.arange(n, dtype=np.float32)[:, None, None] * 0.3 * np.ones((1, 1, hd), np.float32)) / hd
+    v = np.random.default_rng(1).standard_normal((n, 1, hd)).astype(np.float32)
+    out = np.zeros((1, 1, hd), np.float32)
+    kernels.attention(out, q, k, v, n - 1, 1)
+    np.testing.assert_allclose(out, quant.attention_ref(q, k, v, n - 1), rtol=1e-5, atol=1e-6)
+
+
+def test_configure_rejects_bad_thread_counts():
+    with pytest.raises(MpillamaError, match="nthreads"):
+        kernels.configure(0)
+    with pytest.raises(MpillamaError, match="nthreads"):
+        kernels.configure(numba.config.NUMBA_NUM_THREADS + 1)
