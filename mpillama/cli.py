@@ -181,8 +181,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def limit_blas_threads(nthreads: int | None) -> None:
+    """numpy's BLAS (used for f32 batches) must not start a thread per core on every rank: it
+    follows --nthreads like the numba kernels. Only effective before numpy is first imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(nthreads or 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_blas_threads(getattr(args, "nthreads", None))
     try:
         return int(args.func(args) or 0)
     except MpillamaError as e:

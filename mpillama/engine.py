@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
 from mpillama.model import RankModel, load_weights
 from mpillama.sampler import Sampler
-from mpillama.trace.recorder import SEG_CTRL_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_LOAD, SEG_SAMPLE
+from mpillama.trace.recorder import SEG_CTRL_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_LOAD, SEG_SAMPLE, NullRecorder
 from mpillama.trace.session import TraceSession
 from mpillama.weights import open_weight_source, measure_rank_speed
 
@@ -133,6 +134,7 @@ class Engine:
             error = e
         comm.agree(error)
         assert model is not None
+        warm_up(comm, model)
         install_test_hooks(model, comm.rank)
         load_s = time.perf_counter() - t0
         meta = {
@@ -299,6 +301,27 @@ class Engine:
                 on_text(tail)
         gen.decode_s = time.perf_counter() - t1
         return gen
+
+
+def warm_up(comm: Comm, model: RankModel) -> None:
+    """Run one 2-token and one 1-token pass on every rank (in lockstep, during loading) so that
+    numba compiles, or loads from its cache, every kernel before the first real token.
+
+    A cold cache takes a minute: say so after a few seconds rather than look hung."""
+    done = threading.Event()
+
+    def notice() -> None:
+        if not done.wait(3.0):
+            say(comm, "mpillama: compiling numba kernels (first run only; cached afterwards)...")
+
+    threading.Thread(target=notice, daemon=True).start()
+    tl = Timeline(NullRecorder())
+    tokens = np.zeros(2, dtype=np.int64)
+    T = min(2, model.max_tokens)
+    model.forward(tokens[:T], 0, T, tl, want_logits=True)
+    model.forward(tokens[:1], T, 1, tl, want_logits=True)
+    comm.barrier()
+    done.set()
 
 
 def install_test_hooks(model: RankModel, rank: int) -> None:

@@ -38,7 +38,7 @@ def prompt_ids(model: Path) -> list[int]:
     return load_tokenizer(open_model(model), None).encode(PROMPT)
 
 
-@pytest.mark.parametrize("shape", ["tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("shape", ["tiny", "qwen3-tiny", "qwen3-tiny-tied"])
 def test_f32_logits_match_reference(shape: str, models: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = models[f"{shape}-f32"]

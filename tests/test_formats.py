@@ -37,7 +37,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "tiny-q40": write_synthetic("tiny", folder / "tiny-q40.gguf", "q40", seed=3),
         "tiny-f32": write_synthetic("tiny", folder / "tiny-f32.gguf", "f32", seed=3),
-        "qwen3-q40": write_synthetic("qwen3-tiny", folder / "qwen3-q40.gguf", "q40", seed=3),
+        "qwen3-q40": write_synthetic("qwen3-tiny-tied", folder / "qwen3-q40.gguf", "q40", seed=3),
     }
 
 

@@ -49,14 +49,15 @@ def test_round_trip_through_open_model(files: dict[str, Path], key: str) -> None
         info = m.tensors[name]
         assert info.shape == shp
         assert info.kind == (kind if len(shp) == 2 else "f32"), name
-    assert ("output" in m.tensors) == (shape == "tiny")
+    assert ("output" in m.tensors) == (not SHAPES[shape].config.tied_embeddings)
     assert m.metadata["general.file_type"] == (2 if kind == "q40" else 0)
 
 
 def test_test_shapes_are_what_the_tests_need() -> None:
     tiny, qwen = SHAPES["tiny"].config, SHAPES["qwen3-tiny"].config
     assert tiny.hidden_dim // 32 == 11 and not tiny.tied_embeddings and tiny.rope_scaling is not None
-    assert qwen.q_dim != qwen.dim and qwen.tied_embeddings and qwen.qk_norm and qwen.rope_style == "halves"
+    assert qwen.q_dim != qwen.dim and qwen.qk_norm and qwen.rope_style == "halves" and not qwen.tied_embeddings
+    assert SHAPES["qwen3-tiny-tied"].config.tied_embeddings
 
 
 def test_rope_freqs_carry_llama3_scaling(files: dict[str, Path]) -> None:
@@ -81,7 +82,7 @@ def test_weights_are_deterministic_and_follow_the_seed(files: dict[str, Path], t
     assert not np.array_equal(other.read_q40("blk.0.attn_q"), open_model(again).read_q40("blk.0.attn_q"))
 
 
-def test_weight_statistics(files: dict[str, Path]) -> None:
+def test_weight_statistics(files: dict[str, Path], tmp_path: Path) -> None:
     m = open_model(files["tiny-f32"])
     q = m.read_f32("blk.0.attn_q")
     assert abs(q.std() * np.sqrt(128) - 1) < 0.05 and abs(q.mean()) < 0.01
@@ -89,11 +90,13 @@ def test_weight_statistics(files: dict[str, Path]) -> None:
     assert abs(down.std() * np.sqrt(352) - 1) < 0.05
     norm = m.read_f32("blk.1.ffn_norm")
     assert abs(norm.mean() - 1) < 0.02 and 0.02 < norm.std() < 0.08
-    out = m.read_f32("output")  # rows scaled log-normally: heavy-tailed logits, std ~4 overall
-    log_norms = np.log(np.linalg.norm(out, axis=1))
-    assert abs(log_norms.std() - 0.5) < 0.05 and abs(out.std() * np.sqrt(128) - 4) < 0.2
-    qwen = open_model(files["qwen3-tiny-q40"])
-    assert abs(qwen.read_f32("output_norm").mean()) < 0.3  # zero-mean: no self-copy attractor when tied
+    # the chain head: every output row has norm chain_gain and points along one token's embedding
+    out, emb = m.read_f32("output"), m.read_f32("token_embd")
+    assert np.allclose(np.linalg.norm(out, axis=1), 4.0, rtol=1e-4)
+    best = np.abs((out[:64] / 4.0) @ (emb / np.linalg.norm(emb, axis=1, keepdims=True)).T).max(axis=1)
+    assert np.all(best > 0.999)
+    tied = open_model(write_synthetic("qwen3-tiny-tied", tmp_path / "tied.gguf", "q40", seed=3))
+    assert abs(tied.read_f32("output_norm").mean()) < 0.3  # zero-mean: no self-copy attractor when tied
 
 
 def test_tokenizer_and_chat_templates(files: dict[str, Path]) -> None:

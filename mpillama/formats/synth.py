@@ -52,6 +52,9 @@ class SynthShape:
     gain: float = 1.0
     out_gain: float = 4.0  # untied head: logits of std ~4, about what trained models show
     head_spread: float = 0.0
+    # > 0 (untied test shapes): output row j is chain_gain * the unit embedding of token perm[j], so
+    # the next token is decided by the current one by a wide margin (see _chain_head)
+    chain_gain: float = 0.0
     norm_noise: float = 0.05
     out_norm_mean: float = 1.0  # output_norm = out_norm_mean + N(0, out_norm_std^2)
     out_norm_std: float = 0.05
@@ -92,15 +95,25 @@ SHAPES: dict[str, SynthShape] = {
     "qwen3-0.6b": SynthShape(
         _qwen3(dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, seq_len=40960),
         "qwen2", **_tied(1024)),  # fmt: skip
-    # Test shapes. Their output rows get a log-normal norm spread (head_spread): against a float64
-    # reference forward pass, the median top-1 margin grew from ~0.15 to ~1 logit std, while greedy
-    # output still visits many different tokens. Near-ties remain possible (random weights).
-    # tiny: hidden 352 = 11 blocks of 32, so feed-forward splits are uneven; untied output.
+    # Test shapes: numerically decisive. Greedy tokens must be identical across precisions and rank
+    # counts, but Q8_0 activations move logits by ~1% of their range, and random heads leave the
+    # top two logits within that of each other on ~5% of steps. So their head is a "chain": output
+    # row j is the unit embedding of token perm[j] (times chain_gain), and the embedding (std 2)
+    # outweighs what the layers add (rms ratio ~0.9), so the current token's successor beats the
+    # best other logit by ~4 logit std (~8 std above the mean). Layers still move every logit,
+    # which the logit comparisons check; tokens walk a random permutation cycle (all distinct).
+    # tiny: hidden 352 = 11 blocks of 32, so feed-forward splits are uneven; llama3 rope scaling.
     "tiny": SynthShape(
         _llama(dim=128, hidden_dim=352, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, seq_len=512,
-               rope_scaling=_LLAMA32_ROPE, tied_embeddings=False), "llama-bpe", head_spread=0.5),  # fmt: skip
-    # qwen3-tiny: head_dim 64 with dim 128, so q_dim = 256 != dim, like real Qwen3; tied.
+               rope_scaling=_LLAMA32_ROPE, tied_embeddings=False), "llama-bpe", embed_std=2.0, chain_gain=4.0),  # fmt: skip
+    # qwen3-tiny: head_dim 64 with dim 128, so q_dim = 256 != dim, like real Qwen3. Untied (a tied head
+    # cannot be a chain); the tied path is tested with f32 weights, where there is no Q8_0 noise.
     "qwen3-tiny": SynthShape(
+        _qwen3(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
+               tied_embeddings=False), "qwen2", embed_std=2.0, chain_gain=4.0),  # fmt: skip
+    # the same, tied, for the format tests: output_norm is zero-mean, or the residual (which keeps
+    # the input token's embedding) would make greedy decoding repeat the input token forever
+    "qwen3-tiny-tied": SynthShape(
         _qwen3(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512),
         "qwen2", embed_std=0.5, out_norm_mean=0.0, out_norm_std=1.0, head_spread=0.35),  # fmt: skip
 }
@@ -195,6 +208,9 @@ def _chunks(p: _Planned, shape: SynthShape, qtype: GGMLQuantizationType, seed: i
         assert c.rope_scaling is not None
         yield llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
         return
+    if p.name == "output.weight" and shape.chain_gain:
+        yield from _chain_head(shape, qtype, seed)
+        return
     rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
     rows, cols = (p.shape[0], p.shape[1]) if p.is_matrix else (1, p.shape[0])
     spread = None
@@ -211,6 +227,21 @@ def _chunks(p: _Planned, shape: SynthShape, qtype: GGMLQuantizationType, seed: i
         if spread is not None:
             x *= spread[r : r + n, None]
         yield quantize_q40(x) if qtype == GGMLQuantizationType.Q4_0 else x
+
+
+def _chain_head(shape: SynthShape, qtype: GGMLQuantizationType, seed: int) -> Iterator[np.ndarray]:
+    """Output rows = chain_gain * unit(embedding[perm[j]]): the logit of token j is large when the
+    hidden state points along the embedding of perm[j], so greedy decoding from token t goes to
+    perm^-1[t]. Rebuilds the embedding from its own seed (test shapes only: it sits in memory)."""
+    c = shape.config
+    embedding = np.concatenate(list(_chunks(_Planned("token_embd.weight", (c.vocab_size, c.dim), shape.embed_std, 0.0),
+                                            shape, GGMLQuantizationType.F32, seed)))  # (vocab, dim) f32
+    perm = np.random.default_rng([seed, zlib.crc32(b"chain")]).permutation(c.vocab_size)
+    step = max(1, _ROWS_PER_CHUNK_VALUES // c.dim)
+    for r in range(0, c.vocab_size, step):
+        rows = embedding[perm[r : r + step]]
+        rows *= np.float32(shape.chain_gain) / np.linalg.norm(rows, axis=1, keepdims=True)
+        yield quantize_q40(rows) if qtype == GGMLQuantizationType.Q4_0 else rows
 
 
 def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:

@@ -8,12 +8,18 @@ in the file (clock.to_rank0, applied once when it is written).
 Derived, never stored:
 - a collective instance is one (step, layer, seg, occurrence) recorded by the ranks;
 - entry / exit per rank; last rank = latest entry; skew = last entry - first entry;
-- wait of a rank = last entry - its entry (time spent waiting for the last one);
-- transfer of a rank = its exit - last entry (time the collective itself took);
-- the straggler is the rank most often last.
-Time a rank spends before rank 0 began a step (a worker waiting in ctrl_sync while a chat
-user types, or while rank 0 samples) belongs to no step: entries and starts are clipped
-to the step's start for every per-step figure (wait, skew, time per token, worst segments).
+- wait of a rank = last entry - its entry (how long the last one kept it waiting);
+- blocked of a rank = min(last entry, its exit) - its entry: the part of the wait it spent
+  inside this collective. They differ when a collective lets a rank leave early (an eager
+  Gather to rank 0 returns on the senders at once): that wait then shows up as blocked time
+  in the rank's next collective. Collective-level figures (straggler, caused wait) use wait;
+  per-rank time accounting uses blocked, so that sync = blocked + transfer exactly;
+- transfer of a rank = its exit - max(last entry, its entry) (>= 0: the collective's own cost);
+- the straggler is the rank the others waited on longest (see Straggler).
+Time between rank 0's steps (before the first, and between the end of one and the start
+of the next: a chat user typing, rank 0's bookkeeping) is idle, not waiting: every
+per-step figure (wait, skew, time per token, worst segments) is measured on the "busy
+clock", rank 0's clock with those gaps cut out (busy_clock).
 
 Imports numpy, h5py and the trace schema; no MPI.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -166,17 +172,36 @@ def _step_index(step_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.where(found, order[pos], -1)
 
 
-def step_start_of(trace: Trace, step_ids: np.ndarray) -> np.ndarray:
-    """Rank 0's start of each given step (-inf for steps not in /steps, such as load at step -1)."""
-    row = _step_index(trace.steps.step, step_ids)
-    return np.where(row >= 0, trace.steps.t_start[np.maximum(row, 0)] if len(trace.steps) else 0.0, -np.inf)
+def busy_clock(trace: Trace) -> Callable[[np.ndarray], np.ndarray]:
+    """t (rank 0's clock) -> t minus the idle time before it: the gaps between rank 0's finished steps.
+
+    Monotone; constant inside a gap. Times before the first step map to its start.
+    """
+    st = trace.steps
+    order = np.argsort(st.t_start, kind="stable")
+    starts, ends = st.t_start[order], st.t_end[order]
+    first = starts[0] if len(starts) else 0.0
+    g0, g1 = ends[:-1], starts[1:]  # (n_steps - 1,) gap between a step and the next
+    ok = np.isfinite(g0) & (g1 > g0)
+    g0, length = g0[ok], (g1 - g0)[ok]  # (n_gaps,) where each gap begins, and how long it lasts
+    before = np.cumsum(length) - length  # (n_gaps,) idle time before each gap
+
+    def busy(t: np.ndarray) -> np.ndarray:
+        t = np.maximum(t, first)
+        if not len(g0):
+            return t
+        i = np.searchsorted(g0, t, side="right") - 1  # the last gap that began at or before t
+        j = np.maximum(i, 0)
+        return t - np.where(i >= 0, before[j] + np.minimum(t - g0[j], length[j]), 0.0)
+
+    return busy
 
 
-def clipped_dur(trace: Trace) -> np.ndarray:
-    """(n_seg,) s of each segment inside its step: what precedes rank 0's start of the step is idle."""
+def busy_dur(trace: Trace, busy: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """(n_seg,) s of each segment on the busy clock (idle time between steps removed)."""
+    busy = busy or busy_clock(trace)
     s = trace.segments
-    start = np.maximum(s.t_start, step_start_of(trace, s.step))
-    return np.maximum(s.t_end - start, 0.0)
+    return busy(s.t_end) - busy(s.t_start)
 
 
 # ---------------------------------------------------------------------------------------- collectives
@@ -190,13 +215,15 @@ class Collectives:
     layer: np.ndarray  # (n_inst,) i64
     seg: np.ndarray  # (n_inst,) i64 segment code
     occ: np.ndarray  # (n_inst,) i64 occurrence within (step, layer, seg)
-    entry: np.ndarray  # (n_inst, n_ranks) f64 s
-    exit: np.ndarray  # (n_inst, n_ranks) f64 s
+    entry: np.ndarray  # (n_inst, n_ranks) f64 s, rank 0's clock
+    exit: np.ndarray  # (n_inst, n_ranks) f64 s, rank 0's clock
     complete: np.ndarray  # (n_inst,) bool: every rank recorded it
     last_rank: np.ndarray  # (n_inst,) i64, the latest entry among the ranks present
+    # The rest are on the busy clock (idle between steps removed).
     skew: np.ndarray  # (n_inst,) f64 s, last entry - first entry
-    wait: np.ndarray  # (n_inst, n_ranks) f64 s, last entry - own entry (not before the step began)
-    transfer: np.ndarray  # (n_inst, n_ranks) f64 s, own exit - last entry
+    wait: np.ndarray  # (n_inst, n_ranks) f64 s, last entry - own entry
+    blocked: np.ndarray  # (n_inst, n_ranks) f64 s, min(last entry, own exit) - own entry: wait inside this call
+    transfer: np.ndarray  # (n_inst, n_ranks) f64 s, own exit - max(last entry, own entry)
     index: np.ndarray  # (n_inst, n_ranks) i64 row in Trace.segments (-1 where a rank has no record)
 
     def __len__(self) -> int:
@@ -248,15 +275,17 @@ def collectives(trace: Trace) -> Collectives:
     complete = present.all(axis=1)
     filled = np.where(present, entry, -np.inf)
     last_rank = filled.argmax(axis=1) if n_inst else np.zeros(0, np.int64)
-    last_entry = filled.max(axis=1) if n_inst else np.zeros(0)
-    entered = np.maximum(entry, step_start_of(trace, uniq[:, 0])[:, None])  # idle before the step is not waiting
-    first_entry = np.where(present, entered, np.inf).min(axis=1) if n_inst else np.zeros(0)
+    busy = busy_clock(trace)
+    last = busy(filled.max(axis=1)) if n_inst else np.zeros(0)  # (n_inst,) busy clock from here on
+    entered, left = busy(entry), busy(exit_)  # (n_inst, n_ranks) f64, NaN stays NaN
+    first = np.where(present, entered, np.inf).min(axis=1) if n_inst else np.zeros(0)
     return Collectives(
         step=uniq[:, 0], layer=uniq[:, 1], seg=uniq[:, 2], occ=uniq[:, 3],
         entry=entry, exit=exit_, complete=complete, last_rank=last_rank,
-        skew=last_entry - first_entry,
-        wait=last_entry[:, None] - entered,
-        transfer=exit_ - last_entry[:, None],
+        skew=last - first,
+        wait=last[:, None] - entered,
+        blocked=np.maximum(np.minimum(last[:, None], left) - entered, 0.0),
+        transfer=left - np.maximum(last[:, None], entered),
         index=index,
     )
 
@@ -323,7 +352,7 @@ def skew_distribution(trace: Trace, coll: Collectives, bins: int = 30) -> dict[s
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Per finished step and rank: where the time went (s). sync = wait + transfer."""
+    """Per finished step and rank: where the time went (s). wait is blocked time: sync = wait + transfer."""
 
     step: np.ndarray  # (n_steps,) i32 step ids, in /steps order
     phase: np.ndarray  # (n_steps,) u8
@@ -331,7 +360,7 @@ class StepTimes:
     wall: np.ndarray  # (n_steps,) f64 s, rank 0's step duration
     compute: np.ndarray  # (n_steps, n_ranks) f64 s, all segments that are not collectives
     sync: np.ndarray  # (n_steps, n_ranks) f64 s, time inside collectives
-    wait: np.ndarray  # (n_steps, n_ranks) f64 s, part of sync spent waiting for the last rank
+    wait: np.ndarray  # (n_steps, n_ranks) f64 s, part of sync spent blocked waiting for the last rank
 
 
 def step_times(trace: Trace, coll: Collectives) -> StepTimes:
@@ -345,14 +374,14 @@ def step_times(trace: Trace, coll: Collectives) -> StepTimes:
     is_sync = np.isin(s.seg, trace.sync_codes())
     compute = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
     sync = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
-    dur = clipped_dur(trace)
+    dur = busy_dur(trace)
     np.add.at(compute, (row[ok & ~is_sync], s.rank[ok & ~is_sync]), dur[ok & ~is_sync])
     np.add.at(sync, (row[ok & is_sync], s.rank[ok & is_sync]), dur[ok & is_sync])
     wait = np.zeros((n, n_ranks))  # (n_steps, n_ranks) f64
     crow = _step_index(ids, coll.step)
     use = (crow >= 0) & coll.complete
     if use.any():
-        np.add.at(wait, crow[use], coll.wait[use])
+        np.add.at(wait, crow[use], coll.blocked[use])
     return StepTimes(ids, st.phase[done], st.tokens[done], (st.t_end - st.t_start)[done], compute, sync, wait)
 
 
@@ -381,14 +410,21 @@ def phase_table(trace: Trace, times: StepTimes) -> dict[str, dict[str, Any]]:
     return out
 
 
-def wait_by_layer(trace: Trace, coll: Collectives) -> tuple[np.ndarray, np.ndarray]:
-    """(layers, table): mean wait per step in ms, rows = layers (-1: outside the layers), columns = ranks."""
-    done = coll.complete
+def wait_by_layer(trace: Trace, coll: Collectives, phase: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, table): mean blocked wait per step in ms, rows = layers (-1: outside the layers), columns = ranks.
+
+    Only steps of `phase` count when given (decode steps compare like with like; a first
+    prefill step may include JIT compilation).
+    """
+    done = coll.complete.copy()
+    if phase is not None:
+        code = trace.phase_names.index(phase)
+        done &= np.isin(coll.step, trace.steps.step[trace.steps.phase == code])
     layers = np.unique(coll.layer[done])
     table = np.zeros((len(layers), trace.n_ranks))  # (n_layer_rows, n_ranks) f64 ms
     if len(layers):
         row = np.searchsorted(layers, coll.layer[done])
-        np.add.at(table, row, coll.wait[done] * 1e3)
+        np.add.at(table, row, coll.blocked[done] * 1e3)
         n_steps = max(len(np.unique(coll.step[done])), 1)
         table /= n_steps
     return layers, table
@@ -404,7 +440,7 @@ def worst_segments(trace: Trace, n: int = 10) -> list[dict[str, Any]]:
     idx = np.nonzero(inside)[0]
     phase = trace.steps.phase[row[idx]].astype(np.int64)
     group = s.seg[idx].astype(np.int64) * 256 + phase
-    dur = clipped_dur(trace)[idx]
+    dur = busy_dur(trace)[idx]
     median = np.zeros(len(idx))
     for g in np.unique(group):
         m = group == g
@@ -427,7 +463,7 @@ def coverage(trace: Trace) -> dict[str, np.ndarray]:
     times_wall = float((trace.steps.t_end - trace.steps.t_start)[done].sum())
     s = trace.segments
     inside = _step_index(trace.steps.step[done], s.step) >= 0
-    seg_s = np.bincount(s.rank[inside], weights=clipped_dur(trace)[inside], minlength=trace.n_ranks)
+    seg_s = np.bincount(s.rank[inside], weights=busy_dur(trace)[inside], minlength=trace.n_ranks)
     return {"segment_s": seg_s, "wall_s": np.full(trace.n_ranks, times_wall),
             "ratio": seg_s / times_wall if times_wall > 0 else np.zeros(trace.n_ranks)}
 
@@ -472,6 +508,7 @@ class Analysis:
     phases: dict[str, dict[str, Any]]
     straggler: Straggler
     skew: dict[str, Any]
+    wait_phase: str | None  # the phase wait_table_ms covers (decode when there is any), None: all steps
     wait_layers: np.ndarray
     wait_table_ms: np.ndarray
     worst: list[dict[str, Any]]
@@ -483,10 +520,12 @@ class Analysis:
 def analyze(trace: Trace, n_worst: int = 10) -> Analysis:
     coll = collectives(trace)
     times = step_times(trace, coll)
-    layers, table = wait_by_layer(trace, coll)
+    times_phases = {trace.phase_names[int(p)] for p in np.unique(times.phase)}
+    wait_phase = "decode" if "decode" in times_phases else None
+    layers, table = wait_by_layer(trace, coll, wait_phase)
     return Analysis(
         trace=trace, coll=coll, times=times, phases=phase_table(trace, times),
         straggler=straggler(coll, trace.n_ranks), skew=skew_distribution(trace, coll),
-        wait_layers=layers, wait_table_ms=table, worst=worst_segments(trace, n_worst),
+        wait_phase=wait_phase, wait_layers=layers, wait_table_ms=table, worst=worst_segments(trace, n_worst),
         coverage=coverage(trace), load_s=load_seconds(trace), problems=segment_problems(trace),
     )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 PING_TAG = 7301  # message tag of the ping-pong, distinct from anything the engine sends
-ROUNDS = 24  # round trips per rank; the shortest one is kept
+ROUNDS = 32  # round trips per rank; the shortest one is kept
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,26 @@ class ClockFit:
     start: ClockSample
     end: ClockSample | None = None
 
+    def _resolved(self) -> bool:
+        """True when the two samples differ by more than their error bounds: only then is drift measured."""
+        if self.end is None or self.end.t_local <= self.start.t_local:
+            return False
+        return abs(self.end.offset - self.start.offset) > 0.5 * (self.start.rtt + self.end.rtt)
+
+    @property
+    def base(self) -> ClockSample:
+        """The sample the correction starts from: the start one, or the tighter of two that agree."""
+        if self.end is not None and not self._resolved() and self.end.rtt < self.start.rtt:
+            return self.end
+        return self.start
+
     @property
     def drift(self) -> float:
-        """s of offset change per s of local time (0 without an end sample)."""
-        if self.end is None or self.end.t_local <= self.start.t_local:
+        """s of offset change per s of local time; 0 when the samples agree within their error
+        (a noisy round trip over a short run would otherwise invent a large drift)."""
+        if not self._resolved():
             return 0.0
+        assert self.end is not None
         return (self.end.offset - self.start.offset) / (self.end.t_local - self.start.t_local)
 
 
@@ -49,7 +64,8 @@ ZERO_FIT = ClockFit(ClockSample(0.0, 0.0, 0.0), ClockSample(0.0, 0.0, 0.0))  # r
 
 def to_rank0(t_local: np.ndarray, fit: ClockFit) -> np.ndarray:
     """Times read on a rank's clock -> the same instants on rank 0's clock. The only place clocks are aligned."""
-    offset = fit.start.offset + fit.drift * (t_local - fit.start.t_local)
+    base = fit.base
+    offset = base.offset + fit.drift * (t_local - base.t_local)
     return t_local - offset
 
 

@@ -25,6 +25,14 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _robust_top(total: np.ndarray) -> float:
+    """A y limit that shows the typical steps: the largest, unless a few steps dwarf the rest."""
+    if total.size == 0:
+        return 1.0
+    top, typical = float(total.max()), float(np.percentile(total, 90))
+    return max(1.3 * typical, 1e-3) if top > 3 * typical else max(1.05 * top, 1e-3)
+
+
 def plot_rank_time(a: Analysis, path: Path) -> Path:
     """Per rank, over steps: compute / transfer / wait ms per token, stacked."""
     t = a.times
@@ -37,13 +45,21 @@ def plot_rank_time(a: Analysis, path: Path) -> Path:
         "transfer": (t.sync - t.wait) * 1e3 / tokens,
         "wait": t.wait * 1e3 / tokens,
     }
+    total = sum(parts.values())  # (n_steps, n_ranks) ms per token
+    top = _robust_top(total)
     for r, ax in enumerate(axes):
         if len(t.step):
             ax.stackplot(t.step, *(p[:, r] for p in parts.values()), labels=list(parts),
                          colors=[COLORS[k] for k in parts], step="mid")
+            ax.set_ylim(0, top)
+            for i in np.nonzero(total[:, r] > top)[0]:  # outliers (a first step that compiled) stay readable
+                ax.annotate(f"{total[i, r]:.0f}", (t.step[i], top), ha="center", va="top", fontsize="x-small")
         ax.set_ylabel(f"rank {r}\nms/token")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper right", fontsize="small", ncols=3)
+    if len(t.step):
+        axes[0].legend(loc="upper right", fontsize="small", ncols=3)
+    else:
+        axes[0].text(0.5, 0.5, "no finished steps", ha="center", va="center", transform=axes[0].transAxes)
     axes[-1].set_xlabel("step")
     fig.suptitle("time per token by rank: compute, transfer (sync minus wait), wait")
     return _save(fig, path)
@@ -61,7 +77,7 @@ def plot_wait_heatmap(a: Analysis, path: Path) -> Path:
     ax.set_xlabel("rank")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="wait, ms per step")
-    ax.set_title("wait in collectives")
+    ax.set_title(f"wait in collectives ({a.wait_phase or 'all'} steps)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -72,7 +88,11 @@ def plot_skew_hist(a: Analysis, path: Path) -> Path:
     ax = fig.subplots()
     values = a.skew["values_ms"]
     if len(values):
-        ax.hist(values, bins=40, color=COLORS["wait"])
+        # log-spaced bins: skew spans microseconds (noise) to seconds (a compiling first step)
+        lo = max(float(values[values > 0].min()) if (values > 0).any() else 1e-3, 1e-4)
+        hi = max(float(values.max()), lo * 10)
+        ax.hist(np.clip(values, lo, None), bins=np.geomspace(lo, hi, 41), color=COLORS["wait"])
+        ax.set_xscale("log")
         ax.set_yscale("log")
     else:
         ax.text(0.5, 0.5, "no complete collectives", ha="center", va="center", transform=ax.transAxes)

@@ -13,6 +13,7 @@ Conventions the engine follows (analysis relies on them):
   analysis matches a collective across ranks.
 - layer is -1 for segments outside the layers (embed, head, sample, ctrl_sync, load);
   step is -1 before the first step (load).
+- "other" is time no engine segment covers; the session records its own flushes as "other".
 - Times come from time.perf_counter() (one monotonic clock for all processes on a host).
 
 Imports numpy only: no MPI, no h5py.

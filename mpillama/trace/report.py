@@ -69,7 +69,7 @@ def report_tables(a: Analysis) -> dict[str, Any]:
         },
         "skew_ms": {"all": a.skew["all"], "by_kind": a.skew["by_kind"],
                     "hist_counts": a.skew["hist_counts"], "hist_edges": a.skew["hist_edges_ms"]},
-        "wait_by_layer_ms_per_step": {"layers": a.wait_layers, "ranks": a.wait_table_ms},
+        "wait_by_layer_ms_per_step": {"phase": a.wait_phase or "all", "layers": a.wait_layers, "ranks": a.wait_table_ms},
         "worst_segments": a.worst,
         "ranks": [
             {

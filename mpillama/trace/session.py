@@ -6,9 +6,17 @@ tests and tools write files). The file layout comes from schema.py; clock alignm
 from clock.to_rank0.
 
 Flush policy: records stay in each rank's Recorder and are gathered to rank 0 every
-K steps. K starts at 1 (the first flush measures how many records a step makes) and
-is then set by rank 0 so the fullest rank stays under half its capacity, and
-broadcast at each flush, so all ranks agree without any per-step communication.
+K steps (each flush is itself recorded, as an "other" segment). K starts at 1 (the
+first flush measures how many records and seconds a step takes) and is then set by
+rank 0 so that the fullest rank stays under half its capacity and a flush comes about
+every CHECKPOINT_S seconds; it is broadcast at each flush, so all ranks agree without
+any per-step communication.
+
+Checkpoints: at a flush, rank 0 rewrites the file (atomically) marked partial, at most
+every CHECKPOINT_S seconds and within CHECKPOINT_BUDGET of its time. A job killed
+outright (mpirun kills every rank within milliseconds of its own SIGTERM, often before
+a handler can finish) still leaves the last checkpoint; write_partial, when it gets to
+run, replaces it with everything rank 0 holds.
 
 Receives an mpi4py communicator object; never imports mpi4py.
 """
@@ -32,10 +40,12 @@ import mpillama
 from mpillama.errors import MpillamaError
 from mpillama.trace import analysis, schema
 from mpillama.trace.clock import ZERO_FIT, ClockFit, ClockSample, ping_pong, to_rank0
-from mpillama.trace.recorder import PHASES, SEGMENTS, NullRecorder, Recorder
+from mpillama.trace.recorder import PHASES, SEG_OTHER, SEGMENTS, NullRecorder, Recorder
 
 DEFAULT_CAPACITY = 1 << 16  # records per rank between flushes (~2.8 MB of columns)
 HEADROOM = 0.5  # flush when the fullest rank is expected to be half full: steps vary in length
+CHECKPOINT_S = 5.0  # flush, and rewrite the file marked partial, about this often (s)
+CHECKPOINT_BUDGET = 0.01  # at most this fraction of rank 0's time goes into checkpoints
 _SESSION_STATS = ("n_dropped", "n_flushes", "flush_s")
 
 
@@ -170,8 +180,12 @@ def _write_columns(group: h5py.Group, cols: dict[str, np.ndarray], chunked: bool
         )
 
 
-def write_trace(path: str | Path, data: TraceData) -> Path:
-    """Write data to path atomically: into path + '.tmp', then renamed over path. Returns path."""
+def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
+    """Write data to path atomically: into path + '.tmp', then renamed over path. Returns path.
+
+    fsync=False skips forcing the bytes to disk before the rename (partial writes racing a kill:
+    the rename alone already guarantees no process ever sees a half-written file).
+    """
     path = Path(path)
     seg_cols, step_cols = aligned_columns(data)
     n_ranks = len(data.rank_rows)
@@ -198,8 +212,9 @@ def write_trace(path: str | Path, data: TraceData) -> Path:
             s = f.create_group(schema.STEPS)
             _write_columns(s, step_cols, chunked=False)
             s.attrs[schema.PHASE_NAMES_ATTR] = np.array(PHASES, dtype=h5py.string_dtype())
-        with open(tmp, "rb+") as fh:  # the rename must never expose a file whose bytes are not on disk
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb+") as fh:  # after a power loss the name must not point at missing bytes
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -251,13 +266,21 @@ class TraceSession:
         self.flush_s = 0.0
         self.done = False
         self.writing = False
+        self.checkpoint_s = CHECKPOINT_S
+        self.n_checkpoints = 0
+        self.checkpoint_cost = 0.0  # s the last checkpoint took
+        self.last_checkpoint_t = 0.0
+        self.last_flush_t = 0.0
 
     @classmethod
     def open(
         cls, comm: Any, path: str | None, meta: dict[str, Any], rank_info: dict[str, Any],
-        capacity: int = DEFAULT_CAPACITY,
+        capacity: int = DEFAULT_CAPACITY, checkpoint_s: float = CHECKPOINT_S,
     ) -> TraceSession:
-        """Collective (except with path None, which communicates nothing and records nothing)."""
+        """Collective (except with path None, which communicates nothing and records nothing).
+
+        checkpoint_s: the target seconds between flushes and partial checkpoints (<= 0: no checkpoints).
+        """
         rank, size = comm.Get_rank(), comm.Get_size()
         if path is None:
             return cls(comm, None, NullRecorder(rank))
@@ -269,6 +292,7 @@ class TraceSession:
         if capacity <= 0:
             raise MpillamaError(f"trace capacity {capacity} must be positive: pass records per rank between flushes")
         self = cls(comm, str(path), Recorder(rank, capacity))
+        self.checkpoint_s = checkpoint_s
         rows = comm.gather(row, root=0)
         samples = ping_pong(comm)
         if rank == 0:
@@ -277,7 +301,7 @@ class TraceSession:
             self.start_samples = samples
             self.chunks = [[] for _ in range(size)]
             self.worker_dropped = np.zeros(size, np.int64)
-            self.clock_origin = time.perf_counter()
+            self.clock_origin = self.last_flush_t = time.perf_counter()
         return self
 
     def end_step(self) -> None:
@@ -288,8 +312,12 @@ class TraceSession:
         if self.since_flush >= self.flush_every:
             self._flush()
 
-    def _flush(self) -> None:
-        """Collective: every rank's held records -> rank 0; rank 0 picks and broadcasts the next interval."""
+    def _flush(self, final: bool = False) -> None:
+        """Collective: every rank's held records -> rank 0; rank 0 picks and broadcasts the next interval.
+
+        The flush is recorded as an "other" segment of the step it follows, so that a rank's
+        segments still tile its time (a worker waits here while rank 0 samples).
+        """
         t = time.perf_counter()
         comm, rec = self.comm, self.recorder
         size = comm.Get_size()
@@ -310,8 +338,14 @@ class TraceSession:
             for r in range(1, size):
                 self.chunks[r].append(recv[ends[r] - sizes[r]:ends[r]].reshape(-1, 6))
             self.worker_dropped = all_counts[:, 1].copy()
-            rate = all_counts[:, 0].max() / max(self.since_flush, 1)
-            nxt = np.array([max(1, int(HEADROOM * rec.capacity / max(rate, 1.0)))], np.int64)
+            rate = all_counts[:, 0].max() / max(self.since_flush, 1)  # records per step, fullest rank
+            step_s = max((t - self.last_flush_t) / max(self.since_flush, 1), 1e-6)
+            by_capacity = max(1, int(HEADROOM * rec.capacity / max(rate, 1.0)))
+            by_time = max(1, int(self.checkpoint_s / step_s)) if self.checkpoint_s > 0 else by_capacity
+            nxt = np.array([min(by_capacity, by_time)], np.int64)
+            self.last_flush_t = t
+            if not final:
+                self._checkpoint()
         else:
             comm.Gatherv(packed.reshape(-1), None, root=0)
             nxt = np.zeros(1, np.int64)
@@ -319,7 +353,35 @@ class TraceSession:
         self.flush_every = int(nxt[0])
         self.since_flush = 0
         self.n_flushes += 1
-        self.flush_s += time.perf_counter() - t
+        now = time.perf_counter()
+        self.flush_s += now - t
+        if not final:
+            rec.add(SEG_OTHER, -1, t, now)
+
+    def _checkpoint(self) -> None:
+        """Rank 0, inside a flush: rewrite the file marked partial, if one is due."""
+        now = time.perf_counter()
+        wait = max(self.checkpoint_s, self.checkpoint_cost / CHECKPOINT_BUDGET)
+        if self.checkpoint_s <= 0 or (self.n_checkpoints and now - self.last_checkpoint_t < wait):
+            return
+        self._write_partial(f"checkpoint: the run had not ended (last step {self.recorder.step})")
+        self.n_checkpoints += 1
+        self.last_checkpoint_t = time.perf_counter()
+        self.checkpoint_cost = self.last_checkpoint_t - now
+
+    def _write_partial(self, reason: str) -> None:
+        """Rank 0: write what it holds now, marked partial, without forcing it to disk."""
+        fits = [ClockFit(s) for s in self.start_samples]
+        fits[0] = ZERO_FIT
+        stats = [{"n_dropped": int(d)} for d in self.worker_dropped]
+        stats[0] = {"n_dropped": self.recorder.dropped, "n_flushes": self.n_flushes, "flush_s": self.flush_s}
+        data = self._data(fits, stats, {})
+        data.partial, data.partial_reason = True, reason
+        self.writing = True
+        try:
+            write_trace(self.path, data, fsync=False)
+        finally:
+            self.writing = False
 
     def _data(self, fits: list[ClockFit], stats: list[dict[str, Any]], summary: dict[str, Any]) -> TraceData:
         """Rank 0: what it holds now, as TraceData."""
@@ -335,7 +397,7 @@ class TraceSession:
         """Collective: final flush, end-of-run clock samples, rank 0 writes the file. A no-op after write_partial."""
         if not self.active or self.done:
             return
-        self._flush()
+        self._flush(final=True)
         end_samples = ping_pong(self.comm)
         mine = {"n_dropped": self.recorder.dropped, "n_flushes": self.n_flushes, "flush_s": self.flush_s}
         stats = self.comm.gather(mine, root=0)
@@ -359,21 +421,10 @@ class TraceSession:
         """Rank 0 only, no communication: write what is held now, marked partial. Later calls and close() do nothing.
 
         Safe from a signal handler. Records other ranks made since the last flush are not in the file.
-        If the final file is being written at that moment, that write is left to finish instead.
+        If a checkpoint or the final file is being written at that moment, that write is left to finish.
         """
-        if not self.active or self.done:
-            return
+        if not self.active or self.done or self.writing:
+            return  # while a checkpoint is written: not done, so a later call (after it unwinds) still writes
         self.done = True
-        if self.rank != 0 or self.writing:
-            return
-        fits = [ClockFit(s) for s in self.start_samples]
-        fits[0] = ZERO_FIT
-        stats = [{"n_dropped": int(d)} for d in self.worker_dropped]
-        stats[0] = {"n_dropped": self.recorder.dropped, "n_flushes": self.n_flushes, "flush_s": self.flush_s}
-        data = self._data(fits, stats, {})
-        data.partial, data.partial_reason = True, reason
-        self.writing = True
-        try:
-            write_trace(self.path, data)
-        finally:
-            self.writing = False
+        if self.rank == 0:
+            self._write_partial(reason)

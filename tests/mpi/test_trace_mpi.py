@@ -36,11 +36,13 @@ DIM = 64
 
 
 def fake_run(comm, sess: TraceSession, n_steps: int, slow_rank: int = -1, delay_s: float = 0.0,
-             compute_s: float = 0.002, step_pause_s: float = 0.0) -> None:
+             compute_s: float = 0.002, step_pause_s: float = 0.0) -> list[float]:
     """A forward-pass-shaped loop: ctrl Bcast, per layer att + Gather and ffn + Bcast, then sample on rank 0.
 
-    slow_rank sleeps delay_s more in every att segment (the injected straggler).
+    slow_rank sleeps delay_s more in every att segment (the injected straggler) and returns
+    how long each of those sleeps really took (a loaded machine oversleeps), in (step, layer) order.
     """
+    delays = []
     rank, size = comm.Get_rank(), comm.Get_size()
     rec = sess.recorder
     pc = time.perf_counter
@@ -61,7 +63,11 @@ def fake_run(comm, sess: TraceSession, n_steps: int, slow_rank: int = -1, delay_
         comm.Bcast(ctrl, root=0)
         rec.add(SEG_CTRL_SYNC, -1, t, t := pc(), ctrl.nbytes)
         for layer in range(N_LAYERS):
-            time.sleep(compute_s + (delay_s if rank == slow_rank else 0.0))
+            time.sleep(compute_s)
+            if rank == slow_rank:
+                t_delay = pc()
+                time.sleep(delay_s)
+                delays.append(pc() - t_delay)
             rec.add(SEG_ATT, layer, t, t := pc())
             comm.Gather(part, parts, root=0)
             rec.add(SEG_ATT_SYNC, layer, t, t := pc(), part.nbytes)
@@ -75,6 +81,7 @@ def fake_run(comm, sess: TraceSession, n_steps: int, slow_rank: int = -1, delay_
             rec.end_step(t)
         sess.end_step()
         time.sleep(step_pause_s)
+    return delays
 
 
 def shared_path(comm, tmp_path: Path, name: str) -> str:
@@ -98,10 +105,11 @@ def test_injected_straggler_is_named_and_waits_match(tmp_path: Path, monkeypatch
     writes = []
     real_write = session_mod.write_trace
     monkeypatch.setattr(session_mod, "write_trace", lambda p, d: writes.append(p) or real_write(p, d))
-    slow, delay = size - 1, 0.03
+    slow, delay = size - 1, 0.05
     sess = open_session(comm, path)
-    fake_run(comm, sess, n_steps=5, slow_rank=slow, delay_s=delay)
+    delays = fake_run(comm, sess, n_steps=5, slow_rank=slow, delay_s=delay)
     sess.close({"note": "straggler"})
+    injected = comm.bcast(delays if rank == slow else None, root=slow)
     counts = comm.gather(len(writes), root=0)
     if rank != 0:
         return
@@ -116,8 +124,9 @@ def test_injected_straggler_is_named_and_waits_match(tmp_path: Path, monkeypatch
     assert att.sum() == 5 * N_LAYERS
     others = [r for r in range(size) if r != slow]
     assert (coll.last_rank[att] == slow).all()
-    waits = coll.wait[att][:, others]  # (n_att_sync, n_ranks - 1) s
-    assert np.all(np.abs(waits - delay) <= 0.2 * delay), waits
+    waits = coll.wait[att][:, others]  # (n_att_sync, n_ranks - 1) s, instances in (step, layer) order
+    injected = np.array(injected)[:, None]  # (n_att_sync, 1) s actually slept
+    assert np.all(np.abs(waits - injected) <= 0.2 * injected), (waits, injected)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -171,6 +180,27 @@ def test_bad_trace_path_fails_on_every_rank(tmp_path: Path) -> None:
         open_session(comm, path)
 
 
+@pytest.mark.mpi(min_size=2)
+def test_checkpoints_leave_a_partial_file_during_the_run(tmp_path: Path) -> None:
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    path = shared_path(comm, tmp_path, "ckpt.h5")
+    sess = TraceSession.open(comm, path, {"command": "test"}, {}, capacity=4096, checkpoint_s=0.02)
+    fake_run(comm, sess, n_steps=10, compute_s=0.001)
+    comm.Barrier()
+    if rank == 0:  # mid-run (close not called): the last checkpoint is there, readable, partial
+        trace = load_trace(path)
+        assert trace.partial and trace.partial_reason.startswith("checkpoint"), trace.partial_reason
+        assert sess.n_checkpoints >= 2 and len(trace.steps) >= 5
+        assert set(np.unique(trace.segments.rank)) == set(range(comm.Get_size()))
+    comm.Barrier()
+    sess.close({})
+    if rank == 0:
+        trace = load_trace(path)
+        assert not trace.partial and len(trace.steps) == 10
+        assert sorted(os.listdir(tmp_path)) == ["ckpt.h5"]
+
+
 # ---------------------------------------------------------------------------------------- one rank
 
 
@@ -195,15 +225,19 @@ def test_single_rank_session_and_partial(tmp_path: Path) -> None:
 def _sigterm_main(path: str) -> None:
     """Entry point for the SIGTERM test: a traced fake run that writes a partial file when terminated."""
     comm = MPI.COMM_WORLD
-    sess = open_session(comm, path)
+    sess = TraceSession.open(comm, path, {"command": "test"}, {}, capacity=4096, checkpoint_s=0.2)
 
     def on_term(signum: int, frame: object) -> None:
-        sess.write_partial(signal.Signals(signum).name)
-        os._exit(0)  # the engine would Abort; exiting is enough for the test
+        # Workers carry on, so that rank 0 is never left blocked in a collective with a rank
+        # that has gone; mpirun ends them once rank 0 has left. (The engine's collectives
+        # poll with a timeout and so return to Python, where the handler runs, either way.)
+        if comm.Get_rank() == 0:
+            sess.write_partial(signal.Signals(signum).name)
+            os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     if comm.Get_rank() == 0:
-        Path(path + ".running").touch()
+        Path(path + ".running").write_text(str(os.getpid()))
     fake_run(comm, sess, n_steps=100000, compute_s=0.001, step_pause_s=0.002)
 
 
