@@ -1,16 +1,23 @@
-"""Q80 x Q40 matmul speed against numpy float32 on the same shapes, measured in the same run.
+"""Q80 x Q40 matmul and attention speed against baselines measured in the same run.
 
-Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--json] [--asm]
+Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--layouts vnni,tiles]
+                               [--attention] [--json] [--asm]
 
-For each Llama-3.2-1B shape (rows x cols) it times:
+Matmul: for each Llama-3.2-1B shape (rows x cols) and each Q40 layout this machine can run, it times
   decode   one token: the Q40 kernel vs numpy's float32 matrix-vector product;
   prefill  16 and 64 tokens: the Q40 kernel vs numpy's float32 matrix product;
 with weights streaming from memory (each timed pass rotates through copies of the matrix
 totalling >= --stream-mb, more than the caches hold), and decode again with one matrix
 repeated ("hot": in cache when it fits). Figures are G weights/s (G weight-columns/s for
-T tokens: rows * cols * T / time) and ratios to numpy. Warm-up passes come first.
+T tokens: rows * cols * T / time) and ratios to numpy.
+Attention (--attention): one decode token of the Llama-3.2-1B shape (32 query heads, 8 KV heads,
+head_dim 64) at several positions, caches streaming from memory (16 layers' worth rotated),
+against the time to read the same K and V bytes once in order (ratio 1.0 = memory speed) and
+against the previous online-softmax kernel (one query head at a time).
+Warm-up passes come first; the two timed sides alternate, so load from other processes hits both.
+Say whether the machine was idle (the load average is printed).
 
-Owns nothing the package imports; it imports mpillama.kernels and mpillama.quant only.
+Owns nothing the package imports; it imports mpillama.kernels only.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ SHAPES = "2048x2048,512x2048,8192x2048,2048x8192,128256x2048"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="numba and BLAS threads (default 1)")
-    p.add_argument("--shapes", default=SHAPES, help=f"rows x cols list (default {SHAPES})")
+    p.add_argument("--shapes", default=SHAPES, help=f"rows x cols list (default {SHAPES}; '' for none)")
+    p.add_argument("--layouts", default=None, help="Q40 layouts to time (default: every one this CPU runs)")
     p.add_argument("--tokens", default="16,64", help="prefill token counts (default 16,64)")
     p.add_argument("--stream-mb", type=float, default=256.0, help="bytes rotated per pass from memory (default 256)")
     p.add_argument("--min-seconds", type=float, default=0.25, help="least time spent timing each figure")
+    p.add_argument("--attention", action="store_true", help="also time decode attention at long contexts")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    p.add_argument("--asm", action="store_true", help="also compile the kernel uncached and count its vector ops")
+    p.add_argument("--asm", action="store_true", help="also compile the kernels uncached and count their vector ops")
     return p.parse_args()
 
 
@@ -52,6 +61,7 @@ from mpillama import kernels  # noqa: E402
 @dataclass
 class Row:
     shape: str
+    layout: str
     case: str  # decode | prefill
     tokens: int
     weights: str  # memory (rotating copies) | hot (one matrix repeated)
@@ -64,20 +74,31 @@ class Row:
     ratio: float  # q40 speed / numpy float32 speed
 
 
-def best_pass_seconds(q_pass, f_pass, min_seconds: float) -> tuple[float, float]:
-    """Best q40 and numpy pass times. One warm-up pass each, then alternate the two until
+@dataclass
+class AttRow:
+    position: int
+    ms: float  # one layer, one token
+    gbs: float  # K and V bytes read per second
+    read_ms: float  # reading the same bytes once, in order
+    online_ms: float  # the online-softmax kernel
+    ratio_read: float  # read_ms / ms: 1.0 = memory speed
+    ratio_online: float  # online_ms / ms
+
+
+def best_pass_seconds(a_pass, b_pass, min_seconds: float) -> tuple[float, float]:
+    """Best a and b pass times. One warm-up pass each, then alternate the two until
     min_seconds have gone (at least 3 rounds), so load from other processes hits both alike."""
-    q_pass()
-    f_pass()
-    best_q, best_f, spent, n = float("inf"), float("inf"), 0.0, 0
+    a_pass()
+    b_pass()
+    best_a, best_b, spent, n = float("inf"), float("inf"), 0.0, 0
     while spent < min_seconds or n < 3:
         t0 = time.perf_counter()
-        q_pass()
+        a_pass()
         t1 = time.perf_counter()
-        f_pass()
+        b_pass()
         t2 = time.perf_counter()
-        best_q, best_f, spent, n = min(best_q, t1 - t0), min(best_f, t2 - t1), spent + t2 - t0, n + 1
-    return best_q, best_f
+        best_a, best_b, spent, n = min(best_a, t1 - t0), min(best_b, t2 - t1), spent + t2 - t0, n + 1
+    return best_a, best_b
 
 
 def l3_bytes() -> int | None:
@@ -90,23 +111,34 @@ def l3_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
-def q40_copies(rows: int, cols: int, n: int, rng: np.random.Generator) -> list[kernels.Q40Matrix]:
-    """n independent copies of one random Q40 matrix (random nibbles, scales 1e-3..1e-2)."""
+def copy_q40(m: kernels.Q40Matrix) -> kernels.Q40Matrix:
+    """An independent copy (other memory) of a packed matrix."""
+    qs = m.qs.copy()
+    d = qs[:, :, 256:].view("<u2") if m.layout == kernels.LAYOUT_VNNI else m.d.copy()
+    return kernels.Q40Matrix(m.rows, m.cols, m.layout, qs, d)
+
+
+def q40_copies(ggml: np.ndarray, layout: str, n: int) -> list[kernels.Q40Matrix]:
+    m = kernels.pack_q40(ggml, layout)
+    return [m] + [copy_q40(m) for _ in range(n - 1)]
+
+
+def random_q40(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """A random Q40 matrix as GGML bytes: random nibbles, scales 1e-3..1e-2."""
     nb = cols // 32
     ggml = np.empty((rows, nb, 18), np.uint8)  # (rows, nb, 18) Q4_0 blocks
     ggml[:, :, 2:] = rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)
     scales = rng.uniform(1e-3, 1e-2, (rows, nb)).astype("<f2")  # (rows, nb) f16
     ggml[:, :, :2] = scales.view(np.uint8).reshape(rows, nb, 2)
-    m = kernels.pack_q40(ggml.reshape(rows, nb * 18))
-    return [m] + [kernels.Q40Matrix(m.rows, m.cols, m.qs.copy(), m.d.copy()) for _ in range(n - 1)]
+    return ggml.reshape(rows, nb * 18)
 
 
-def measure_shape(rows: int, cols: int, tokens: list[int], rng: np.random.Generator) -> list[Row]:
+def measure_shape(rows: int, cols: int, layouts: list[str], tokens: list[int], rng: np.random.Generator) -> list[Row]:
     shape = f"{rows}x{cols}"
     q40_bytes = rows * cols // 32 * 18
     f32_bytes = rows * cols * 4
     stream = ARGS.stream_mb * 2**20
-    qs = q40_copies(rows, cols, max(1, int(np.ceil(stream / q40_bytes))), rng)
+    ggml = random_q40(rows, cols, rng)
     fs = [rng.random((rows, cols), dtype=np.float32) - 0.5 for _ in range(max(1, int(np.ceil(stream / f32_bytes))))]
     t_max = max([1] + tokens)
     acts = kernels.new_activations(t_max, cols)
@@ -114,7 +146,7 @@ def measure_shape(rows: int, cols: int, tokens: list[int], rng: np.random.Genera
     kernels.quantize_activations(acts, x)
     rows_out: list[Row] = []
 
-    def one(case: str, T: int, weights: str, q_list, f_list) -> None:
+    def one(layout: str, case: str, T: int, weights: str, q_list, f_list) -> None:
         out_q = np.empty((T, rows), np.float32)  # (T, rows) f32
         out_f = np.empty((T, rows), np.float32)
         xf = x[:T]
@@ -131,74 +163,153 @@ def measure_shape(rows: int, cols: int, tokens: list[int], rng: np.random.Genera
         tq, tf = tq / len(q_list), tf / len(f_list)
         work = rows * cols * T / 1e9
         sizes = (q40_bytes / 2**20, f32_bytes / 2**20)
-        rows_out.append(Row(shape, case, T, weights, *sizes, tq * 1e3, tf * 1e3, work / tq, work / tf, tf / tq))
+        rows_out.append(Row(shape, layout, case, T, weights, *sizes, tq * 1e3, tf * 1e3, work / tq, work / tf, tf / tq))
 
-    one("decode", 1, "memory", qs, fs)
-    for T in tokens:
-        one("prefill", T, "memory", qs, fs)
-    one("decode", 1, "hot", qs[:1], fs[:1])
+    for layout in layouts:
+        qs = q40_copies(ggml, layout, max(1, int(np.ceil(stream / q40_bytes))))
+        one(layout, "decode", 1, "memory", qs, fs)
+        for T in tokens:
+            one(layout, "prefill", T, "memory", qs, fs)
+        one(layout, "decode", 1, "hot", qs[:1], fs[:1])
+        del qs
     return rows_out
 
 
-def asm_report() -> str:
-    """Compile the Q40 tile kernel afresh (cached code cannot be inspected) and count its key vector ops."""
+@numba.njit(cache=True, fastmath=True)
+def _read_in_order(k, v):  # pragma: no cover - timed, not tested
+    # k, v (positions, n_kv, hd) f32 -> their sum: reads the bytes once, in order (the memory-speed baseline)
+    s = np.float32(0.0)
+    kf, vf = k.reshape(-1), v.reshape(-1)
+    for i in range(kf.shape[0]):
+        s += kf[i] + vf[i]
+    return s
+
+
+def measure_attention(positions: list[int], rng: np.random.Generator) -> list[AttRow]:
+    n_heads, n_kv, hd, layers = 32, 8, 64, 16
+    rows: list[AttRow] = []
+    for pos in positions:
+        n = pos + 1
+        q = rng.standard_normal((1, n_heads, hd)).astype(np.float32)  # (1, n_heads, hd) f32
+        ks = [rng.standard_normal((n, n_kv, hd)).astype(np.float32) for _ in range(layers)]  # (n, n_kv, hd) each
+        vs = [rng.standard_normal((n, n_kv, hd)).astype(np.float32) for _ in range(layers)]
+        out = np.zeros((1, n_heads, hd), np.float32)
+        scratch = kernels.new_attention_scratch(n, n_heads, hd)
+
+        def att() -> None:
+            for k, v in zip(ks, vs):
+                kernels.attention(out, q, k, v, pos, 1, scratch)
+
+        def read() -> None:
+            for k, v in zip(ks, vs):
+                _read_in_order(k, v)
+
+        def online() -> None:
+            for k, v in zip(ks, vs):
+                kernels._attention_serial(out, q, k, v, pos, 1)
+
+        t_att, t_read = best_pass_seconds(att, read, ARGS.min_seconds)
+        _, t_online = best_pass_seconds(att, online, ARGS.min_seconds)
+        t_att, t_read, t_online = t_att / layers, t_read / layers, t_online / layers
+        nbytes = 2 * n * n_kv * hd * 4
+        rows.append(AttRow(pos, t_att * 1e3, nbytes / t_att / 1e9, t_read * 1e3, t_online * 1e3,
+                           t_read / t_att, t_online / t_att))  # fmt: skip
+    return rows
+
+
+def asm_report() -> dict[str, str]:
+    """Compile the kernels afresh (cached code cannot be inspected) and count their key vector ops."""
     import re
     from collections import Counter
 
-    fresh = numba.njit(fastmath=True, error_model="numpy")(kernels._q40_tiles.py_func)
-    m = kernels.pack_q40(np.zeros((kernels.TILE, 18), np.uint8))
-    a = kernels.new_activations(1, 32)
-    out = np.zeros((1, kernels.TILE), np.float32)
-    fresh(out, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.isum[0], a.wsf[0], a.wsu[0], a.acc[0])
-    asm = fresh.inspect_asm(fresh.signatures[0])
-    wanted = r"vpmullw|vpmaddwd|vpdpbusd|vpmaddubsw|vpaddw|vfmadd\w*ps"
-    ops = Counter(re.findall(rf"^\s+({wanted})\s+[^\n]*?(zmm|ymm|xmm)", asm, re.M))
-    return ", ".join(f"{op} {reg}: {n}" for (op, reg), n in sorted(ops.items())) or "none of the expected vector ops"
+    wanted = r"vpdpbusd|vpmullw|vpmaddwd|vpmaddubsw|vpaddw|vcvtph2ps|vfmadd\w*ps"
+    out: dict[str, str] = {}
+    a = kernels.new_activations(2, 32)
+    for layout in available_layouts():
+        m = kernels.pack_q40(np.zeros((kernels.TILE, 18), np.uint8), layout)
+        o = np.zeros((2, kernels.TILE), np.float32)
+        if layout == kernels.LAYOUT_TILES:
+            fn = numba.njit(fastmath=True, error_model="numpy")(kernels._q40_tiles.py_func)
+            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.isum[0], a.wsf[0], a.wsu[0], a.acc[0])
+            kinds = {"tiles": fn}
+        else:
+            one = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_one.py_func)
+            one(o, m.qs, a.qs32, a.d, a.corr, kernels.TILE, 0, 1)
+            four = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_four.py_func)
+            four(np.zeros((4, 16), np.float32), a.qs32, a.d, a.corr, 0, 16, 0, a.unp[0], a.ws[0])
+            kinds = {"vnni decode": one, "vnni 4 tokens": four}
+        for name, fn in kinds.items():
+            asm = fn.inspect_asm(fn.signatures[0])
+            ops = Counter(re.findall(rf"^\s+({wanted})\s+[^\n]*?(zmm|ymm|xmm)", asm, re.M))
+            out[name] = ", ".join(f"{op} {reg}: {n}" for (op, reg), n in sorted(ops.items())) or "none of the expected"
+    return out
+
+
+def available_layouts() -> list[str]:
+    if ARGS.layouts:
+        return ARGS.layouts.split(",")
+    return [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES] if kernels.simd_available() else [kernels.LAYOUT_TILES]
 
 
 def main() -> None:
     kernels.configure(ARGS.threads)
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in ARGS.tokens.split(",") if t]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.shapes.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.shapes.split(",") if s]
+    layouts = available_layouts()
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     l3 = l3_bytes()
     results: list[Row] = []
     for rows, cols in shapes:
-        results.extend(measure_shape(rows, cols, tokens, rng))
+        new = measure_shape(rows, cols, layouts, tokens, rng)
+        results.extend(new)
         if not ARGS.json:
-            for r in results[-(len(tokens) + 2) :]:
+            for r in new:
                 fits = ""
                 if r.weights == "hot" and l3:
                     fits = f"  (fits L3 {l3 >> 20} MB: q40 {r.q40_mb <= l3 / 2**20}, f32 {r.f32_mb <= l3 / 2**20})"
                 print(
-                    f"{r.shape:>12} {r.case:>8} T={r.tokens:<3} {r.weights:>6}: q40 {r.q40_gws:6.1f} G/s"
+                    f"{r.shape:>12} {r.layout:>5} {r.case:>7} T={r.tokens:<3} {r.weights:>6}: q40 {r.q40_gws:6.1f} G/s"
                     f" ({r.q40_ms:8.3f} ms)  numpy f32 {r.f32_gws:6.1f} G/s ({r.f32_ms:8.3f} ms)  ratio {r.ratio:5.2f}x"
                     + fits,
                     flush=True,
                 )
+    att = measure_attention([512, 2000, 4000], rng) if ARGS.attention else []
+    if att and not ARGS.json:
+        for a in att:
+            print(
+                f"attention pos {a.position:5}: {a.ms:7.3f} ms/layer ({a.gbs:5.1f} GB/s of K,V)  reading them once "
+                f"{a.read_ms:7.3f} ms (ratio {a.ratio_read:4.2f})  online kernel {a.online_ms:7.3f} ms "
+                f"(ratio {a.ratio_online:5.2f}x)",
+                flush=True,
+            )
     asm = asm_report() if ARGS.asm else None
     meta = {
         "threads": ARGS.threads,
-        "threading_layer": numba.threading_layer(),
+        "threading_layer": numba.threading_layer() if results or att else None,
+        "layouts": layouts,
         "stream_mb": ARGS.stream_mb,
         "l3_bytes": l3,
         "numba": numba.__version__,
         "numpy": np.__version__,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if ARGS.json:
         import json
 
-        print(json.dumps({"meta": meta, "asm": asm, "results": [asdict(r) for r in results]}, indent=1))
+        doc = {"meta": meta, "asm": asm, "results": [asdict(r) for r in results], "attention": [asdict(a) for a in att]}
+        print(json.dumps(doc, indent=1))
         return
     print(
         f"threads {meta['threads']} ({meta['threading_layer']}); 'memory' rotates >= {ARGS.stream_mb:.0f} MB of copies "
         f"per pass, 'hot' repeats one matrix; G/s = rows*cols*T / time; ratio = numpy time / q40 time; "
-        f"{meta['seconds']} s"
+        f"load average {meta['load_average'][0]} -> {meta['load_average'][1]} (2 cores: > 0.5 means another "
+        f"process ran); {meta['seconds']} s"
     )
-    if asm:
-        print(f"q40 kernel asm: {asm}")
+    for name, text in (asm or {}).items():
+        print(f"{name} kernel asm: {text}")
 
 
 if __name__ == "__main__":

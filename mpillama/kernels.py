@@ -1,11 +1,13 @@
 """numba kernels: Q80 x Q40 matmul, f32 matmul, rmsnorm, rope, attention, silu*mul, Q80 (de)quantize.
 
-Owns: the repacked Q40 weight layout (pack_q40 / unpack_q40, next to each other), the Q80
-activation buffers the matmul reads, and every numeric kernel of the forward pass. Each kernel
-has a numpy twin in quant.py and a test comparing the two (tests/test_kernels.py).
+Owns: the repacked Q40 weight layouts (pack_q40 / unpack_q40, next to each other), the Q80
+activation buffers the matmul reads, every numeric kernel of the forward pass, and warm_up() /
+cache_is_warm() for start-up. Each kernel has a numpy twin in quant.py and a test comparing
+the two (tests/test_kernels.py).
 
-Imports numpy, numba and mpillama.{config, errors, quant} only: never mpi4py, never model.py.
-Nothing is set at import time: the engine calls configure(nthreads) once at start-up.
+Imports numpy, numba, llvmlite (numba's own) and mpillama.{config, errors, quant} only: never
+mpi4py, never model.py. Nothing is set at import time (registering the numba vector type below
+only defines a type): the engine calls configure(nthreads) once at start-up.
 
 Conventions: kernels are plain functions over whole arrays, output argument first, no
 allocation on the hot path (the matmul's per-thread scratch lives in the Q80Activations
@@ -14,13 +16,19 @@ comment. Public wrappers assert the shapes callers could get wrong. Multi-thread
 split the work into one chunk per numba thread (one launch per call) and are used whenever
 more than one numba thread is set.
 
-Q40 layout (Q40Matrix): rows are grouped in tiles of TILE = 256. Within a tile the nibble
-bytes are ordered [block][byte j][row], so the innermost loop of the matmul runs over 256
-rows of contiguous bytes and vectorises across rows; every byte is the unchanged Q4_0 byte
-(low nibble = column j of the block, high nibble = column j+16). Scales stay float16 bit
-patterns, ordered [tile][block][row], and are turned into float32 with integer bit operations
-(numba has no float16 on CPU). Rows are padded up to a whole tile with zero blocks; padded
-rows are computed but never written to the output. Still 4.5 bits per weight.
+Two Q40 layouts (Q40Matrix.layout), both 4.5 bits per weight, both the unchanged Q4_0 bytes
+(byte j of a block: low nibble = column j, high nibble = column j+16) and float16 scale bits,
+only reordered; pack_q40 picks the one for this CPU:
+- vnni (x86 with AVX-512 VNNI, simd_available()): rows in groups of 16. Per group and block,
+  288 bytes: the 16 rows' 16 bytes as [byte group k (4)][row (16)][4 bytes], then the 16 rows'
+  float16 scales. One 64-byte load holds 4 bytes of each of 16 rows, so vpdpbusd multiplies
+  the low nibbles (columns 4k..4k+3) and, shifted, the high ones (16+4k..) by the broadcast
+  activation words and sums 4 products per row lane. Group and scales share one stream.
+- tiles (any CPU): rows in tiles of TILE = 256; nibble bytes ordered [block][byte j][row], so
+  plain numba loops run over 256 rows of contiguous bytes and LLVM vectorises them across rows
+  (16-bit lanes, vpmullw); scales ordered [tile][block][row], turned into float32 with integer
+  bit operations.
+Rows are padded to a whole group or tile with zero blocks, computed but never written out.
 Measured figures and the assembly check are in bench/kernels.py.
 """
 
@@ -28,7 +36,9 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -88,28 +98,6 @@ def configure(nthreads: int) -> None:
 
 
 @njit(cache=True)
-def _f16_round(d: float) -> tuple[int, float]:
-    """A finite d >= 0 -> (float16 bits, the value of that float16) with round-to-nearest-even.
-
-    Done with exact float64 arithmetic (frexp, rint) because numba has no scalar bit casts.
-    """
-    if d == 0.0:
-        return 0, 0.0
-    m, e = math.frexp(d)  # d = m * 2**e, m in [0.5, 1)
-    exp = e - 1  # d = (2m) * 2**exp, 2m in [1, 2)
-    if exp < -14:  # float16 subnormal: multiples of 2**-24 (1024 rounds up to the smallest normal)
-        k = np.rint(d * 2.0**24)
-        return int(k), k * 2.0**-24
-    mant = np.rint((2.0 * m - 1.0) * 1024.0)
-    if mant == 1024.0:
-        mant = 0.0
-        exp += 1
-    if exp > 15:
-        return 0x7C00, np.inf
-    return ((exp + 15) << 10) | int(mant), (1.0 + mant / 1024.0) * 2.0**exp
-
-
-@njit(cache=True)
 def _f16_value(h: int) -> float:
     """float16 bits -> its value (float64, exact)."""
     e = (h >> 10) & 31
@@ -132,7 +120,7 @@ def _roundf(v: np.float32) -> np.float32:
     return -r if v < 0 else r
 
 
-# ---------------------------------------------------------------- SIMD vectors (the AVX-512 VNNI path)
+# ---------------------------------------------------------------- SIMD vectors
 #
 # numba has no vector type, and LLVM never turns a plain loop into the dot-product instruction
 # that makes a Q40 kernel fast (bench/kernels.py --asm: the plain kernels top out at one 16-bit
@@ -338,6 +326,177 @@ def _vdpbusd(typingctx, acc, u, s):  # noqa: ANN001, ANN202
         return _I32X16(acc, u, s), codegen
 
 
+_vadd = _vec_binop("fadd", _F32X16)
+
+
+def _item_ptr(context, builder, arrty, arr, idxtys, idxs, lltype):  # noqa: ANN001, ANN202
+    """Pointer (as lltype*) to arr[idxs...] of an array of any layout (strides honoured)."""
+    inds = [context.cast(builder, i, t, types.intp) for i, t in zip(idxs, idxtys)]
+    ary = context.make_array(arrty)(context, builder, arr)
+    p = cgutils.get_item_pointer(context, builder, arrty, ary, inds, wraparound=False)
+    return builder.bitcast(p, lltype.as_pointer())
+
+
+def _is_f32_3d(a: types.Type) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 3 and a.dtype == types.float32
+
+
+@intrinsic
+def _vload_row(typingctx, arr, i, j, c):  # noqa: ANN001, ANN202
+    """arr[i, j, c:c+16] of a float32 3-D array of any layout whose last axis has unit stride."""
+    if _is_f32_3d(arr):
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            return builder.load(_item_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:], _LL_VF), align=4)
+        return _F32X16(arr, i, j, c), codegen
+
+
+@intrinsic
+def _vstore_row(typingctx, arr, i, j, c, v):  # noqa: ANN001, ANN202
+    """arr[i, j, c:c+16] = v, for a float32 3-D array of any layout whose last axis has unit stride."""
+    if _is_f32_3d(arr) and v == _F32X16:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            p = _item_ptr(context, builder, sig.args[0], args[0], sig.args[1:4], args[1:4], _LL_VF)
+            builder.store(args[4], p, align=4)
+            return context.get_dummy_value()
+        return types.void(arr, i, j, c, v), codegen
+
+
+def _shuffle(builder, a, b, lanes: list[int]):  # noqa: ANN001, ANN202
+    return builder.shuffle_vector(a, b, llvm_ir.Constant(llvm_ir.VectorType(_LL_I32, len(lanes)), lanes))
+
+
+@intrinsic
+def _vsum4(typingctx, a0, a1, a2, a3):  # noqa: ANN001, ANN202
+    """Lanes 0..3 = the sums of the 16 lanes of a0, a1, a2, a3 (lanes 4..15 unspecified).
+
+    Four horizontal sums for the price of ~one: halve all four vectors together, 4 times.
+    """
+    if a0 == a1 == a2 == a3 == _F32X16:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            a0, a1, a2, a3 = args
+            lo, hi = list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32))
+            x = builder.fadd(_shuffle(builder, a0, a1, lo), _shuffle(builder, a0, a1, hi))  # a0: 8 | a1: 8
+            y = builder.fadd(_shuffle(builder, a2, a3, lo), _shuffle(builder, a2, a3, hi))  # a2: 8 | a3: 8
+            lo = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]
+            z = builder.fadd(_shuffle(builder, x, y, lo), _shuffle(builder, x, y, [i + 4 for i in lo]))  # 4 each
+            lo = [0, 1, 4, 5, 8, 9, 12, 13] * 2
+            w = builder.fadd(_shuffle(builder, z, z, lo), _shuffle(builder, z, z, [i + 2 for i in lo]))  # 2 each
+            lo = [0, 2, 4, 6] * 4
+            return builder.fadd(_shuffle(builder, w, w, lo), _shuffle(builder, w, w, [i + 1 for i in lo]))
+        return _F32X16(a0, a1, a2, a3), codegen
+
+
+@intrinsic
+def _vstore4(typingctx, arr, i, j, v):  # noqa: ANN001, ANN202
+    """arr[i, j:j+4] = lanes 0..3 of v (a masked store), for a float32 2-D array with unit last stride."""
+    if isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.float32 and v == _F32X16:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            p = _item_ptr(context, builder, sig.args[0], args[0], sig.args[1:3], args[1:3], _LL_VF)
+            mask = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(1), 16), [1] * 4 + [0] * 12)
+            fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [_LL_VF, p.type, _LL_I32, mask.type])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
+            builder.call(fn, [args[3], p, llvm_ir.Constant(_LL_I32, 4), mask])
+            return context.get_dummy_value()
+        return types.void(arr, i, j, v), codegen
+
+
+@intrinsic
+def _vhsum(typingctx, a):  # noqa: ANN001, ANN202
+    """The sum of the 16 lanes of a (float32)."""
+    if a == _F32X16:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            f32 = llvm_ir.FloatType()
+            fn = cgutils.get_or_insert_function(
+                builder.module, llvm_ir.FunctionType(f32, [f32, _LL_VF]), "llvm.vector.reduce.fadd.v16f32"
+            )
+            return builder.call(fn, [llvm_ir.Constant(f32, 0.0), args[0]])
+        return types.float32(a), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, a):  # noqa: ANN001, ANN202
+    """The float32 whose bit pattern is the int32 a (a scalar bit cast; LLVM vectorises it)."""
+    if isinstance(a, types.Integer):
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.int32), llvm_ir.FloatType())
+        return types.float32(a), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, a):  # noqa: ANN001, ANN202
+    """The int32 bit pattern of the float32 a (a scalar bit cast; LLVM vectorises it)."""
+    if isinstance(a, types.Float):
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.float32), _LL_I32)
+        return types.int32(a), codegen
+
+
+# ---------------------------------------------------------------- float32 scalars that vectorise
+#
+# Loops over these compile to vector code (numba has no SVML here, so np.exp and a float max
+# chain stay scalar: a call or a compare per element).
+
+
+@njit(cache=True)
+def _f16_bits(d):
+    # float32 d >= 0, finite -> its float16 bits, rounded to nearest even (as numpy and vcvtps2ph)
+    u = np.int64(_bits_from_f32(np.float32(d))) & 0x7FFFFFFF
+    e = (u >> 23) - 127 + 15  # float16 exponent
+    m = u & 0x7FFFFF
+    if e >= 31:
+        return 0x7C00
+    if e <= 0:  # subnormal float16: the mantissa with its leading 1, shifted right by 14 - e
+        if e < -10:
+            return 0
+        m |= 0x800000
+        shift = 14 - e
+        h = m >> shift
+        rem = m & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        return h + 1 if rem > half or (rem == half and (h & 1)) else h
+    h = (e << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    return h + 1 if rem > 0x1000 or (rem == 0x1000 and (h & 1)) else h  # a carry may round up to inf
+
+
+@njit(cache=True)
+def _f16_to_f32(h):
+    # float16 bits of a value >= 0 (inf included) -> that value as float32, exact
+    e = (h >> 10) & 31
+    if e == 0:
+        return np.float32(h & 1023) * np.float32(2.0**-24)
+    if e == 31:
+        return np.float32(np.inf)
+    return _f32_from_bits(((h & 0x7FFF) << 13) + (112 << 23))
+
+
+@njit(cache=True, inline="always")
+def _absmax32(x, t, o):
+    # max |x[t, o:o+32]| as the max of the bit patterns without their sign bit (the same order as
+    # the floats >= 0): an integer max, which LLVM vectorises, where a float max chain stays scalar
+    m = np.int32(0)
+    for k in range(QK):
+        m = max(m, _bits_from_f32(x[t, o + k]) & np.int32(0x7FFFFFFF))
+    return _f32_from_bits(m)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _exp_f32(x):
+    # exp(x), x clamped to [-87, 88] (Cephes expf: x = n ln2 + r with |r| <= ln2/2, e^r by a
+    # polynomial, 2^n by building the exponent bits); relative error < 3e-7
+    y = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(y * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = y - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _f32_from_bits((np.int32(n) + 127) << 23)
+
+
 # ---------------------------------------------------------------- Q80 activations
 
 
@@ -398,19 +557,16 @@ def _quantize_acts(qs, d, dbits, corr, x, T):
     nb = qs.shape[1]
     for t in range(T):
         for b in range(nb):
-            amax = np.float32(0.0)
-            for k in range(QK):
-                amax = max(amax, abs(x[t, b * QK + k]))
-            db = amax / np.float32(127.0)
+            db = _absmax32(x, t, b * QK) / np.float32(127.0)
             inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
             s = 0
             for k in range(QK):
-                q = int(_roundf(x[t, b * QK + k] * inv))
+                q = np.int32(_roundf(x[t, b * QK + k] * inv))
                 qs[t, b, k] = q
                 s += q
-            bits, val = _f16_round(db)
-            dbits[t, b] = bits
-            d[t, b] = val
+            h = _f16_bits(db)
+            dbits[t, b] = h
+            d[t, b] = _f16_to_f32(h)
             corr[t, b] = 8 * s
 
 
@@ -483,17 +639,14 @@ def _quantize_q80_into(payload, x):
     nb = x.shape[1] // QK
     for t in range(T):
         for b in range(nb):
-            amax = np.float32(0.0)
-            for k in range(QK):
-                amax = max(amax, abs(x[t, b * QK + k]))
-            db = amax / np.float32(127.0)
+            db = _absmax32(x, t, b * QK) / np.float32(127.0)
             inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-            bits, _ = _f16_round(db)
+            bits = _f16_bits(db)
             o = b * Q80_BLOCK_BYTES
             payload[t, o] = bits & 0xFF
             payload[t, o + 1] = bits >> 8
             for k in range(QK):
-                payload[t, o + 2 + k] = int(_roundf(x[t, b * QK + k] * inv)) & 0xFF
+                payload[t, o + 2 + k] = np.int32(_roundf(x[t, b * QK + k] * inv)) & 0xFF
 
 
 def quantize_q80_into(payload: np.ndarray, x: np.ndarray) -> None:
@@ -555,6 +708,31 @@ def default_layout() -> str:
     return LAYOUT_VNNI if simd_available() else LAYOUT_TILES
 
 
+@njit(cache=True)
+def _pack_vnni(buf, ggml):
+    # ggml (rows, nb*18) Q4_0 rows -> buf (n_groups, nb, 288) VNNI layout; padded rows: value 0
+    n_groups, nb = buf.shape[0], buf.shape[1]
+    rows = ggml.shape[0]
+    for g in range(n_groups):
+        for b in range(nb):
+            dst = buf[g, b]
+            for r in range(VNNI_ROWS):
+                row = g * VNNI_ROWS + r
+                if row < rows:
+                    src = ggml[row, b * Q40_BLOCK_BYTES : (b + 1) * Q40_BLOCK_BYTES]
+                    dst[256 + 2 * r] = src[0]
+                    dst[257 + 2 * r] = src[1]
+                    for k in range(4):
+                        for i in range(4):
+                            dst[k * 64 + r * 4 + i] = src[2 + 4 * k + i]
+                else:
+                    dst[256 + 2 * r] = 0
+                    dst[257 + 2 * r] = 0
+                    for k in range(4):
+                        for i in range(4):
+                            dst[k * 64 + r * 4 + i] = 0x88
+
+
 def pack_q40(ggml: np.ndarray, layout: str | None = None) -> Q40Matrix:
     """uint8 (rows, cols//32*18) GGML Q4_0 rows -> a Q40Matrix (a transpose; done once at load).
 
@@ -574,24 +752,22 @@ def pack_q40(ggml: np.ndarray, layout: str | None = None) -> Q40Matrix:
     rows, nb = ggml.shape[0], ggml.shape[1] // Q40_BLOCK_BYTES
     group = TILE if layout == LAYOUT_TILES else VNNI_ROWS
     n_groups = -(-rows // group)
+    if layout == LAYOUT_VNNI:
+        buf = np.empty((n_groups, nb, VNNI_BLOCK_BYTES), np.uint8)  # (n_groups, nb, 288)
+        _pack_vnni(buf, np.ascontiguousarray(ggml))
+        return Q40Matrix(rows=rows, cols=nb * QK, layout=layout, qs=buf, d=buf[:, :, 256:].view("<u2"))
     blocks = ggml.reshape(rows, nb, Q40_BLOCK_BYTES)
     qs = np.full((n_groups * group, nb, 16), 0x88, np.uint8)  # (n_groups*group, nb, 16); 0x88 = nibbles 8 = value 0
     qs[:rows] = blocks[:, :, 2:]
     d = np.zeros((n_groups * group, nb), np.uint16)  # (n_groups*group, nb) f16 bits
     d[:rows] = blocks[:, :, 0].astype(np.uint16) | (blocks[:, :, 1].astype(np.uint16) << 8)
-    if layout == LAYOUT_TILES:
-        return Q40Matrix(
-            rows=rows,
-            cols=nb * QK,
-            layout=layout,
-            qs=np.ascontiguousarray(qs.reshape(n_groups, TILE, nb, 16).transpose(0, 2, 3, 1)),
-            d=np.ascontiguousarray(d.reshape(n_groups, TILE, nb).transpose(0, 2, 1)),
-        )
-    buf = np.empty((n_groups, nb, VNNI_BLOCK_BYTES), np.uint8)  # (n_groups, nb, 288)
-    # (group, row, block, k, 4 bytes) -> (group, block, k, row, 4 bytes)
-    buf[:, :, :256] = qs.reshape(n_groups, VNNI_ROWS, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n_groups, nb, 256)
-    buf[:, :, 256:] = np.ascontiguousarray(d.reshape(n_groups, VNNI_ROWS, nb).transpose(0, 2, 1), "<u2").view(np.uint8)
-    return Q40Matrix(rows=rows, cols=nb * QK, layout=layout, qs=buf, d=buf[:, :, 256:].view("<u2"))
+    return Q40Matrix(
+        rows=rows,
+        cols=nb * QK,
+        layout=layout,
+        qs=np.ascontiguousarray(qs.reshape(n_groups, TILE, nb, 16).transpose(0, 2, 3, 1)),
+        d=np.ascontiguousarray(d.reshape(n_groups, TILE, nb).transpose(0, 2, 1)),
+    )
 
 
 def unpack_q40(m: Q40Matrix) -> np.ndarray:
@@ -898,12 +1074,12 @@ def matmul_f32(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
 # ---------------------------------------------------------------- rmsnorm, silu*mul
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def _rmsnorm(out, x, weight, eps):
     # x (T, n) f32, weight (n,) f32 -> out (T, n) f32 = x / sqrt(mean(x^2) + eps) * weight (out may be x)
     T, n = x.shape
     for t in range(T):
-        ss = 0.0  # float64 sum: exact enough for any n
+        ss = 0.0  # float64 sum: exact enough for any n (fastmath lets LLVM vectorise it)
         for i in range(n):
             ss += np.float64(x[t, i]) * x[t, i]
         s = np.float32(1.0 / math.sqrt(ss / n + eps))
@@ -920,14 +1096,14 @@ def rmsnorm(out: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float) -> N
     _rmsnorm(out, x, weight, eps)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def _silu_mul(h1, h3):
-    # h1 (T, n) f32, h3 (T, n) f32 -> h1 = silu(h1) * h3
+    # h1 (T, n) f32, h3 (T, n) f32 -> h1 = silu(h1) * h3 (a vectorised exp: np.exp is a call per element)
     T, n = h1.shape
     for t in range(T):
         for i in range(n):
             a = h1[t, i]
-            h1[t, i] = a / (np.float32(1.0) + np.exp(-a)) * h3[t, i]
+            h1[t, i] = a / (np.float32(1.0) + _exp_f32(-a)) * h3[t, i]
 
 
 def silu_mul(h1: np.ndarray, h3: np.ndarray) -> None:
@@ -950,27 +1126,27 @@ def rope_tables(
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def _rope(x, positions, cos, sin, halves):
     # x (T, n_heads, hd) f32 rotated in place by positions (T,), tables (max_seq, hd/2) f32
+    # (the two layouts in separate loops, so that each vectorises)
     T, n_heads, hd = x.shape
     half = hd // 2
     for t in range(T):
         p = positions[t]
         for h in range(n_heads):
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                if halves:
+            if halves:
+                for i in range(half):
                     a = x[t, h, i]
                     b = x[t, h, i + half]
-                    x[t, h, i] = a * c - b * s
-                    x[t, h, i + half] = a * s + b * c
-                else:
+                    x[t, h, i] = a * cos[p, i] - b * sin[p, i]
+                    x[t, h, i + half] = a * sin[p, i] + b * cos[p, i]
+            else:
+                for i in range(half):
                     a = x[t, h, 2 * i]
                     b = x[t, h, 2 * i + 1]
-                    x[t, h, 2 * i] = a * c - b * s
-                    x[t, h, 2 * i + 1] = a * s + b * c
+                    x[t, h, 2 * i] = a * cos[p, i] - b * sin[p, i]
+                    x[t, h, 2 * i + 1] = a * sin[p, i] + b * cos[p, i]
 
 
 def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, halves: bool) -> None:
@@ -986,7 +1162,205 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
 
 
 # ---------------------------------------------------------------- attention
+#
+# One token's attention reads every cached K and V row of its heads. The cache is (max_seq, n_kv,
+# head_dim) per layer, so a row of all KV heads is contiguous and the memory is read at full speed
+# only in position order: reading one KV head's column of the cache (stride n_kv*head_dim) runs at
+# a fifth of the speed (bench/kernels.py --attention). So the kernels go position by position over
+# all heads, taking 4 positions at once from the 4 quarters of the range (4 sequential streams, each
+# K/V vector loaded once feeds 4 query heads x 4 positions), in three passes: scores, softmax, values.
+# Threads split the positions of one token (decode) or the tokens (prefill).
+ATT_MIN_CHUNK = 256  # fewest positions per thread in a decode token worth a parallel launch
 
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _exp_neg(x):
+    # exp(x) for x <= 0, and exactly 0 below -87 (where float32 exp is about to underflow)
+    return _exp_f32(x) if x >= np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _att_scores(sc, q, k, t, a, b):
+    # q[t] (n_heads, hd) . k[p] (n_kv, hd) for p in [a, b) -> sc (n_heads, >= b) f32, raw dot products
+    # Position p = a + i + s*L (L = (b-a)//4, s = stream 0..3) goes to slot a + 4i + s; the last
+    # (b-a) % 4 positions to their own slot. Query head h reads kv head h // group.
+    nh, hd = q.shape[1], q.shape[2]
+    nkv = k.shape[1]
+    group = nh // nkv
+    L = (b - a) // 4
+    z = _vsplat_f32(0.0)
+    for i in range(L):
+        p = a + i
+        for kv in range(nkv):
+            for h0 in range(kv * group, kv * group + group, 4):  # up to 4 query heads of this kv head
+                ng = min(4, kv * group + group - h0)
+                a00, a01, a02, a03, a10, a11, a12, a13 = z, z, z, z, z, z, z, z
+                a20, a21, a22, a23, a30, a31, a32, a33 = z, z, z, z, z, z, z, z
+                for c in range(0, hd, 16):
+                    k0 = _vload_row(k, p, kv, c)
+                    k1 = _vload_row(k, p + L, kv, c)
+                    k2 = _vload_row(k, p + 2 * L, kv, c)
+                    k3 = _vload_row(k, p + 3 * L, kv, c)
+                    x = _vload_row(q, t, h0, c)
+                    a00, a01, a02, a03 = _vfma(x, k0, a00), _vfma(x, k1, a01), _vfma(x, k2, a02), _vfma(x, k3, a03)
+                    if ng > 1:
+                        x = _vload_row(q, t, h0 + 1, c)
+                        a10, a11, a12, a13 = _vfma(x, k0, a10), _vfma(x, k1, a11), _vfma(x, k2, a12), _vfma(x, k3, a13)
+                    if ng > 2:
+                        x = _vload_row(q, t, h0 + 2, c)
+                        a20, a21, a22, a23 = _vfma(x, k0, a20), _vfma(x, k1, a21), _vfma(x, k2, a22), _vfma(x, k3, a23)
+                    if ng > 3:
+                        x = _vload_row(q, t, h0 + 3, c)
+                        a30, a31, a32, a33 = _vfma(x, k0, a30), _vfma(x, k1, a31), _vfma(x, k2, a32), _vfma(x, k3, a33)
+                _vstore4(sc, h0, a + 4 * i, _vsum4(a00, a01, a02, a03))
+                if ng > 1:
+                    _vstore4(sc, h0 + 1, a + 4 * i, _vsum4(a10, a11, a12, a13))
+                if ng > 2:
+                    _vstore4(sc, h0 + 2, a + 4 * i, _vsum4(a20, a21, a22, a23))
+                if ng > 3:
+                    _vstore4(sc, h0 + 3, a + 4 * i, _vsum4(a30, a31, a32, a33))
+    for p in range(a + 4 * L, b):
+        for h in range(nh):
+            acc = z
+            for c in range(0, hd, 16):
+                acc = _vfma(_vload_row(q, t, h, c), _vload_row(k, p, h // group, c), acc)
+            sc[h, p] = _vhsum(acc)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _att_softmax(sc, n, scale, h_lo, h_hi):
+    # rows [h_lo, h_hi) of sc: raw scores in slots [0, n) -> softmax(scale * scores) weights
+    for h in range(h_lo, h_hi):
+        row = sc[h]
+        m = row[0]
+        for f in range(1, n):
+            m = max(m, row[f])
+        den = np.float32(0.0)
+        for f in range(n):
+            e = _exp_neg((row[f] - m) * scale)
+            row[f] = e
+            den += e
+        inv = np.float32(1.0) / den
+        for f in range(n):
+            row[f] *= inv
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _att_values(dst, d, sc, v, a, b):
+    # dst[d] (n_heads, hd) f32 += sum over p in [a, b) of weight(h, p) * v[p, h // group] (slots as in _att_scores)
+    nh, hd = dst.shape[1], dst.shape[2]
+    nkv = v.shape[1]
+    group = nh // nkv
+    L = (b - a) // 4
+    z = _vsplat_f32(0.0)
+    for i in range(L):
+        p, f = a + i, a + 4 * i
+        for kv in range(nkv):
+            for h0 in range(kv * group, kv * group + group, 4):
+                ng = min(4, kv * group + group - h0)
+                w00, w01, w02, w03 = _vsplat_f32(sc[h0, f]), _vsplat_f32(sc[h0, f + 1]), _vsplat_f32(sc[h0, f + 2]), _vsplat_f32(sc[h0, f + 3])  # noqa: E501
+                w10, w11, w12, w13, w20, w21, w22, w23, w30, w31, w32, w33 = z, z, z, z, z, z, z, z, z, z, z, z
+                if ng > 1:
+                    w10, w11, w12, w13 = _vsplat_f32(sc[h0 + 1, f]), _vsplat_f32(sc[h0 + 1, f + 1]), _vsplat_f32(sc[h0 + 1, f + 2]), _vsplat_f32(sc[h0 + 1, f + 3])  # noqa: E501
+                if ng > 2:
+                    w20, w21, w22, w23 = _vsplat_f32(sc[h0 + 2, f]), _vsplat_f32(sc[h0 + 2, f + 1]), _vsplat_f32(sc[h0 + 2, f + 2]), _vsplat_f32(sc[h0 + 2, f + 3])  # noqa: E501
+                if ng > 3:
+                    w30, w31, w32, w33 = _vsplat_f32(sc[h0 + 3, f]), _vsplat_f32(sc[h0 + 3, f + 1]), _vsplat_f32(sc[h0 + 3, f + 2]), _vsplat_f32(sc[h0 + 3, f + 3])  # noqa: E501
+                for c in range(0, hd, 16):
+                    v0 = _vload_row(v, p, kv, c)
+                    v1 = _vload_row(v, p + L, kv, c)
+                    v2 = _vload_row(v, p + 2 * L, kv, c)
+                    v3 = _vload_row(v, p + 3 * L, kv, c)
+                    o = _vload_row(dst, d, h0, c)
+                    _vstore_row(dst, d, h0, c, _vfma(w03, v3, _vfma(w02, v2, _vfma(w01, v1, _vfma(w00, v0, o)))))
+                    if ng > 1:
+                        o = _vload_row(dst, d, h0 + 1, c)
+                        _vstore_row(dst, d, h0 + 1, c, _vfma(w13, v3, _vfma(w12, v2, _vfma(w11, v1, _vfma(w10, v0, o)))))  # noqa: E501
+                    if ng > 2:
+                        o = _vload_row(dst, d, h0 + 2, c)
+                        _vstore_row(dst, d, h0 + 2, c, _vfma(w23, v3, _vfma(w22, v2, _vfma(w21, v1, _vfma(w20, v0, o)))))  # noqa: E501
+                    if ng > 3:
+                        o = _vload_row(dst, d, h0 + 3, c)
+                        _vstore_row(dst, d, h0 + 3, c, _vfma(w33, v3, _vfma(w32, v2, _vfma(w31, v1, _vfma(w30, v0, o)))))  # noqa: E501
+    for p in range(a + 4 * L, b):
+        for h in range(nh):
+            w = _vsplat_f32(sc[h, p])
+            for c in range(0, hd, 16):
+                _vstore_row(dst, d, h, c, _vfma(w, _vload_row(v, p, h // group, c), _vload_row(dst, d, h, c)))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _att_zero(dst, d):
+    # dst[d] (n_heads, hd) = 0
+    for h in range(dst.shape[1]):
+        for c in range(0, dst.shape[2], 16):
+            _vstore_row(dst, d, h, c, _vsplat_f32(0.0))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _att_token(out, q, k_cache, v_cache, t, n, sc):
+    # q[t] (n_heads, hd) over cache positions [0, n) -> out[t] (n_heads, hd) f32; sc (n_heads, >= n) scratch
+    _att_scores(sc, q, k_cache, t, 0, n)
+    _att_softmax(sc, n, np.float32(1.0 / math.sqrt(q.shape[2])), 0, q.shape[1])
+    _att_zero(out, t)
+    _att_values(out, t, sc, v_cache, 0, n)
+
+
+@njit(cache=True)
+def _att_serial(out, q, k_cache, v_cache, pos0, T, sc):
+    # q (T, n_heads, hd) x caches (max_seq, n_kv, hd) -> out (T, n_heads, hd) f32, causal; sc (slots, n_heads, >= max_seq)
+    for t in range(T):
+        _att_token(out, q, k_cache, v_cache, t, pos0 + t + 1, sc[0])
+
+
+@njit(cache=True, parallel=True)
+def _att_tokens_parallel(out, q, k_cache, v_cache, pos0, T, sc, n_chunks):
+    # as _att_serial, tokens dealt round-robin to n_chunks threads (prefill)
+    for c in prange(n_chunks):
+        for t in range(c, T, n_chunks):
+            _att_token(out, q, k_cache, v_cache, t, pos0 + t + 1, sc[c])
+
+
+@njit(cache=True, parallel=True)
+def _att_positions_parallel(out, q, k_cache, v_cache, t, n, sc, parts, n_chunks):
+    # one token (decode): positions [0, n) split in n_chunks ranges over threads; each range's share of
+    # the values goes to parts[c], summed at the end. sc (slots, n_heads, >= n): only sc[0] is used.
+    s = sc[0]
+    for c in prange(n_chunks):
+        _att_scores(s, q, k_cache, t, c * n // n_chunks, (c + 1) * n // n_chunks)
+    nh = q.shape[1]
+    for c in prange(n_chunks):
+        _att_softmax(s, n, np.float32(1.0 / math.sqrt(q.shape[2])), c * nh // n_chunks, (c + 1) * nh // n_chunks)
+    for c in prange(n_chunks):
+        _att_zero(parts, c)
+        _att_values(parts, c, s, v_cache, c * n // n_chunks, (c + 1) * n // n_chunks)
+    for h in range(nh):
+        for i in range(q.shape[2]):
+            acc = np.float32(0.0)
+            for c in range(n_chunks):
+                acc += parts[c, h, i]
+            out[t, h, i] = acc
+
+
+@dataclass
+class AttentionScratch:
+    """Scores and per-thread partial outputs for attention(), sized once from the slice."""
+
+    scores: np.ndarray  # (slots, n_heads, max_seq) f32: one set of score rows per thread
+    parts: np.ndarray  # (slots, n_heads, head_dim) f32: per-thread partial outputs of one decode token
+
+
+def new_attention_scratch(max_seq: int, n_heads: int, head_dim: int) -> AttentionScratch:
+    """Scratch for attention() over a cache of max_seq positions, for this rank's n_heads query heads."""
+    assert max_seq >= 1 and n_heads >= 1 and head_dim >= 1, f"max_seq={max_seq} n_heads={n_heads} hd={head_dim}"
+    slots = numba.get_num_threads()  # configure() has set the threads this run uses
+    return AttentionScratch(
+        scores=np.zeros((slots, n_heads, max_seq), np.float32),  # (slots, n_heads, max_seq) f32
+        parts=np.zeros((slots, n_heads, head_dim), np.float32),  # (slots, n_heads, head_dim) f32
+    )
+
+
+# -- the online-softmax kernels: any head_dim (the vector kernels need multiples of 16)
 
 @njit(cache=True, fastmath=True)
 def _attend(out, q, k_cache, v_cache, pos0, t, h, group):
@@ -1042,68 +1416,6 @@ def _attention_parallel(out, q, k_cache, v_cache, pos0, T):
         _attend(out, q, k_cache, v_cache, pos0, j // n_heads, j % n_heads, group)
 
 
-@njit(cache=True, fastmath=True)
-def _attend_group(out, q, k_cache, v_cache, pos0, t, kv, scores):
-    # q (T, n_heads, hd), caches (max_seq, n_kv, hd) -> out[t, heads of kv group] over positions [0, pos0+t]
-    # All query heads of one kv head together, so each k and v row is read once for the group,
-    # and in passes of independent iterations: scores, softmax, weighted sum of v.
-    hd = q.shape[2]
-    group = q.shape[1] // k_cache.shape[1]
-    h0 = kv * group
-    n = pos0 + t + 1
-    scale = np.float32(1.0 / math.sqrt(hd))
-    for p in range(n):
-        for g in range(group):
-            s = np.float32(0.0)
-            for i in range(hd):
-                s += q[t, h0 + g, i] * k_cache[p, kv, i]
-            scores[g, p] = s * scale
-    for g in range(group):
-        m = scores[g, 0]
-        for p in range(1, n):
-            m = max(m, scores[g, p])
-        den = np.float32(0.0)
-        for p in range(n):
-            e = np.exp(scores[g, p] - m)
-            scores[g, p] = e
-            den += e
-        inv = np.float32(1.0) / den
-        for p in range(n):
-            scores[g, p] *= inv
-        for i in range(hd):
-            out[t, h0 + g, i] = 0.0
-    for p in range(n):
-        for g in range(group):
-            w = scores[g, p]
-            for i in range(hd):
-                out[t, h0 + g, i] += w * v_cache[p, kv, i]
-
-
-@njit(cache=True)
-def _attention_scratch(out, q, k_cache, v_cache, pos0, T, scratch, n_threads):
-    # q (T, n_heads, hd) x caches (max_seq, n_kv, hd) -> out (T, n_heads, hd) f32, (token, kv head) in turn
-    n_kv = k_cache.shape[1]
-    for j in range(T * n_kv):
-        _attend_group(out, q, k_cache, v_cache, pos0, j // n_kv, j % n_kv, scratch[0])
-
-
-@njit(cache=True, parallel=True)
-def _attention_scratch_parallel(out, q, k_cache, v_cache, pos0, T, scratch, n_threads):
-    # q (T, n_heads, hd) x caches (max_seq, n_kv, hd) -> out (T, n_heads, hd) f32, (token, kv head) chunks over threads
-    n_kv = k_cache.shape[1]
-    tasks = T * n_kv
-    n_chunks = min(n_threads, tasks, scratch.shape[0])
-    for c in prange(n_chunks):
-        for j in range(c * tasks // n_chunks, (c + 1) * tasks // n_chunks):
-            _attend_group(out, q, k_cache, v_cache, pos0, j // n_kv, j % n_kv, scratch[c])
-
-
-def new_attention_scratch(max_seq: int, group: int) -> np.ndarray:
-    """Scores scratch for attention(): per possible numba thread, group (query heads per kv head) rows of max_seq."""
-    assert max_seq >= 1 and group >= 1, f"max_seq={max_seq} group={group}"
-    return np.zeros((numba.config.NUMBA_NUM_THREADS, group, max_seq), np.float32)  # (slots, group, max_seq) f32
-
-
 def attention(
     out: np.ndarray,
     q: np.ndarray,
@@ -1111,16 +1423,15 @@ def attention(
     v_cache: np.ndarray,
     pos0: int,
     T: int,
-    scratch: np.ndarray | None = None,
+    scratch: AttentionScratch | None = None,
 ) -> None:
     """Causal grouped-query attention of T new tokens (positions pos0..pos0+T-1) over the KV cache.
 
     The caller has already written the T new k/v rows. Query head h reads kv head
-    h // (n_heads // n_kv); scores are scaled by 1/sqrt(head_dim).
-    scratch = new_attention_scratch(max_seq, n_heads // n_kv), allocated once, selects the
-    kernel that reads each k/v row once per group and works in passes (~20% faster at long
-    contexts). Without it the softmax is computed online (running max and sum, out's own row
-    as the accumulator), which needs no scratch at all. Both are tested against quant.attention_ref.
+    h // (n_heads // n_kv); scores are scaled by 1/sqrt(head_dim). Arrays may be views (e.g. a
+    range of heads) as long as their last axis is contiguous. scratch =
+    new_attention_scratch(max_seq, n_heads, head_dim), allocated once; without it each call
+    allocates its own. head_dim not a multiple of 16 takes the slower online-softmax kernels.
     """
     assert q.ndim == 3 and q.shape[0] >= T and out.shape[1:] == q.shape[1:] and out.shape[0] >= T, (
         f"out {out.shape} q {q.shape} T={T}"
@@ -1131,17 +1442,92 @@ def attention(
     assert q.shape[1] % k_cache.shape[1] == 0, f"{q.shape[1]} query heads over {k_cache.shape[1]} kv heads"
     assert 0 <= pos0 and pos0 + T <= k_cache.shape[0], f"pos0={pos0} T={T} cache length {k_cache.shape[0]}"
     assert out.dtype == q.dtype == k_cache.dtype == v_cache.dtype == np.float32, "attention buffers must be f32"
+    n_heads, hd = q.shape[1], q.shape[2]
     n_threads = numba.get_num_threads()
-    if scratch is not None:
-        group = q.shape[1] // k_cache.shape[1]
-        ok = scratch.dtype == np.float32 and scratch.ndim == 3
-        assert ok and scratch.shape[1] >= group and scratch.shape[2] >= pos0 + T, (
-            f"scratch {scratch.dtype} {scratch.shape} for group {group}, positions up to {pos0 + T}: "
-            "use new_attention_scratch(max_seq, group)"
-        )
-        kernel = _attention_scratch_parallel if n_threads > 1 else _attention_scratch
-        kernel(out, q, k_cache, v_cache, pos0, T, scratch, n_threads)
-    elif n_threads > 1:
-        _attention_parallel(out, q, k_cache, v_cache, pos0, T)
+    unit = all(a.strides[2] == 4 for a in (out, q, k_cache, v_cache))
+    if hd % 16 or not unit:
+        kernel = _attention_parallel if n_threads > 1 else _attention_serial
+        kernel(out, q, k_cache, v_cache, pos0, T)
+        return
+    if scratch is None:
+        scratch = new_attention_scratch(pos0 + T, n_heads, hd)
+    sc, parts = scratch.scores, scratch.parts
+    assert sc.ndim == 3 and sc.shape[1] >= n_heads and sc.shape[2] >= pos0 + T and parts.shape[1:] == (n_heads, hd), (
+        f"scratch {sc.shape} {parts.shape} for {n_heads} heads of {hd}, positions up to {pos0 + T}: "
+        "use new_attention_scratch(max_seq, n_heads, head_dim)"
+    )
+    slots = min(n_threads, sc.shape[0])
+    if T == 1 and slots > 1 and pos0 + 1 >= 2 * ATT_MIN_CHUNK:
+        n_chunks = min(slots, (pos0 + 1) // ATT_MIN_CHUNK)
+        _att_positions_parallel(out, q, k_cache, v_cache, 0, pos0 + 1, sc, parts, n_chunks)
+    elif T > 1 and slots > 1:
+        _att_tokens_parallel(out, q, k_cache, v_cache, pos0, T, sc, min(slots, T))
     else:
-        _attention_serial(out, q, k_cache, v_cache, pos0, T)
+        _att_serial(out, q, k_cache, v_cache, pos0, T, sc)
+
+
+# ---------------------------------------------------------------- start-up: compile or load every kernel
+
+
+def _kernel_dispatchers(parallel: bool) -> list:  # noqa: ANN401 (numba dispatchers)
+    """The kernels the wrappers above call from Python (the threaded ones when parallel): what
+    warm_up loads and the cache must hold."""
+    if parallel:
+        q40 = [_q40v_parallel] if simd_available() else [_q40_parallel]
+        return q40 + [_f32_rows_parallel, _att_tokens_parallel, _att_positions_parallel]
+    return [_q40v_run if simd_available() else _q40_tiles] + [
+        _quantize_acts, _load_q80, _store_q80, _quantize_q80_into, _dequantize_q80_add,
+        _f32_rows, _rmsnorm, _silu_mul, _rope, _att_serial,
+    ]  # fmt: skip
+
+
+def cache_is_warm() -> bool:
+    """True when numba's on-disk cache holds this kernels.py's compiled kernels for the threads
+    configure() has set (a start-up then loads them in about a second instead of compiling for
+    a minute or so). Cheap: reads the cache index files only, without checking every signature,
+    so a partly filled cache may count as warm."""
+    try:
+        kernels = _kernel_dispatchers(False) + _kernel_dispatchers(numba.get_num_threads() > 1)
+        return all(bool(d._cache._cache_file._load_index()) for d in kernels)
+    except (AttributeError, OSError, EOFError, pickle.UnpicklingError):  # numba internals moved, or a torn file
+        return False
+
+
+def warm_up(progress: Callable[[str], None]) -> None:
+    """Compile (cold cache) or load (warm cache) every kernel signature the engine calls, by calling
+    each public kernel once on tiny arrays of the engine's dtypes and layouts, with the threads
+    configure() has set. progress(text) is called before each group (e.g. to print it)."""
+    T, cols, rows, hd = 2, 64, 40, 16
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, cols)).astype(np.float32)  # (T, cols) f32
+    progress("Q80 activations")
+    acts = new_activations(T, cols)
+    quantize_activations(acts, x)
+    payload = np.zeros((T, cols // QK * Q80_BLOCK_BYTES), np.uint8)  # (T, cols/32*34) q80
+    q80_bytes_from_activations(payload, acts, T)
+    activations_from_q80(acts, payload)
+    quantize_q80_into(payload, x)
+    dequantize_q80_add(x.copy(), payload)
+    progress("matmuls")
+    m = pack_q40(np.zeros((rows, cols // QK * Q40_BLOCK_BYTES), np.uint8))
+    for t in (1, T):
+        matmul_q40(np.zeros((t, rows), np.float32), m, acts, t)
+        matmul_f32(np.zeros((t, rows), np.float32), x[:1].repeat(rows, 0).reshape(rows, cols), x[:t])
+    progress("norms, rope, silu")
+    rmsnorm(x, x, np.ones(cols, np.float32), 1e-5)
+    silu_mul(x, x.copy())
+    cos, sin = rope_tables(hd, 8, 10000.0, None)
+    qkv = rng.standard_normal((T, 4, hd)).astype(np.float32)  # (T, heads, hd) f32
+    for halves in (False, True):
+        rope(qkv, np.arange(T, dtype=np.int64), cos, sin, halves)
+    progress("attention")
+    kc = rng.standard_normal((8, 2, hd)).astype(np.float32)  # (max_seq, n_kv, hd) f32
+    out = np.zeros((T, 4, hd), np.float32)
+    scratch = new_attention_scratch(8, 4, hd)
+    for t in (1, T):
+        attention(out, qkv, kc, kc, 8 - t, t, scratch)
+        attention(out[:, 2:3], qkv[:, 2:3], kc[:, 1:2], kc[:, 1:2], 8 - t, t)  # head ranges: strided views
+    if numba.get_num_threads() > 1:  # the decode kernel that splits positions over threads
+        n = 2 * ATT_MIN_CHUNK
+        kc = np.zeros((n, 2, hd), np.float32)  # (positions, n_kv, hd) f32
+        attention(out[:1], qkv[:1], kc, kc, n - 1, 1, new_attention_scratch(n, 4, hd))

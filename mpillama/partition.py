@@ -55,14 +55,21 @@ class Slice:
 
 
 def split_units(n_units: int, weights: np.ndarray) -> list[tuple[int, int]]:
-    """Divide n_units into len(weights) contiguous ranges with sizes proportional to weights.
+    """Divide n_units (>= len(weights)) into contiguous ranges with sizes proportional to weights.
 
-    Rounds the cumulative ideal boundaries, so sizes never differ from the ideal by a unit or
-    more and the ranges always tile [0, n_units) in order.
+    Rounds the cumulative ideal boundaries, so the ranges tile [0, n_units) in order, then
+    gives every range at least one unit: a rank with a small weight still holds some of
+    every layer (the forward pass has no empty slices).
     """
+    k = len(weights)
+    assert n_units >= k, (n_units, k)
     cumulative = np.cumsum(weights) / np.sum(weights) * n_units
     bounds = [0] + [int(np.floor(c + 0.5)) for c in cumulative[:-1]] + [n_units]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(weights))]
+    for i in range(1, k):
+        bounds[i] = max(bounds[i], bounds[i - 1] + 1)
+    for i in range(k - 1, 0, -1):
+        bounds[i] = min(bounds[i], bounds[i + 1] - 1)
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
 def normalise_weights(n_ranks: int, rank_weights: tuple[float, ...] | None) -> np.ndarray:
@@ -114,12 +121,6 @@ def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None 
                 vocab_rows=vocab_ranges[r],
             )
         )
-    for s in slices:
-        if s.n_heads == 0 or s.n_ffn_rows == 0:
-            raise MpillamaError(
-                f"rank {s.rank} would get no attention heads or FFN rows with weights {tuple(weights)}: "
-                "raise its --rank-weights value or run fewer ranks"
-            )
     return slices
 
 

@@ -11,6 +11,8 @@ from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+# every Q40 layout this machine runs (vnni needs AVX-512 VNNI; tiles runs anywhere)
+LAYOUTS = [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES] if kernels.simd_available() else [kernels.LAYOUT_TILES]
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
@@ -38,15 +40,43 @@ def awkward(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 # ---------------------------------------------------------------- layout and activations
 
 
-@pytest.mark.parametrize("rows", [1, 31, 255, 256, 257, 600])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 255, 256, 257, 600])
 @pytest.mark.parametrize("cols", [32, 96])
-def test_pack_unpack_roundtrip(rows, cols):
+def test_pack_unpack_roundtrip(layout, rows, cols):
     rng = np.random.default_rng(rows * cols)
     ggml = rng.integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
-    m = kernels.pack_q40(ggml)
-    assert (m.rows, m.cols) == (rows, cols)
-    assert m.qs.shape[0] * kernels.TILE >= rows
+    m = kernels.pack_q40(ggml, layout)
+    assert (m.rows, m.cols, m.layout) == (rows, cols, layout)
+    assert m.qs.shape[0] * (kernels.TILE if layout == kernels.LAYOUT_TILES else kernels.VNNI_ROWS) >= rows
     assert np.array_equal(kernels.unpack_q40(m), ggml)
+
+
+def test_vnni_layout_bytes():
+    # Group 0, block 1: row r's byte 4k+i at k*64 + r*4 + i, its f16 scale at 256 + 2r (independent of the kernels)
+    if kernels.LAYOUT_VNNI not in LAYOUTS:
+        pytest.skip("no AVX-512 VNNI here")
+    rows, nb = 20, 2
+    ggml = np.arange(rows * nb * 18, dtype=np.int64).astype(np.uint8).reshape(rows, nb * 18)
+    m = kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
+    assert m.qs.shape == (2, nb, 288)
+    for r in range(16):
+        blk = ggml[r, 18:36]
+        for j in range(16):
+            assert m.qs[0, 1, (j // 4) * 64 + r * 4 + j % 4] == blk[2 + j]
+        assert m.qs[0, 1, 256 + 2 * r] == blk[0] and m.qs[0, 1, 257 + 2 * r] == blk[1]
+    assert np.all(m.qs[1, :, :256].reshape(nb, 4, 16, 4)[:, :, 4:] == 0x88)  # padded rows: nibbles 8 = 0
+    assert np.all(m.d[1, :, 4:] == 0)
+
+
+def test_pack_q40_rejects_unknown_or_unavailable_layout(monkeypatch):
+    ggml = np.zeros((4, 18), np.uint8)
+    with pytest.raises(MpillamaError, match="unknown Q40 layout"):
+        kernels.pack_q40(ggml, "rows")
+    monkeypatch.setattr(kernels, "simd_available", lambda: False)
+    assert kernels.default_layout() == kernels.LAYOUT_TILES
+    with pytest.raises(MpillamaError, match="AVX-512 VNNI"):
+        kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
 
 
 @pytest.mark.parametrize("shape", [(1, 32), (5, 96), (3, 2048)])
@@ -62,6 +92,22 @@ def test_quantize_activations_is_q8_0(shape):
     T = shape[0]
     assert np.array_equal(acts.d[:T], d) and np.array_equal(acts.qs[:T], q)
     assert np.array_equal(acts.corr[:T], 8 * q.astype(np.int32).sum(-1))
+
+
+def test_f16_bits_round_like_numpy():
+    # every float16 rounding case: random magnitudes across the whole range, exact midpoints
+    # between neighbouring float16 values (ties to even), subnormals, overflow to inf
+    rng = np.random.default_rng(14)
+    x = np.abs(rng.standard_normal(20000) * 10.0 ** rng.uniform(-9, 5.5, 20000)).astype(np.float32)
+    h = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mids = ((h[:-1] + h[1:]) / 2).astype(np.float32)  # exact in float32
+    x = np.concatenate([x, mids, np.float32([0.0, 2.0**-25, 2.0**-24, 65504.0, 65520.0, 1e6])])
+    ours = np.array([kernels._f16_bits(v) for v in x])
+    with np.errstate(over="ignore"):
+        theirs = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(ours, theirs)
+    back = np.array([kernels._f16_to_f32(int(b)) for b in theirs], np.float32)
+    assert np.array_equal(back, theirs.view(np.float16).astype(np.float32))
 
 
 def test_activations_from_q80_equal_quantize_activations():
@@ -91,15 +137,20 @@ def test_quantize_q80_into_and_dequantize_add(shape):
 # ---------------------------------------------------------------- Q40 matmul
 
 
-MATMUL_SHAPES = [(1, 32, 1), (31, 64, 1), (256, 96, 3), (257, 32, 2), (600, 160, 5), (513, 64, 17)]  # rows, cols, T
+# rows, cols, T: rows off the 16-row group and the 256-row tile, T off the 4-token pass
+MATMUL_SHAPES = [
+    (1, 32, 1), (31, 64, 1), (40, 2048, 1), (256, 96, 3), (257, 32, 2), (600, 160, 5), (513, 64, 17),
+    (17, 64, 4), (33, 96, 8), (48, 64, 9), (100, 256, 6),
+]  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("rows", "cols", "T"), MATMUL_SHAPES)
-def test_matmul_q40_equals_reference(nthreads, rows, cols, T):
+def test_matmul_q40_equals_reference(nthreads, layout, rows, cols, T):
     rng = np.random.default_rng(rows + cols + T)
     wq = quant.quantize_q40(rng.standard_normal((rows, cols)).astype(np.float32))
     x = awkward(rng, (T, cols))
-    m = kernels.pack_q40(wq)
+    m = kernels.pack_q40(wq, layout)
     acts = kernels.new_activations(T + 2, cols)
     kernels.quantize_activations(acts, x)
     out = np.full((T, rows), np.nan, np.float32)
@@ -108,7 +159,8 @@ def test_matmul_q40_equals_reference(nthreads, rows, cols, T):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
-def test_matmul_q40_int16_extremes(nthreads):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_q40_int16_extremes(nthreads, layout):
     # Every nibble 0 or 15 against +-127: the block dot products hit -32512 / +28448 exactly, and the
     # unsigned partial sums (up to 15 * 127 * 32 = 60960) overflow int16 before the correction.
     rows, cols = 300, 128
@@ -122,22 +174,24 @@ def test_matmul_q40_int16_extremes(nthreads):
     wq = blocks.reshape(rows, -1)
     x = np.where(rng.random((2, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
     x[0] = 1.0
-    m = kernels.pack_q40(wq)
+    m = kernels.pack_q40(wq, layout)
     acts = kernels.new_activations(2, cols)
     kernels.quantize_activations(acts, x)
     assert np.all(np.abs(acts.qs[:2]) == 127)
-    out = np.zeros((2, rows), np.float32)
-    kernels.matmul_q40(out, m, acts, 2)
     ref = quant.matmul_q40_ref(wq, quant.quantize_q80(x))
     assert ref[0, 0] == pytest.approx(-32512 * 4 * 0.25 * acts.d[0, 0])
-    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    for T in (1, 2):  # the decode and the prefill kernels
+        out = np.zeros((T, rows), np.float32)
+        kernels.matmul_q40(out, m, acts, T)
+        np.testing.assert_allclose(out, ref[:T], rtol=1e-6)
 
 
-def test_matmul_q40_near_float_product():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_q40_near_float_product(layout):
     rng = np.random.default_rng(21)
     w = rng.standard_normal((300, 512)).astype(np.float32) * 0.02
     x = rng.standard_normal((3, 512)).astype(np.float32)
-    m = kernels.pack_q40(quant.quantize_q40(w))
+    m = kernels.pack_q40(quant.quantize_q40(w), layout)
     acts = kernels.new_activations(3, 512)
     kernels.quantize_activations(acts, x)
     out = np.zeros((3, 300), np.float32)
@@ -173,11 +227,22 @@ def test_rmsnorm(alias):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_exp_f32_accuracy():
+    # the vectorisable exp used by silu and softmax: relative error < 5e-7 on its whole range
+    x = np.linspace(-87.0, 88.0, 200001).astype(np.float32)
+    ours = np.array([kernels._exp_f32(v) for v in x[::97]], np.float64)
+    exact = np.exp(x[::97].astype(np.float64))
+    assert np.max(np.abs(ours - exact) / exact) < 5e-7
+    assert kernels._exp_neg(np.float32(-87.5)) == 0.0 and kernels._exp_neg(np.float32(0.0)) == 1.0
+
+
 def test_silu_mul():
     rng = np.random.default_rng(24)
     h1 = (rng.standard_normal((2, 999)) * 5).astype(np.float32)
+    h1[0, :4] = [-100.0, 100.0, -1e30, 1e30]  # exp clamps: silu stays finite (about 0 and a)
     h3 = rng.standard_normal((2, 999)).astype(np.float32)
-    ref = quant.silu_mul_ref(h1, h3)
+    with np.errstate(over="ignore"):  # the reference's exp(1e30) is inf, and silu then exactly 0
+        ref = quant.silu_mul_ref(h1, h3)
     kernels.silu_mul(h1, h3)
     np.testing.assert_allclose(h1, ref, rtol=1e-5, atol=1e-7)
 
@@ -198,8 +263,12 @@ def test_rope(halves, scaling):
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
 
 
-# n_heads, n_kv, hd, pos0, T
-ATTENTION_SHAPES = [(4, 4, 32, 0, 1), (8, 2, 64, 0, 7), (6, 3, 16, 41, 1), (4, 1, 128, 9, 5)]
+# n_heads, n_kv, hd, pos0, T: groups of 1..8 query heads (over the 4-head pass), head_dim off 16
+# (the online kernels), position counts off the 4 streams, prefill (T > 1) and decode
+ATTENTION_SHAPES = [
+    (4, 4, 32, 0, 1), (8, 2, 64, 0, 7), (6, 3, 16, 41, 1), (4, 1, 128, 9, 5), (24, 8, 64, 37, 3),
+    (16, 2, 32, 6, 2), (12, 2, 48, 0, 1), (4, 2, 24, 9, 3),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("with_scratch", [False, True], ids=["online", "scratch"])
@@ -213,9 +282,38 @@ def test_attention(nthreads, with_scratch, n_heads, n_kv, hd, pos0, T):
     k[pos0 + T :] = np.nan  # beyond the last token: must never be read
     v[pos0 + T :] = np.nan
     out = np.full((T, n_heads, hd), np.nan, np.float32)
-    scratch = kernels.new_attention_scratch(max_seq, n_heads // n_kv) if with_scratch else None
+    scratch = kernels.new_attention_scratch(max_seq, n_heads, hd) if with_scratch else None
     if scratch is not None:
-        scratch[:] = np.nan  # stale contents must not matter
+        scratch.scores[:] = np.nan  # stale contents must not matter
+        scratch.parts[:] = np.nan
+    kernels.attention(out, q, k, v, pos0, T, scratch)
+    np.testing.assert_allclose(out, quant.attention_ref(q, k, v, pos0), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_head_range_views(nthreads):
+    # More ranks than KV heads: the model passes a range of query heads of one KV head (strided views)
+    rng = np.random.default_rng(31)
+    T, pos0, hd = 3, 20, 32
+    q = rng.standard_normal((T, 8, hd)).astype(np.float32)
+    k = rng.standard_normal((pos0 + T, 2, hd)).astype(np.float32)
+    v = rng.standard_normal((pos0 + T, 2, hd)).astype(np.float32)
+    out = np.full((T, 8, hd), np.nan, np.float32)
+    a, b = 5, 7  # heads 5, 6 of kv head 1
+    kernels.attention(out[:, a:b], q[:, a:b], k[:, 1:2], v[:, 1:2], pos0, T)
+    np.testing.assert_allclose(out[:, a:b], quant.attention_ref(q[:, a:b], k[:, 1:2], v[:, 1:2], pos0), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isnan(out[:, :a])) and np.all(np.isnan(out[:, b:]))
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_attention_long_context(nthreads, T):
+    # long enough that a decode token's positions are split over threads (2 * ATT_MIN_CHUNK and more)
+    rng = np.random.default_rng(32)
+    pos0 = 2 * kernels.ATT_MIN_CHUNK + 37
+    q = rng.standard_normal((T, 8, 64)).astype(np.float32)
+    k = rng.standard_normal((pos0 + T, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((pos0 + T, 2, 64)).astype(np.float32)
+    out = np.zeros((T, 8, 64), np.float32)
+    scratch = kernels.new_attention_scratch(pos0 + T, 8, 64)
     kernels.attention(out, q, k, v, pos0, T, scratch)
     np.testing.assert_allclose(out, quant.attention_ref(q, k, v, pos0), rtol=1e-5, atol=1e-5)
 
@@ -228,8 +326,15 @@ def test_attention_increasing_scores(with_scratch):
     k = (np.arange(n, dtype=np.float32)[:, None, None] * 0.3 * np.ones((1, 1, hd), np.float32)) / hd
     v = np.random.default_rng(1).standard_normal((n, 1, hd)).astype(np.float32)
     out = np.zeros((1, 1, hd), np.float32)
-    kernels.attention(out, q, k, v, n - 1, 1, kernels.new_attention_scratch(n, 1) if with_scratch else None)
+    kernels.attention(out, q, k, v, n - 1, 1, kernels.new_attention_scratch(n, 1, hd) if with_scratch else None)
     np.testing.assert_allclose(out, quant.attention_ref(q, k, v, n - 1), rtol=1e-5, atol=1e-6)
+
+
+def test_warm_up_loads_every_kernel(nthreads):
+    seen: list[str] = []
+    kernels.warm_up(seen.append)
+    assert seen and all(isinstance(s, str) for s in seen)
+    assert kernels.cache_is_warm()  # whatever warm_up compiled is now in numba's cache
 
 
 def test_configure_rejects_bad_thread_counts():

@@ -95,7 +95,8 @@ def build_timeline(spike: tuple[int, int, float] = SPIKE, slow: float = 1.0) -> 
         worker_free = [t] * N_RANKS
         segs.append((0, step, -1, SEG_SAMPLE, t, t + 0.05 * MS))
         t += 0.05 * MS
-        steps.append(("prefill" if step == 0 else "decode", 4 if step == 0 else 1, 0 if step == 0 else 3 + step, begin, t))
+        phase, tokens, position = ("prefill", 4, 0) if step == 0 else ("decode", 1, 3 + step)
+        steps.append((phase, tokens, position, begin, t))
         t += 0.01 * MS  # rank 0's bookkeeping between steps: idle on the busy clock
     return Synthetic(segs, steps, entries, exits)
 
@@ -119,7 +120,8 @@ def local(rank: int, t_true: float) -> float:
 def fits() -> list[ClockFit]:
     """Clock fits as the ping-pong would measure them (exactly, here) at true times 0 and T_END."""
     return [
-        ClockFit(ClockSample(local(r, 0.0), local(r, 0.0) - 0.0, 1e-5), ClockSample(local(r, T_END), local(r, T_END) - T_END, 1e-5))
+        ClockFit(ClockSample(local(r, 0.0), local(r, 0.0) - 0.0, 1e-5),
+                 ClockSample(local(r, T_END), local(r, T_END) - T_END, 1e-5))
         for r in range(N_RANKS)
     ]
 
@@ -178,7 +180,9 @@ def test_recorder_columns_take_and_drop() -> None:
     assert rec.n == 3 and rec.dropped == 1
     packed = rec.take()
     assert rec.n == 0
-    assert packed.tolist() == [[7, 2, SEG_ATT, 1.0, 1.5, 0], [7, 2, SEG_ATT_SYNC, 1.5, 1.75, 4096], [7, -1, SEG_FFN, 2.0, 3.0, 0]]
+    assert packed.tolist() == [
+        [7, 2, SEG_ATT, 1.0, 1.5, 0], [7, 2, SEG_ATT_SYNC, 1.5, 1.75, 4096], [7, -1, SEG_FFN, 2.0, 3.0, 0],
+    ]
 
 
 def test_recorder_step_table_grows() -> None:
@@ -413,7 +417,8 @@ def test_perfetto_export_validates(trace_file: Path, tmp_path: Path, syn: Synthe
     assert len(segs) == len(syn.segments) + 1 and sum(e["cat"] == "step" for e in complete) == N_STEPS
     for e in segs:  # one track per kind: the tid names the event's kind
         assert threads[(e["pid"], e["tid"])] == e["name"]
-    spike = [e for e in segs if e["name"] == "att_sync" and e["args"]["step"] == SPIKE[0] and e["args"]["layer"] == SPIKE[1]]
+    spike = [e for e in segs
+             if e["name"] == "att_sync" and (e["args"]["step"], e["args"]["layer"]) == SPIKE[:2]]
     assert sorted(round(e["args"]["wait_us"]) for e in spike) == [0, 5100, 5200]
     att = next(e for e in segs if e["name"] == "att" and e["pid"] == 0 and e["args"]["step"] == 1)
     assert att["dur"] == pytest.approx(1000.0)  # 1 ms in microseconds
@@ -562,8 +567,49 @@ def test_sigterm_mid_run_leaves_a_partial_file(tmp_path: Path, target: str) -> N
 
 
 def test_clock_samples_that_agree_within_their_error_give_no_drift() -> None:
-    noisy = ClockFit(ClockSample(1.0, 2e-4, 4e-3), ClockSample(3.0, -1e-4, 1e-3))  # differ by less than (rtt0 + rtt1) / 2
+    # the offsets differ by less than (rtt0 + rtt1) / 2: no drift can be told from noise
+    noisy = ClockFit(ClockSample(1.0, 2e-4, 4e-3), ClockSample(3.0, -1e-4, 1e-3))
     assert noisy.drift == 0.0 and noisy.base.offset == -1e-4  # the tighter sample
     assert np.allclose(to_rank0(np.array([5.0]), noisy), [5.0001])
     real = ClockFit(ClockSample(1.0, 0.0, 1e-5), ClockSample(3.0, 2e-3, 1e-5))
     assert np.isclose(real.drift, 1e-3) and np.allclose(to_rank0(np.array([2.0]), real), [2.0 - 1e-3])
+
+
+def two_rank_trace(tmp_path: Path, worker: list[tuple[int, int, float, float]],
+                   root: list[tuple[int, int, float, float]], steps: list[tuple[float, float]]) -> Path:
+    """A 2-rank file from (step, seg, t_start, t_end) lists; layer -1 throughout; one clock."""
+    recs = [Recorder(0, 64), Recorder(1, 64)]
+    for rec, rows in zip(recs, (root, worker)):
+        for step, seg, t0, t1 in rows:
+            rec.step = step
+            rec.add(seg, -1, t0, t1)
+    for i, (t0, t1) in enumerate(steps):
+        recs[0].step = i
+        recs[0].begin_step("decode", 1, i, t0)
+        recs[0].end_step(t1)
+    return write_trace(tmp_path / "two.h5", TraceData.from_recorders(recs, {}, [{}, {}]))
+
+
+def test_a_rank_leaving_a_collective_early_is_not_blocked_past_its_exit(tmp_path: Path) -> None:
+    # rank 1 enters an eager gather at 1.0 and leaves at 1.1; rank 0 only enters at 3.0
+    root = [(0, SEG_ATT, 0.0, 3.0), (0, SEG_ATT_SYNC, 3.0, 3.2)]
+    worker = [(0, SEG_ATT, 0.0, 1.0), (0, SEG_ATT_SYNC, 1.0, 1.1), (0, SEG_FFN, 1.1, 3.2)]
+    coll = collectives(load_trace(two_rank_trace(tmp_path, worker, root, [(0.0, 3.2)])))
+    assert np.allclose(coll.wait[0], [0.0, 2.0])  # rank 0 kept rank 1 waiting 2 s ...
+    assert np.allclose(coll.blocked[0], [0.0, 0.1])  # ... but rank 1 was inside the call for 0.1 s of it
+    assert np.allclose(coll.transfer[0], [0.2, 0.0])
+    assert np.allclose(coll.blocked[0] + coll.transfer[0], coll.exit[0] - coll.entry[0])
+
+
+def test_idle_time_between_steps_is_not_waiting(tmp_path: Path) -> None:
+    # a chat: after step 0 the worker waits in ctrl_sync while the user types for 10 s
+    root = [(0, SEG_CTRL_SYNC, 0.0, 0.1), (0, SEG_ATT, 0.1, 1.0),
+            (1, SEG_EMBED, 11.0, 11.5), (1, SEG_CTRL_SYNC, 11.5, 11.6), (1, SEG_ATT, 11.6, 12.0)]
+    worker = [(0, SEG_CTRL_SYNC, 0.0, 0.1), (0, SEG_ATT, 0.1, 1.0),
+              (1, SEG_CTRL_SYNC, 1.0, 11.6), (1, SEG_ATT, 11.6, 12.0)]
+    trace = load_trace(two_rank_trace(tmp_path, worker, root, [(0.0, 1.0), (11.0, 12.0)]))
+    a = analyze(trace)
+    i = np.nonzero(a.coll.step == 1)[0][0]
+    assert np.allclose(a.coll.wait[i], [0.0, 0.5]) and np.isclose(a.coll.skew[i], 0.5)  # the embed, not the 10 s
+    assert np.allclose(a.times.sync[1], [0.1, 0.6]) and np.allclose(a.coverage["ratio"], 1.0)
+    assert a.worst[0]["ms"] < 1000

@@ -14,7 +14,8 @@ Derived, never stored:
   Gather to rank 0 returns on the senders at once): that wait then shows up as blocked time
   in the rank's next collective. Collective-level figures (straggler, caused wait) use wait;
   per-rank time accounting uses blocked, so that sync = blocked + transfer exactly;
-- transfer of a rank = its exit - max(last entry, its entry) (>= 0: the collective's own cost);
+- transfer of a rank = its exit - max(last entry, its entry), at least 0 (the collective's own
+  cost; blocked + transfer = exit - entry);
 - the straggler is the rank the others waited on longest (see Straggler).
 Time between rank 0's steps (before the first, and between the end of one and the start
 of the next: a chat user typing, rank 0's bookkeeping) is idle, not waiting: every
@@ -152,7 +153,9 @@ def load_trace(path: str | Path) -> Trace:
         path=str(path),
         attrs=attrs,
         ranks=ranks,
-        segments=Segments(seg["step"], seg["rank"], seg["layer"], seg["seg"], seg["t_start"], seg["t_end"], seg["bytes"]),
+        segments=Segments(
+            seg["step"], seg["rank"], seg["layer"], seg["seg"], seg["t_start"], seg["t_end"], seg["bytes"],
+        ),
         steps=Steps(st["step"], st["phase"], st["tokens"], st["position"], st["t_start"], st["t_end"]),
         segment_names=names,
         phase_names=phases,
@@ -223,25 +226,22 @@ class Collectives:
     skew: np.ndarray  # (n_inst,) f64 s, last entry - first entry
     wait: np.ndarray  # (n_inst, n_ranks) f64 s, last entry - own entry
     blocked: np.ndarray  # (n_inst, n_ranks) f64 s, min(last entry, own exit) - own entry: wait inside this call
-    transfer: np.ndarray  # (n_inst, n_ranks) f64 s, own exit - max(last entry, own entry)
+    transfer: np.ndarray  # (n_inst, n_ranks) f64 s, own exit - max(last entry, own entry), >= 0
     index: np.ndarray  # (n_inst, n_ranks) i64 row in Trace.segments (-1 where a rank has no record)
 
     def __len__(self) -> int:
         return len(self.step)
 
 
-def _occurrence(keys: list[np.ndarray]) -> np.ndarray:
-    """For rows already sorted by keys (+ time): 0, 1, 2... within each run of equal keys."""
+def _runs(*keys: np.ndarray) -> np.ndarray:
+    """For rows sorted by keys: (n,) bool, True where a run of equal keys begins."""
     n = len(keys[0])
-    if n == 0:
-        return np.zeros(0, np.int64)
     change = np.zeros(n, bool)
-    change[0] = True
-    for k in keys:
-        change[1:] |= k[1:] != k[:-1]
-    idx = np.arange(n)
-    group_start = np.maximum.accumulate(np.where(change, idx, 0))
-    return idx - group_start
+    if n:
+        change[0] = True
+        for k in keys:
+            change[1:] |= k[1:] != k[:-1]
+    return change
 
 
 def collectives(trace: Trace) -> Collectives:
@@ -249,21 +249,24 @@ def collectives(trace: Trace) -> Collectives:
     s = trace.segments
     n_ranks = trace.n_ranks
     mask = np.isin(s.seg, trace.sync_codes())
-    rank = s.rank[mask].astype(np.int64)
-    step = s.step[mask].astype(np.int64)
-    layer = s.layer[mask].astype(np.int64)
-    seg = s.seg[mask].astype(np.int64)
-    t0, t1 = s.t_start[mask], s.t_end[mask]
-    order = np.lexsort((t0, seg, layer, step, rank))
-    rank, step, layer, seg, t0, t1 = (a[order] for a in (rank, step, layer, seg, t0, t1))
-    rows = np.nonzero(mask)[0][order]
-    occ = _occurrence([rank, step, layer, seg])
-    keys = np.stack([step, layer, seg, occ], axis=1)  # (n_rec, 4) i64
-    if len(keys):
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
-    else:
-        uniq, inv = np.zeros((0, 4), np.int64), np.zeros(0, np.int64)
+    rows = np.nonzero(mask)[0]
+    rank = s.rank[rows].astype(np.int64)
+    step = s.step[rows].astype(np.int64)
+    assert len(step) == 0 or step.max() < (1 << 24) - 1, "step numbers above 2**24 need a wider key"
+    # (step, layer, seg) packed in one int64 (step < 2**24, layer < 2**15, seg < 2**8): sorts fast
+    key = ((step + 1) << 24) | ((s.layer[rows].astype(np.int64) + 1) << 8) | s.seg[rows].astype(np.int64)
+    order = np.lexsort((s.t_start[rows], key, rank))  # each rank's calls of one key, in time order
+    rows, rank, key = rows[order], rank[order], key[order]
+    starts = _runs(rank, key)
+    idx = np.arange(len(rows))
+    occ = idx - np.maximum.accumulate(np.where(starts, idx, 0))  # n-th call of this key on this rank
+    order = np.lexsort((rank, occ, key))  # now group the ranks' records of one instance together
+    rows, rank, key, occ = rows[order], rank[order], key[order], occ[order]
+    first_of = _runs(key, occ)
+    inv = np.cumsum(first_of) - 1  # (n_rec,) instance of each record
+    uniq = np.stack([(key[first_of] >> 24) - 1, ((key[first_of] >> 8) & 0xFFFF) - 1, key[first_of] & 0xFF,
+                     occ[first_of]], axis=1)  # (n_inst, 4) i64 step, layer, seg, occ
+    t0, t1 = s.t_start[rows], s.t_end[rows]
     n_inst = len(uniq)
     entry = np.full((n_inst, n_ranks), np.nan)  # (n_inst, n_ranks) f64
     exit_ = np.full((n_inst, n_ranks), np.nan)  # (n_inst, n_ranks) f64
@@ -285,7 +288,7 @@ def collectives(trace: Trace) -> Collectives:
         skew=last - first,
         wait=last[:, None] - entered,
         blocked=np.maximum(np.minimum(last[:, None], left) - entered, 0.0),
-        transfer=left - np.maximum(last[:, None], entered),
+        transfer=np.maximum(left - np.maximum(last[:, None], entered), 0.0),
         index=index,
     )
 
@@ -474,14 +477,16 @@ def segment_problems(trace: Trace, tolerance_s: float = 1e-6) -> list[str]:
     problems = []
     neg = np.nonzero(s.dur < -tolerance_s)[0]
     if len(neg):
-        problems.append(f"{len(neg)} segments end before they start (first: rank {s.rank[neg[0]]} step {s.step[neg[0]]})")
+        first = f"rank {s.rank[neg[0]]} step {s.step[neg[0]]}"
+        problems.append(f"{len(neg)} segments end before they start (first: {first})")
     for r in range(trace.n_ranks):
         m = np.nonzero(s.rank == r)[0]
         order = m[np.argsort(s.t_start[m], kind="stable")]
         over = np.nonzero(s.t_start[order][1:] < s.t_end[order][:-1] - tolerance_s)[0]
         if len(over):
             i = order[over[0] + 1]
-            problems.append(f"rank {r}: {len(over)} overlapping segments (first at step {s.step[i]} layer {s.layer[i]})")
+            where = f"step {s.step[i]} layer {s.layer[i]}"
+            problems.append(f"rank {r}: {len(over)} overlapping segments (first at {where})")
         done = trace.steps.step[~np.isnan(trace.steps.t_end)]
         missing = np.setdiff1d(done, s.step[m])
         if len(missing):

@@ -44,7 +44,8 @@ def compare_tables(tab_a: dict[str, Any], tab_b: dict[str, Any]) -> dict[str, An
         numeric = isinstance(a, (int, float)) and isinstance(b, (int, float))
         ratio = (b / a) if numeric and a not in (0, None) else None
         rows.append({"metric": name, "a": a, "b": b, "ratio": ratio})
-    return plain({"a": tab_a["file"], "b": tab_b["file"], "partial": [tab_a["partial"], tab_b["partial"]], "rows": rows})
+    partial = [tab_a["partial"], tab_b["partial"]]
+    return plain({"a": tab_a["file"], "b": tab_b["file"], "partial": partial, "rows": rows})
 
 
 def format_compare(cmp: dict[str, Any]) -> str:

@@ -40,7 +40,8 @@ def perfetto_events(trace: Trace) -> dict[str, Any]:
         events.append({"ph": "M", "name": "process_sort_index", "pid": r, "tid": 0, "args": {"sort_index": r}})
         for code, name in enumerate(trace.segment_names):
             events.append({"ph": "M", "name": "thread_name", "pid": r, "tid": code + 1, "args": {"name": name}})
-            events.append({"ph": "M", "name": "thread_sort_index", "pid": r, "tid": code + 1, "args": {"sort_index": code + 1}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": r, "tid": code + 1,
+                           "args": {"sort_index": code + 1}})
     events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": STEP_TID, "args": {"name": "steps"}})
     st = trace.steps
     for i in range(len(st)):
@@ -60,7 +61,8 @@ def perfetto_events(trace: Trace) -> dict[str, Any]:
         if not np.isnan(wait[j]):
             args["wait_us"] = float(wait[j] * 1e6)
         events.append({
-            "ph": "X", "name": trace.segment_names[code], "cat": "sync" if trace.segment_names[code].endswith("_sync") else "compute",
+            "ph": "X", "name": trace.segment_names[code],
+            "cat": "sync" if trace.segment_names[code].endswith("_sync") else "compute",
             "pid": int(s.rank[j]), "tid": code + 1, "ts": float(ts[j]), "dur": float(dur[j]), "args": args,
         })
     return {

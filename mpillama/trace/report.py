@@ -69,7 +69,9 @@ def report_tables(a: Analysis) -> dict[str, Any]:
         },
         "skew_ms": {"all": a.skew["all"], "by_kind": a.skew["by_kind"],
                     "hist_counts": a.skew["hist_counts"], "hist_edges": a.skew["hist_edges_ms"]},
-        "wait_by_layer_ms_per_step": {"phase": a.wait_phase or "all", "layers": a.wait_layers, "ranks": a.wait_table_ms},
+        "wait_by_layer_ms_per_step": {
+            "phase": a.wait_phase or "all", "layers": a.wait_layers, "ranks": a.wait_table_ms,
+        },
         "worst_segments": a.worst,
         "ranks": [
             {
@@ -106,7 +108,8 @@ def format_report(tab: dict[str, Any]) -> str:
         lines.append(f"argv: {run['argv'] if isinstance(run['argv'], str) else ' '.join(run['argv'])}")
     lines.append("")
     for name, ph in tab["phases"].items():
-        lines.append(f"{name}: {ph['tokens']} tokens in {ph['steps']} steps, {_f(ph['seconds'], 3)} s = {_f(ph['tok_s'])} tok/s")
+        lines.append(f"{name}: {ph['tokens']} tokens in {ph['steps']} steps, "
+                     f"{_f(ph['seconds'], 3)} s = {_f(ph['tok_s'])} tok/s")
         lines.append(f"  {'rank':>4} {'compute':>9} {'sync':>9} {'wait':>9} {'transfer':>9}   ms per token")
         for row in ph["ranks"]:
             lines.append(f"  {row['rank']:>4} {_f(row['compute_ms'], 3):>9} {_f(row['sync_ms'], 3):>9} "
@@ -134,10 +137,12 @@ def format_report(tab: dict[str, Any]) -> str:
     lines.append(f"skew (last - first entry), ms: n {sk['n']}  mean {_f(sk['mean'], 3)}  p50 {_f(sk['p50'], 3)}  "
                  f"p90 {_f(sk['p90'], 3)}  p99 {_f(sk['p99'], 3)}  max {_f(sk['max'], 3)}")
     for kind, k in tab["skew_ms"]["by_kind"].items():
-        lines.append(f"  {kind:<10} n {k['n']:>6}  p50 {_f(k['p50'], 3):>8}  p99 {_f(k['p99'], 3):>8}  max {_f(k['max'], 3):>8}")
+        lines.append(f"  {kind:<10} n {k['n']:>6}  p50 {_f(k['p50'], 3):>8}  p99 {_f(k['p99'], 3):>8}  "
+                     f"max {_f(k['max'], 3):>8}")
     lines.append("")
     lines.append("worst segments (excess over the median of the same segment and phase):")
-    lines.append(f"  {'rank':>4} {'step':>5} {'layer':>5} {'segment':<10} {'phase':<8} {'ms':>9} {'median':>9} {'excess':>9}")
+    lines.append(f"  {'rank':>4} {'step':>5} {'layer':>5} {'segment':<10} {'phase':<8} "
+                 f"{'ms':>9} {'median':>9} {'excess':>9}")
     for w in tab["worst_segments"]:
         lines.append(f"  {w['rank']:>4} {w['step']:>5} {w['layer']:>5} {w['seg']:<10} {w['phase']:<8} "
                      f"{_f(w['ms'], 3):>9} {_f(w['median_ms'], 3):>9} {_f(w['excess_ms'], 3):>9}")
@@ -145,7 +150,8 @@ def format_report(tab: dict[str, Any]) -> str:
     lines.append(f"  {'rank':>4} {'host':<16} {'offset us':>10} {'drift ppm':>10} {'rtt us':>8} {'records':>9} "
                  f"{'dropped':>8} {'load ms':>9} {'flush ms':>9} {'coverage':>9}")
     for r in tab["ranks"]:
-        lines.append(f"  {r['rank']:>4} {r['host'][:16]:<16} {_f(r['clock_offset_us'], 1):>10} {_f(r['clock_drift_ppm'], 2):>10} "
+        lines.append(f"  {r['rank']:>4} {r['host'][:16]:<16} {_f(r['clock_offset_us'], 1):>10} "
+                     f"{_f(r['clock_drift_ppm'], 2):>10} "
                      f"{_f(r['clock_rtt_us'], 1):>8} {r['records']:>9} {r['dropped']:>8} {_f(r['load_ms'], 1):>9} "
                      f"{_f(r['flush_ms'], 2):>9} {_f(100 * r['coverage'], 1):>8}%")
     for p in tab["problems"]:

@@ -9,6 +9,10 @@ the layout is a change to FORMAT_VERSION, and readers refuse versions they do no
     /segments    SEGMENT_COLUMNS, equal-length, chunked + compressed; attribute "names" = SEGMENTS
     /steps       STEP_COLUMNS; attribute "phases" = PHASES
 
+A partial file (partial=True) holds what rank 0 had when the run stopped; partial_reason
+says why: the signal or error, or "checkpoint: ..." when the job was killed outright and
+the last periodic checkpoint is what remains.
+
 Times in /segments and /steps are seconds on rank 0's clock since the root attribute
 "clock_origin" (rank 0's perf_counter when the session opened); every rank's times are
 already corrected by its clock offset and drift (clock.py) when the file is written.

@@ -46,7 +46,6 @@ DEFAULT_CAPACITY = 1 << 16  # records per rank between flushes (~2.8 MB of colum
 HEADROOM = 0.5  # flush when the fullest rank is expected to be half full: steps vary in length
 CHECKPOINT_S = 5.0  # flush, and rewrite the file marked partial, about this often (s)
 CHECKPOINT_BUDGET = 0.01  # at most this fraction of rank 0's time goes into checkpoints
-_SESSION_STATS = ("n_dropped", "n_flushes", "flush_s")
 
 
 @dataclass
@@ -364,7 +363,12 @@ class TraceSession:
         wait = max(self.checkpoint_s, self.checkpoint_cost / CHECKPOINT_BUDGET)
         if self.checkpoint_s <= 0 or (self.n_checkpoints and now - self.last_checkpoint_t < wait):
             return
-        self._write_partial(f"checkpoint: the run had not ended (last step {self.recorder.step})")
+        try:
+            self._write_partial(f"checkpoint: the run had not ended (last step {self.recorder.step})")
+        except Exception as exc:  # a failed checkpoint must not strand the other ranks in this flush
+            self.checkpoint_s = 0.0  # no more tries; close() still writes (and reports) the final file
+            self.meta["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
+            return
         self.n_checkpoints += 1
         self.last_checkpoint_t = time.perf_counter()
         self.checkpoint_cost = self.last_checkpoint_t - now

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mpillama.comm import Comm
+from mpillama.comm import Comm, abort
 from mpillama.config import RunConfig
 from mpillama.engine import Engine
 from mpillama.sampler import Sampler
@@ -39,7 +40,12 @@ def run_engine(mpi_comm: Any, case: str, dump: bool = True, **fields: Any) -> tu
         engine.close()
         return None, None
     logits = np.zeros((STEPS, engine.cfg.vocab_size), dtype=np.float32) if dump else None
-    gen = engine.generate(PROMPT_IDS, STEPS, Sampler(), dump_logits=logits, stop_on_eos=False)
+    try:
+        gen = engine.generate(PROMPT_IDS, STEPS, Sampler(), dump_logits=logits, stop_on_eos=False)
+    except BaseException:
+        # the workers are waiting for rank 0's next command: end the job rather than hang the suite
+        traceback.print_exc()
+        abort(3)
     engine.close()
     return gen.tokens, logits
 
