@@ -97,6 +97,9 @@ class Comm:
         if self.size == 1:
             return
         reqs = [self.mpi.Ibcast(part, root=root) for part in self.chunks(buf)]
+        if timeout == -1.0 and self.rank != root:
+            # the root may itself be waiting for a missing rank: let it time out first and name it
+            timeout = 2 * self.timeout + 1.0
         self.wait(reqs, [root] * len(reqs), timeout)
 
     def gather_to_root(self, send: np.ndarray, recv: list[np.ndarray] | None) -> None:

@@ -82,6 +82,7 @@ class Engine:
         self.best = np.zeros(2, dtype=np.float64)  # (value, index) of this rank's best logit
         self.all_best = np.zeros((comm.size, 2), dtype=np.float64)  # (n_ranks, 2) on rank 0
         self.stopped = False
+        self.started = False  # a forward command went out: the workers are inside a pass
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
@@ -205,6 +206,7 @@ class Engine:
         tl = Timeline(self.rec)
         tl.t = t
         self.ctrl.set(CMD_FORWARD, tokens, self.pos, mode)
+        self.started = True
         self._broadcast_ctrl(tl, idle=False)
         out = self._forward(tl)
         self.pos += len(tokens)

@@ -124,12 +124,14 @@ def _roundf(v: np.float32) -> np.float32:
 #
 # numba has no vector type, and LLVM never turns a plain loop into the dot-product instruction
 # that makes a Q40 kernel fast (bench/kernels.py --asm: the plain kernels top out at one 16-bit
-# multiply per weight-pair lane, vpmullw). So the kernels of the VNNI layout use a tiny vector
-# type: _Vec is an LLVM vector (<16 x i32> or <16 x float>) held in ordinary numba variables
-# (registers after LLVM's mem2reg), and each helper below is an @intrinsic emitting one LLVM
-# instruction. All of it is generic LLVM IR except _vdpbusd, x86's AVX-512 VNNI vpdpbusd (64
-# u8 x s8 products summed 4 at a time into 16 int32 lanes). A function using it is compiled
-# only when it is first called, and it is only called where simd_available() says so.
+# multiply per weight-pair lane, vpmullw), nor keeps 16 attention accumulators in registers. So
+# the VNNI matmul and the attention kernels use a tiny vector type: _Vec is an LLVM vector
+# (<16 x i32> or <16 x float>) held in ordinary numba variables (registers after LLVM's mem2reg),
+# and each helper below is an @intrinsic emitting one LLVM instruction or two. All of it is
+# generic LLVM IR, which LLVM lowers for any CPU (AVX-512 here, 4 NEON registers on ARM), except
+# _vdpbusd: x86's AVX-512 VNNI vpdpbusd (64 u8 x s8 products summed 4 at a time into 16 int32
+# lanes). A function using it is compiled only when first called, and is only called where
+# simd_available() says the CPU has it.
 
 
 class _Vec(types.Type):
@@ -286,6 +288,7 @@ def _vec_binop(instruction: str, vtype: _Vec):  # noqa: ANN202
 _vand = _vec_binop("and_", _I32X16)
 _vsub = _vec_binop("sub", _I32X16)
 _vmul = _vec_binop("fmul", _F32X16)
+_vadd = _vec_binop("fadd", _F32X16)
 
 
 @intrinsic
@@ -324,9 +327,6 @@ def _vdpbusd(typingctx, acc, u, s):  # noqa: ANN001, ANN202
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
             return builder.call(fn, args)
         return _I32X16(acc, u, s), codegen
-
-
-_vadd = _vec_binop("fadd", _F32X16)
 
 
 def _item_ptr(context, builder, arrty, arr, idxtys, idxs, lltype):  # noqa: ANN001, ANN202
@@ -919,9 +919,50 @@ def _q40v_split(unp, ws, w, g):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
+def _q40v_eight(out, xq, xd, corr, t, rows, g, unp, ws):
+    # split row group g (unp, ws) @ x rows [t, t+8) q80 -> out rows [t, t+8), lanes of group g
+    # Eight tokens per pass: each nibble vector loaded once feeds eight dot products (16 registers).
+    nb = xd.shape[1]
+    z = _vsplat_f32(0.0)
+    a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
+    st = nb * 8  # one token's row in xq (T, nb, 8), flat
+    for b in range(nb):
+        zi = _vsplat_i32(0)
+        s0, s1, s2, s3, s4, s5, s6, s7 = zi, zi, zi, zi, zi, zi, zi, zi
+        x = (t * nb + b) * 8
+        for k in range(8):
+            u = _vload_i32(unp, (b * 8 + k) * 16)
+            s0 = _vdpbusd(s0, u, _vbroadcast32(xq, x + k))
+            s1 = _vdpbusd(s1, u, _vbroadcast32(xq, x + st + k))
+            s2 = _vdpbusd(s2, u, _vbroadcast32(xq, x + 2 * st + k))
+            s3 = _vdpbusd(s3, u, _vbroadcast32(xq, x + 3 * st + k))
+            s4 = _vdpbusd(s4, u, _vbroadcast32(xq, x + 4 * st + k))
+            s5 = _vdpbusd(s5, u, _vbroadcast32(xq, x + 5 * st + k))
+            s6 = _vdpbusd(s6, u, _vbroadcast32(xq, x + 6 * st + k))
+            s7 = _vdpbusd(s7, u, _vbroadcast32(xq, x + 7 * st + k))
+        sc = _vload_f32(ws, b * 16)
+        a0 = _vfma(_vtofloat(_vsub(s0, _vsplat_i32(corr[t, b]))), _vmul(sc, _vsplat_f32(xd[t, b])), a0)
+        a1 = _vfma(_vtofloat(_vsub(s1, _vsplat_i32(corr[t + 1, b]))), _vmul(sc, _vsplat_f32(xd[t + 1, b])), a1)
+        a2 = _vfma(_vtofloat(_vsub(s2, _vsplat_i32(corr[t + 2, b]))), _vmul(sc, _vsplat_f32(xd[t + 2, b])), a2)
+        a3 = _vfma(_vtofloat(_vsub(s3, _vsplat_i32(corr[t + 3, b]))), _vmul(sc, _vsplat_f32(xd[t + 3, b])), a3)
+        a4 = _vfma(_vtofloat(_vsub(s4, _vsplat_i32(corr[t + 4, b]))), _vmul(sc, _vsplat_f32(xd[t + 4, b])), a4)
+        a5 = _vfma(_vtofloat(_vsub(s5, _vsplat_i32(corr[t + 5, b]))), _vmul(sc, _vsplat_f32(xd[t + 5, b])), a5)
+        a6 = _vfma(_vtofloat(_vsub(s6, _vsplat_i32(corr[t + 6, b]))), _vmul(sc, _vsplat_f32(xd[t + 6, b])), a6)
+        a7 = _vfma(_vtofloat(_vsub(s7, _vsplat_i32(corr[t + 7, b]))), _vmul(sc, _vsplat_f32(xd[t + 7, b])), a7)
+    r0, n = g * VNNI_ROWS, rows - g * VNNI_ROWS
+    _store_rows(out, t * rows + r0, a0, n)
+    _store_rows(out, (t + 1) * rows + r0, a1, n)
+    _store_rows(out, (t + 2) * rows + r0, a2, n)
+    _store_rows(out, (t + 3) * rows + r0, a3, n)
+    _store_rows(out, (t + 4) * rows + r0, a4, n)
+    _store_rows(out, (t + 5) * rows + r0, a5, n)
+    _store_rows(out, (t + 6) * rows + r0, a6, n)
+    _store_rows(out, (t + 7) * rows + r0, a7, n)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
 def _q40v_four(out, xq, xd, corr, t, rows, g, unp, ws):
     # split row group g (unp, ws) @ x rows [t, t+4) q80 -> out rows [t, t+4), lanes of group g
-    # Four tokens per pass: each nibble vector loaded once feeds four dot products.
     nb = xd.shape[1]
     a0 = _vsplat_f32(0.0)
     a1 = _vsplat_f32(0.0)
@@ -973,7 +1014,10 @@ def _q40v_many(out, w, xq, xd, corr, T, rows, g_lo, g_hi, unp, ws):
     for g in range(g_lo, g_hi):
         _q40v_split(unp, ws, w, g)
         t = 0
-        while t + 4 <= T:
+        while t + 8 <= T:
+            _q40v_eight(out, xq, xd, corr, t, rows, g, unp, ws)
+            t += 8
+        if t + 4 <= T:
             _q40v_four(out, xq, xd, corr, t, rows, g, unp, ws)
             t += 4
         while t < T:

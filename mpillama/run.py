@@ -41,7 +41,7 @@ def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) 
     try:
         summary = body(engine)
     except MpillamaError as e:
-        if engine.step == 0:  # nothing ran yet: the workers are waiting for a command, stop them cleanly
+        if not engine.started:  # the workers are waiting for a command: stop them cleanly
             engine.close()
             raise
         fail(comm, engine, e)

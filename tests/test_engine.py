@@ -130,3 +130,12 @@ def test_bad_flag_values_are_errors(models: dict[str, Path]) -> None:
     assert_one_line_error(done, "--top-p")
     done = cli_subprocess("generate", "--model", str(models["tiny-q40"]), "--prompt", "hi", "--profile", "nope")
     assert_one_line_error(done, "profile", "nope")
+
+
+def test_chat_answers_each_line_and_keeps_the_conversation(models: dict[str, Path]) -> None:
+    done = subprocess.run([sys.executable, "-m", "mpillama", "chat", "--model", str(models["tiny-q40"]), "--steps", "6",
+                           "--system", "You are terse."], input="Hello\nAnd again\n", capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") >= 2 and done.stdout.strip()  # each answer ends with a newline
+    assert "error" not in done.stderr

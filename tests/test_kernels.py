@@ -140,7 +140,7 @@ def test_quantize_q80_into_and_dequantize_add(shape):
 # rows, cols, T: rows off the 16-row group and the 256-row tile, T off the 4-token pass
 MATMUL_SHAPES = [
     (1, 32, 1), (31, 64, 1), (40, 2048, 1), (256, 96, 3), (257, 32, 2), (600, 160, 5), (513, 64, 17),
-    (17, 64, 4), (33, 96, 8), (48, 64, 9), (100, 256, 6),
+    (17, 64, 4), (33, 96, 8), (48, 64, 9), (100, 256, 6), (20, 64, 15), (64, 128, 16),
 ]  # fmt: skip
 
 
