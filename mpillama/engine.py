@@ -9,6 +9,7 @@ prints.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import threading
@@ -239,10 +240,12 @@ class Engine:
             self.comm.bcast(self.ctrl.buf)
             self.stopped = True
 
-    def close(self, summary: dict[str, Any] | None = None) -> None:
-        """Collective: stop the workers (rank 0) and write the trace."""
+    def close(self, summary: dict[str, Any] | None = None) -> list[tuple[float, float]]:
+        """Collective: stop the workers (rank 0), write the trace; returns every rank's memory_mb()."""
         self.stop_workers()
-        self.session.close(summary or {})
+        memory = self.comm.allgather_obj(memory_mb())
+        self.session.close({**(summary or {}), "private_mb_per_rank": [m[0] for m in memory]})
+        return memory
 
     # -- generation (rank 0) -------------------------------------------------------------
     def generate(self, prompt_ids: list[int], steps: int, sampler: Sampler,
@@ -355,6 +358,23 @@ def install_test_hooks(model: RankModel, rank: int) -> None:
             return forward(*args, **kwargs)
 
         model.forward = dying_forward  # type: ignore[method-assign]
+
+
+def memory_mb() -> tuple[float, float]:
+    """(private memory now, peak resident memory) of this process in MB.
+
+    The peak counts the model file's pages that loading read through the memory map (shared,
+    clean, reclaimable); private memory (RssAnon) is what the rank really holds.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    private = peak
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                private = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return private, peak
 
 
 def install_signal_handlers(session: TraceSession) -> None:

@@ -40,6 +40,7 @@ def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) 
     install_signal_handlers(engine.session)
     try:
         summary = body(engine)
+        rss = engine.close(summary)
     except MpillamaError as e:
         if not engine.started:  # the workers are waiting for a command: stop them cleanly
             engine.close()
@@ -47,7 +48,8 @@ def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) 
         fail(comm, engine, e)
     except BaseException as e:  # noqa: BLE001
         fail(comm, engine, e)
-    engine.close(summary)
+    say(comm, "mpillama: memory per rank, MB private (peak with mapped file pages): "
+              + ", ".join(f"{private:.0f} ({peak:.0f})" for private, peak in rss))
     return 0
 
 
