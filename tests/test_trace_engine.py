@@ -76,6 +76,17 @@ def rank0_pid(marker: str) -> int | None:
     return None
 
 
+def wait_for_checkpoints(path: Path, count: int, limit: float = 120.0) -> None:
+    """Until the trace file has been written `count` times (its modification time changed)."""
+    seen: list[int] = []
+    deadline = time.monotonic() + limit
+    while len(seen) < count:
+        assert time.monotonic() < deadline, f"{path} was written {len(seen)} times in {limit} s"
+        if path.exists() and (not seen or path.stat().st_mtime_ns != seen[-1]):
+            seen.append(path.stat().st_mtime_ns)
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("target", ["rank0", "mpirun"])
 def test_sigterm_mid_generation_leaves_a_partial_trace(target: str, models: dict[str, Path], tmp_path: Path) -> None:
     path = tmp_path / f"killed-{target}.h5"
@@ -84,7 +95,7 @@ def test_sigterm_mid_generation_leaves_a_partial_trace(target: str, models: dict
     job = subprocess.Popen(cmd, env=mpi_env(MPILLAMA_TEST_SLOW=f"1:{DELAY}"), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(8.0)  # past the first periodic checkpoint of the trace (every ~5 s)
+        wait_for_checkpoints(path, 2)  # rank 0 rewrites the partial file every ~5 s: decode is under way
         assert job.poll() is None, job.communicate()[1]
         pid = rank0_pid(str(path)) if target == "rank0" else job.pid
         assert pid is not None
