@@ -235,9 +235,10 @@ def asm_report() -> dict[str, str]:
         else:
             one = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_one.py_func)
             one(o, m.qs, a.qs32, a.d, a.corr, kernels.TILE, 0, 1)
-            four = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_four.py_func)
-            four(np.zeros((4, 16), np.float32), a.qs32, a.d, a.corr, 0, 16, 0, a.unp[0], a.ws[0])
-            kinds = {"vnni decode": one, "vnni 4 tokens": four}
+            a8 = kernels.new_activations(8, 32)
+            eight = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_eight.py_func)
+            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.unp[0], a8.ws[0])
+            kinds = {"vnni decode": one, "vnni 8 tokens": eight}
         for name, fn in kinds.items():
             asm = fn.inspect_asm(fn.signatures[0])
             ops = Counter(re.findall(rf"^\s+({wanted})\s+[^\n]*?(zmm|ymm|xmm)", asm, re.M))

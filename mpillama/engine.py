@@ -91,6 +91,15 @@ class Engine:
              trace_path: str | None = None, argv: list[str] | None = None, verbose: bool = True,
              need_tokenizer: bool = True) -> Engine:
         """Open, plan and load on every rank; any rank's failure stops all of them cleanly."""
+        loaded = slow_load_notice(comm) if verbose else threading.Event()
+        try:
+            return cls._load(comm, model_path, tokenizer_path, run, trace_path, argv, verbose, need_tokenizer)
+        finally:
+            loaded.set()
+
+    @classmethod
+    def _load(cls, comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
+              trace_path: str | None, argv: list[str] | None, verbose: bool, need_tokenizer: bool) -> Engine:
         t0 = time.perf_counter()
         kernels.configure(run.nthreads)
         src, cfg, error = None, None, None
@@ -310,23 +319,27 @@ class Engine:
 
 def warm_up(comm: Comm, model: RankModel) -> None:
     """Run one 2-token and one 1-token pass on every rank (in lockstep, during loading) so that
-    numba compiles, or loads from its cache, every kernel before the first real token.
-
-    A cold cache takes a minute: say so after a few seconds rather than look hung."""
-    done = threading.Event()
-
-    def notice() -> None:
-        if not done.wait(3.0):
-            say(comm, "mpillama: compiling numba kernels (first run only; cached afterwards)...")
-
-    threading.Thread(target=notice, daemon=True).start()
+    numba compiles, or loads from its cache, every kernel before the first real token."""
     tl = Timeline(NullRecorder())
     tokens = np.zeros(2, dtype=np.int64)
     T = min(2, model.max_tokens)
     model.forward(tokens[:T], 0, T, tl, want_logits=True)
     model.forward(tokens[:1], T, 1, tl, want_logits=True)
     comm.barrier()
-    done.set()
+
+
+def slow_load_notice(comm: Comm, seconds: float = 5.0) -> threading.Event:
+    """Say once on stderr if loading takes a while (a first run compiles the numba kernels for about
+    a minute), so the job does not look hung. Set the returned event when loading is done."""
+    done = threading.Event()
+
+    def notice() -> None:
+        if not done.wait(seconds):
+            say(comm, "mpillama: still loading (the first run compiles numba's kernels, about a minute; "
+                      "later runs load them from its cache)...")
+
+    threading.Thread(target=notice, daemon=True).start()
+    return done
 
 
 def install_test_hooks(model: RankModel, rank: int) -> None:

@@ -1,9 +1,8 @@
 """numba kernels: Q80 x Q40 matmul, f32 matmul, rmsnorm, rope, attention, silu*mul, Q80 (de)quantize.
 
 Owns: the repacked Q40 weight layouts (pack_q40 / unpack_q40, next to each other), the Q80
-activation buffers the matmul reads, every numeric kernel of the forward pass, and warm_up() /
-cache_is_warm() for start-up. Each kernel has a numpy twin in quant.py and a test comparing
-the two (tests/test_kernels.py).
+activation buffers the matmul reads, and every numeric kernel of the forward pass. Each
+kernel has a numpy twin in quant.py and a test comparing the two (tests/test_kernels.py).
 
 Imports numpy, numba, llvmlite (numba's own) and mpillama.{config, errors, quant} only: never
 mpi4py, never model.py. Nothing is set at import time (registering the numba vector type below
@@ -36,9 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-import pickle
+import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -77,6 +75,13 @@ def configure(nthreads: int) -> None:
     """Pick the omp threading layer when available (before any parallel launch) and set numba's threads.
 
     Under omp a parallel launch costs ~1-2 us against 20-40 us under numba's default workqueue.
+    With more than one thread, and no more threads than the CPUs this process may run on,
+    OpenMP's threads busy-wait between parallel regions (OMP_WAIT_POLICY=ACTIVE, unless the
+    environment sets it): a decode token opens ~80 regions, and threads that sleep in between
+    take so long to wake that 2 threads decoded only ~1.15x faster than 1 (~1.6x spinning).
+    The price: the threads spin on their cores between regions, also while the program waits
+    for input. Set OMP_WAIT_POLICY=PASSIVE to trade speed for that, and always when several
+    ranks on one host together run more threads than it has cores.
     """
     limit = numba.config.NUMBA_NUM_THREADS
     if nthreads < 1 or nthreads > limit:
@@ -89,6 +94,9 @@ def configure(nthreads: int) -> None:
         started = True
     except ValueError:
         started = False
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not started and 1 < nthreads <= cpus:
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # libgomp reads it once, as it loads (below)
     if not started and _omp_available():
         numba.config.THREADING_LAYER = "omp"
     numba.set_num_threads(nthreads)
@@ -184,7 +192,8 @@ def _elem_ptr(context, builder, arrty, arr, idxty, idx, lltype):  # noqa: ANN001
 def _splat(builder, value, vtype):  # noqa: ANN001, ANN202
     undef = llvm_ir.Constant(vtype, llvm_ir.Undefined)
     one = builder.insert_element(undef, value, llvm_ir.Constant(_LL_I32, 0))
-    return builder.shuffle_vector(one, undef, llvm_ir.Constant(llvm_ir.VectorType(_LL_I32, vtype.count), [0] * vtype.count))
+    zeros = llvm_ir.Constant(llvm_ir.VectorType(_LL_I32, vtype.count), [0] * vtype.count)
+    return builder.shuffle_vector(one, undef, zeros)
 
 
 def _is_c_array(a: types.Type) -> bool:
@@ -196,7 +205,8 @@ def _vload_i32(typingctx, arr, idx):  # noqa: ANN001, ANN202
     """The 64 bytes at element idx of arr, as 16 int32 lanes."""
     if _is_c_array(arr) and isinstance(idx, types.Integer):
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VI), align=1)
+            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VI)
+            return builder.load(p, align=1)
         return _I32X16(arr, idx), codegen
 
 
@@ -205,7 +215,8 @@ def _vload_f32(typingctx, arr, idx):  # noqa: ANN001, ANN202
     """The 64 bytes at element idx of arr, as 16 float32 lanes."""
     if _is_c_array(arr) and isinstance(idx, types.Integer):
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VF), align=1)
+            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VF)
+            return builder.load(p, align=1)
         return _F32X16(arr, idx), codegen
 
 
@@ -346,7 +357,8 @@ def _vload_row(typingctx, arr, i, j, c):  # noqa: ANN001, ANN202
     """arr[i, j, c:c+16] of a float32 3-D array of any layout whose last axis has unit stride."""
     if _is_f32_3d(arr):
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            return builder.load(_item_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:], _LL_VF), align=4)
+            p = _item_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:], _LL_VF)
+            return builder.load(p, align=4)
         return _F32X16(arr, i, j, c), codegen
 
 
@@ -714,23 +726,25 @@ def _pack_vnni(buf, ggml):
     n_groups, nb = buf.shape[0], buf.shape[1]
     rows = ggml.shape[0]
     for g in range(n_groups):
-        for b in range(nb):
-            dst = buf[g, b]
-            for r in range(VNNI_ROWS):
-                row = g * VNNI_ROWS + r
-                if row < rows:
-                    src = ggml[row, b * Q40_BLOCK_BYTES : (b + 1) * Q40_BLOCK_BYTES]
-                    dst[256 + 2 * r] = src[0]
-                    dst[257 + 2 * r] = src[1]
+        dst = buf[g]  # (nb, 288)
+        for r in range(VNNI_ROWS):
+            row = g * VNNI_ROWS + r
+            if row < rows:
+                src = ggml[row]  # (nb*18,)
+                for b in range(nb):
+                    o = b * Q40_BLOCK_BYTES
+                    dst[b, 256 + 2 * r] = src[o]
+                    dst[b, 257 + 2 * r] = src[o + 1]
                     for k in range(4):
                         for i in range(4):
-                            dst[k * 64 + r * 4 + i] = src[2 + 4 * k + i]
-                else:
-                    dst[256 + 2 * r] = 0
-                    dst[257 + 2 * r] = 0
+                            dst[b, k * 64 + r * 4 + i] = src[o + 2 + 4 * k + i]
+            else:
+                for b in range(nb):
+                    dst[b, 256 + 2 * r] = 0
+                    dst[b, 257 + 2 * r] = 0
                     for k in range(4):
                         for i in range(4):
-                            dst[k * 64 + r * 4 + i] = 0x88
+                            dst[b, k * 64 + r * 4 + i] = 0x88
 
 
 def pack_q40(ggml: np.ndarray, layout: str | None = None) -> Q40Matrix:
@@ -868,6 +882,7 @@ def _q40_parallel(out, qs, wd, aq, ad, corr, T, rows, n_threads, isum, wsf, wsu,
         hi = (k + 1) * n_tiles // n_chunks
         _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, lo, hi, isum[k], wsf[k], wsu[k], acc[k])
 
+
 # -- VNNI layout
 
 
@@ -964,15 +979,11 @@ def _q40v_eight(out, xq, xd, corr, t, rows, g, unp, ws):
 def _q40v_four(out, xq, xd, corr, t, rows, g, unp, ws):
     # split row group g (unp, ws) @ x rows [t, t+4) q80 -> out rows [t, t+4), lanes of group g
     nb = xd.shape[1]
-    a0 = _vsplat_f32(0.0)
-    a1 = _vsplat_f32(0.0)
-    a2 = _vsplat_f32(0.0)
-    a3 = _vsplat_f32(0.0)
+    z = _vsplat_f32(0.0)
+    a0, a1, a2, a3 = z, z, z, z
     for b in range(nb):
-        s0 = _vsplat_i32(0)
-        s1 = _vsplat_i32(0)
-        s2 = _vsplat_i32(0)
-        s3 = _vsplat_i32(0)
+        zi = _vsplat_i32(0)
+        s0, s1, s2, s3 = zi, zi, zi, zi
         x = (t * nb + b) * 8  # xq (T, nb, 8) uint32, flat
         for k in range(8):
             u = _vload_i32(unp, (b * 8 + k) * 16)
@@ -1009,8 +1020,8 @@ def _q40v_single(out, xq, xd, corr, t, rows, g, unp, ws):
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _q40v_many(out, w, xq, xd, corr, T, rows, g_lo, g_hi, unp, ws):
     # w row groups [g_lo, g_hi) q40 @ x (T, cols) q80 -> out (T, rows) f32, T > 1 (prefill)
-    # Each row group's nibbles are split once (into unp, ws: a few KB, in L1/L2) and reused by all
-    # T tokens, instead of unpacking every weight again for every token.
+    # Each row group's nibbles are split once (into unp, ws: nb*576 bytes, in L1 or L2) and reused by
+    # all T tokens, 8 at a time, instead of unpacking every weight again for every token.
     for g in range(g_lo, g_hi):
         _q40v_split(unp, ws, w, g)
         t = 0
@@ -1115,7 +1126,7 @@ def matmul_f32(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
         _f32_rows(out, w, x, 0, w.shape[0])
 
 
-# ---------------------------------------------------------------- rmsnorm, silu*mul
+# ---------------------------------------------------------------- rmsnorm, silu*mul, swiglu
 
 
 @njit(cache=True, fastmath=True)
@@ -1148,6 +1159,25 @@ def _silu_mul(h1, h3):
         for i in range(n):
             a = h1[t, i]
             h1[t, i] = a / (np.float32(1.0) + _exp_f32(-a)) * h3[t, i]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _swiglu(out, h13):
+    # h13 (T, 2n) f32 = [w1 rows | w3 rows] outputs -> out (T, n) f32 = silu(h13[:, :n]) * h13[:, n:]
+    T, n = out.shape
+    for t in range(T):
+        for i in range(n):
+            a = h13[t, i]
+            out[t, i] = a / (np.float32(1.0) + _exp_f32(-a)) * h13[t, n + i]
+
+
+def swiglu(out: np.ndarray, h13: np.ndarray) -> None:
+    """out (T, n) = silu(h13[:, :n]) * h13[:, n:]: silu_mul straight from the stacked w1/w3 output."""
+    assert h13.ndim == 2 and out.ndim == 2 and h13.shape == (out.shape[0], 2 * out.shape[1]), (
+        f"out {out.shape} h13 {h13.shape}"
+    )
+    assert out.dtype == h13.dtype == np.float32, f"{out.dtype} {h13.dtype}"
+    _swiglu(out, h13)
 
 
 def silu_mul(h1: np.ndarray, h3: np.ndarray) -> None:
@@ -1209,11 +1239,13 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
 #
 # One token's attention reads every cached K and V row of its heads. The cache is (max_seq, n_kv,
 # head_dim) per layer, so a row of all KV heads is contiguous and the memory is read at full speed
-# only in position order: reading one KV head's column of the cache (stride n_kv*head_dim) runs at
-# a fifth of the speed (bench/kernels.py --attention). So the kernels go position by position over
-# all heads, taking 4 positions at once from the 4 quarters of the range (4 sequential streams, each
-# K/V vector loaded once feeds 4 query heads x 4 positions), in three passes: scores, softmax, values.
-# Threads split the positions of one token (decode) or the tokens (prefill).
+# only in position order: reading one KV head's column of the cache (stride n_kv*head_dim, the
+# previous kernels' order) ran at ~6 GB/s here against ~29 in order, and neither software
+# prefetch nor blocking by positions helped. So the kernels go position by position over all
+# heads, taking 4 positions at once from the 4 quarters of the range (4 sequential streams; each
+# K/V vector loaded once feeds up to 4 query heads x 4 positions, in registers), in three passes:
+# scores, softmax (a vectorised exp), values. Threads split the positions of one decode token
+# (each sums its share of the values, added up at the end) or the tokens of a prefill.
 ATT_MIN_CHUNK = 256  # fewest positions per thread in a decode token worth a parallel launch
 
 
@@ -1352,7 +1384,8 @@ def _att_token(out, q, k_cache, v_cache, t, n, sc):
 
 @njit(cache=True)
 def _att_serial(out, q, k_cache, v_cache, pos0, T, sc):
-    # q (T, n_heads, hd) x caches (max_seq, n_kv, hd) -> out (T, n_heads, hd) f32, causal; sc (slots, n_heads, >= max_seq)
+    # q (T, n_heads, hd) x caches (max_seq, n_kv, hd) -> out (T, n_heads, hd) f32, causal
+    # sc (slots, n_heads, >= max_seq) scratch
     for t in range(T):
         _att_token(out, q, k_cache, v_cache, t, pos0 + t + 1, sc[0])
 
@@ -1508,70 +1541,3 @@ def attention(
         _att_tokens_parallel(out, q, k_cache, v_cache, pos0, T, sc, min(slots, T))
     else:
         _att_serial(out, q, k_cache, v_cache, pos0, T, sc)
-
-
-# ---------------------------------------------------------------- start-up: compile or load every kernel
-
-
-def _kernel_dispatchers(parallel: bool) -> list:  # noqa: ANN401 (numba dispatchers)
-    """The kernels the wrappers above call from Python (the threaded ones when parallel): what
-    warm_up loads and the cache must hold."""
-    if parallel:
-        q40 = [_q40v_parallel] if simd_available() else [_q40_parallel]
-        return q40 + [_f32_rows_parallel, _att_tokens_parallel, _att_positions_parallel]
-    return [_q40v_run if simd_available() else _q40_tiles] + [
-        _quantize_acts, _load_q80, _store_q80, _quantize_q80_into, _dequantize_q80_add,
-        _f32_rows, _rmsnorm, _silu_mul, _rope, _att_serial,
-    ]  # fmt: skip
-
-
-def cache_is_warm() -> bool:
-    """True when numba's on-disk cache holds this kernels.py's compiled kernels for the threads
-    configure() has set (a start-up then loads them in about a second instead of compiling for
-    a minute or so). Cheap: reads the cache index files only, without checking every signature,
-    so a partly filled cache may count as warm."""
-    try:
-        kernels = _kernel_dispatchers(False) + _kernel_dispatchers(numba.get_num_threads() > 1)
-        return all(bool(d._cache._cache_file._load_index()) for d in kernels)
-    except (AttributeError, OSError, EOFError, pickle.UnpicklingError):  # numba internals moved, or a torn file
-        return False
-
-
-def warm_up(progress: Callable[[str], None]) -> None:
-    """Compile (cold cache) or load (warm cache) every kernel signature the engine calls, by calling
-    each public kernel once on tiny arrays of the engine's dtypes and layouts, with the threads
-    configure() has set. progress(text) is called before each group (e.g. to print it)."""
-    T, cols, rows, hd = 2, 64, 40, 16
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((T, cols)).astype(np.float32)  # (T, cols) f32
-    progress("Q80 activations")
-    acts = new_activations(T, cols)
-    quantize_activations(acts, x)
-    payload = np.zeros((T, cols // QK * Q80_BLOCK_BYTES), np.uint8)  # (T, cols/32*34) q80
-    q80_bytes_from_activations(payload, acts, T)
-    activations_from_q80(acts, payload)
-    quantize_q80_into(payload, x)
-    dequantize_q80_add(x.copy(), payload)
-    progress("matmuls")
-    m = pack_q40(np.zeros((rows, cols // QK * Q40_BLOCK_BYTES), np.uint8))
-    for t in (1, T):
-        matmul_q40(np.zeros((t, rows), np.float32), m, acts, t)
-        matmul_f32(np.zeros((t, rows), np.float32), x[:1].repeat(rows, 0).reshape(rows, cols), x[:t])
-    progress("norms, rope, silu")
-    rmsnorm(x, x, np.ones(cols, np.float32), 1e-5)
-    silu_mul(x, x.copy())
-    cos, sin = rope_tables(hd, 8, 10000.0, None)
-    qkv = rng.standard_normal((T, 4, hd)).astype(np.float32)  # (T, heads, hd) f32
-    for halves in (False, True):
-        rope(qkv, np.arange(T, dtype=np.int64), cos, sin, halves)
-    progress("attention")
-    kc = rng.standard_normal((8, 2, hd)).astype(np.float32)  # (max_seq, n_kv, hd) f32
-    out = np.zeros((T, 4, hd), np.float32)
-    scratch = new_attention_scratch(8, 4, hd)
-    for t in (1, T):
-        attention(out, qkv, kc, kc, 8 - t, t, scratch)
-        attention(out[:, 2:3], qkv[:, 2:3], kc[:, 1:2], kc[:, 1:2], 8 - t, t)  # head ranges: strided views
-    if numba.get_num_threads() > 1:  # the decode kernel that splits positions over threads
-        n = 2 * ATT_MIN_CHUNK
-        kc = np.zeros((n, 2, hd), np.float32)  # (positions, n_kv, hd) f32
-        attention(out[:1], qkv[:1], kc, kc, n - 1, 1, new_attention_scratch(n, 4, hd))

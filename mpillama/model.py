@@ -125,13 +125,13 @@ class RankModel:
         self.z_acts = kernels.new_activations(T, self.q_dim)
         self.h13 = np.zeros((T, 2 * nf), dtype=np.float32)  # (max_tokens, 2*ffn_local) w1 and w3 outputs
         self.h = np.zeros((T, nf), dtype=np.float32)  # (max_tokens, ffn_local) silu(w1 y) * w3 y
-        self.h3 = np.zeros((T, nf), dtype=np.float32)
         self.h_acts = kernels.new_activations(T, nf)
         self.partial = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) this rank's block output
         self.logits = np.zeros((1, slc.n_vocab_rows), dtype=np.float32)  # (1, vocab_local)
         # (n_layers, max_seq_len, n_kv_local, hd) f32 each
         self.k_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
         self.v_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
+        self.att_scratch = kernels.new_attention_scratch(max_seq_len, nq, hd)
         self.cos, self.sin = kernels.rope_tables(hd, max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.positions = np.arange(max_seq_len, dtype=np.int64)  # (max_seq_len,) sliced per call
 
@@ -168,10 +168,11 @@ class RankModel:
         v_cache[pos0 : pos0 + T] = qkv[:, qd + kvd :].reshape(T, self.slc.n_kv_heads, hd)
         z = self.z[:T]
         if self.aligned:
-            kernels.attention(z, q, k_cache, v_cache, pos0, T)
+            kernels.attention(z, q, k_cache, v_cache, pos0, T, self.att_scratch)
         else:  # query heads that straddle KV groups (more ranks than KV heads): one call per KV head
             for kv, a, b in self.groups:
-                kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T)
+                kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T,
+                                  self.att_scratch)
         z2 = z.reshape(T, qd)
         partial = self.partial[:T]
         if isinstance(lw.wo, np.ndarray):
@@ -183,12 +184,10 @@ class RankModel:
 
     def ffn(self, layer: int, y: np.ndarray, acts: Any, T: int) -> np.ndarray:
         """This rank's partial of W2 @ (silu(W1 y) * W3 y) over its hidden rows."""
-        lw, nf = self.w.layers[layer], self.slc.n_ffn_rows
-        h13, h, h3 = self.h13[:T], self.h[:T], self.h3[:T]
+        lw = self.w.layers[layer]
+        h13, h = self.h13[:T], self.h[:T]
         matmul(h13, lw.w13, y, acts, T)
-        h[:] = h13[:, :nf]
-        h3[:] = h13[:, nf:]
-        kernels.silu_mul(h, h3)
+        kernels.swiglu(h, h13)
         partial = self.partial[:T]
         if isinstance(lw.w2, np.ndarray):
             kernels.matmul_f32(partial, lw.w2, h)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -247,6 +252,14 @@ def test_silu_mul():
     np.testing.assert_allclose(h1, ref, rtol=1e-5, atol=1e-7)
 
 
+def test_swiglu_is_silu_mul_of_the_halves():
+    rng = np.random.default_rng(26)
+    h13 = (rng.standard_normal((3, 2 * 999)) * 5).astype(np.float32)
+    out = np.full((3, 999), np.nan, np.float32)
+    kernels.swiglu(out, h13)
+    np.testing.assert_allclose(out, quant.silu_mul_ref(h13[:, :999], h13[:, 999:]), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize(
     "scaling", [None, RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)]
@@ -300,7 +313,8 @@ def test_attention_head_range_views(nthreads):
     out = np.full((T, 8, hd), np.nan, np.float32)
     a, b = 5, 7  # heads 5, 6 of kv head 1
     kernels.attention(out[:, a:b], q[:, a:b], k[:, 1:2], v[:, 1:2], pos0, T)
-    np.testing.assert_allclose(out[:, a:b], quant.attention_ref(q[:, a:b], k[:, 1:2], v[:, 1:2], pos0), rtol=1e-5, atol=1e-5)
+    ref = quant.attention_ref(q[:, a:b], k[:, 1:2], v[:, 1:2], pos0)
+    np.testing.assert_allclose(out[:, a:b], ref, rtol=1e-5, atol=1e-5)
     assert np.all(np.isnan(out[:, :a])) and np.all(np.isnan(out[:, b:]))
 
 
@@ -330,11 +344,24 @@ def test_attention_increasing_scores(with_scratch):
     np.testing.assert_allclose(out, quant.attention_ref(q, k, v, n - 1), rtol=1e-5, atol=1e-6)
 
 
-def test_warm_up_loads_every_kernel(nthreads):
-    seen: list[str] = []
-    kernels.warm_up(seen.append)
-    assert seen and all(isinstance(s, str) for s in seen)
-    assert kernels.cache_is_warm()  # whatever warm_up compiled is now in numba's cache
+@pytest.mark.parametrize(
+    ("nthreads", "preset", "expected"), [(1, None, None), (2, None, "ACTIVE"), (2, "PASSIVE", "PASSIVE")]
+)
+def test_configure_spins_only_with_several_threads(nthreads, preset, expected):
+    # libgomp reads OMP_WAIT_POLICY once, as it loads: a fresh process shows what configure() chose
+    if nthreads > len(os.sched_getaffinity(0)):
+        pytest.skip("fewer CPUs than threads: configure() leaves the threads sleeping")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = (
+        f"import os; from mpillama import kernels; kernels.configure({nthreads}); "
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == str(expected)
 
 
 def test_configure_rejects_bad_thread_counts():
