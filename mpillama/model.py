@@ -54,6 +54,16 @@ def matmul(out: np.ndarray, w: Matrix, y: np.ndarray, acts: Any, T: int) -> None
         kernels.matmul_q40(out, w, acts, T)
 
 
+def matmul_local(out: np.ndarray, w: Matrix, x: np.ndarray, acts: Any, T: int) -> None:
+    """out (T, rows) = x (T, cols) @ w.T for an input this rank computed itself: a Q40 weight
+    needs it as Q80 activations first (filled into acts)."""
+    if isinstance(w, np.ndarray):
+        kernels.matmul_f32(out, w, x)
+    else:
+        kernels.quantize_activations(acts, x)
+        kernels.matmul_q40(out, w, acts, T)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray | None  # (dim,) f32, where the residual stream lives
@@ -173,13 +183,8 @@ class RankModel:
             for kv, a, b in self.groups:
                 kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T,
                                   self.att_scratch)
-        z2 = z.reshape(T, qd)
         partial = self.partial[:T]
-        if isinstance(lw.wo, np.ndarray):
-            kernels.matmul_f32(partial, lw.wo, z2)
-        else:
-            kernels.quantize_activations(self.z_acts, z2)
-            kernels.matmul_q40(partial, lw.wo, self.z_acts, T)
+        matmul_local(partial, lw.wo, z.reshape(T, qd), self.z_acts, T)
         return partial
 
     def ffn(self, layer: int, y: np.ndarray, acts: Any, T: int) -> np.ndarray:
@@ -189,11 +194,7 @@ class RankModel:
         matmul(h13, lw.w13, y, acts, T)
         kernels.swiglu(h, h13)
         partial = self.partial[:T]
-        if isinstance(lw.w2, np.ndarray):
-            kernels.matmul_f32(partial, lw.w2, h)
-        else:
-            kernels.quantize_activations(self.h_acts, h)
-            kernels.matmul_q40(partial, lw.w2, self.h_acts, T)
+        matmul_local(partial, lw.w2, h, self.h_acts, T)
         return partial
 
     # -- one forward pass ---------------------------------------------------------------
