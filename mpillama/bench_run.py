@@ -62,21 +62,20 @@ def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> di
     # warm-up: compile and touch every kernel and weight once
     engine.reset()
     engine.generate(prompt[: min(8, prompt_tokens)], 2, greedy, stop_on_eos=False)
-    session_rec = engine.rec
+    traced = isinstance(engine.rec, Recorder)  # --trace: the session's recorder (it flushes itself)
     results = []
     for _ in range(repeat):
         engine.reset()
-        rec = session_rec if isinstance(session_rec, Recorder) else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
+        rec = engine.rec if traced else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
         engine.rec = rec
-        first_step = engine.step
         gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-        decode = set(range(first_step + (engine.step - first_step - gen.decode_steps), engine.step))
-        split = decode_split(rec, decode) if rec is not session_rec else {}
-        results.append((gen.prompt_tok_s, gen.gen_tok_s, split))
-    engine.rec = NullRecorder(0) if not isinstance(session_rec, Recorder) else session_rec
+        decode = set(range(engine.step - gen.decode_steps, engine.step))
+        results.append((gen.prompt_tok_s, gen.gen_tok_s, {} if traced else decode_split(rec, decode)))
+    # the same generation without recording: the recorder's cost, measured in this run
+    recorder, engine.rec = engine.rec, NullRecorder(0)
     engine.reset()
     plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-    engine.rec = session_rec
+    engine.rec = recorder
     pp = median(r[0] for r in results)
     tg = median(r[1] for r in results)
     split = results[len(results) // 2][2]

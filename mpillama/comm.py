@@ -56,12 +56,18 @@ class Comm:
     """A communicator with timeouts and chunked transfers."""
 
     def __init__(self, mpi_comm: Any, timeout: float, chunk_bytes: int) -> None:
-        self.mpi = mpi_comm
+        # A private duplicate (collective): nothing another user of mpi_comm sends or starts, nor a
+        # previous engine in the same process, can ever match this engine's messages.
+        self.mpi = mpi_comm.Dup()
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.context = ""  # e.g. "step 12 layer 3 att_sync", set by the caller for error messages
+
+    def free(self) -> None:
+        """Release the duplicate communicator (collective)."""
+        self.mpi.Free()
 
     # -- waiting -------------------------------------------------------------------------
     def wait(self, reqs: list[Any], peers: list[int], timeout: float | None = -1.0) -> None:
@@ -172,8 +178,7 @@ class Comm:
 
 # -- control messages: what the workers do next --------------------------------------------
 CMD_FORWARD = 1
-CMD_RESET = 2
-CMD_STOP = 3
+CMD_STOP = 2
 LOGITS_NONE = 0  # no logits needed (prefill chunks before the last)
 LOGITS_ARGMAX = 1  # greedy: each rank sends only its best (value, index)
 LOGITS_FULL = 2  # sampling or --dump-logits: the whole row

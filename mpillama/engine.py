@@ -23,7 +23,7 @@ import numpy as np
 from mpillama import __version__, kernels, partition
 from mpillama.comm import (
     CMD_FORWARD, CMD_STOP, LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE,
-    Comm, Control, Timeline, hostname, library_version, make_sync,
+    Comm, Control, Timeline, abort, hostname, library_version, make_sync,
 )
 from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
@@ -145,7 +145,13 @@ class Engine:
             error = e
         comm.agree(error)
         assert model is not None
-        warm_up(comm, model)
+        try:
+            warm_up(comm, model)
+        except Exception as e:  # the other ranks are inside the warm-up's collectives: end the job
+            if comm.size == 1:
+                raise
+            print(f"mpillama: error: rank {comm.rank}: first forward pass failed: {e!r}", file=sys.stderr, flush=True)
+            abort(1)
         install_test_hooks(model, comm.rank)
         load_s = time.perf_counter() - t0
         meta = {
@@ -254,6 +260,7 @@ class Engine:
         self.stop_workers()
         memory = self.comm.allgather_obj(memory_mb())
         self.session.close({**(summary or {}), "private_mb_per_rank": [m[0] for m in memory]})
+        self.comm.free()
         return memory
 
     # -- generation (rank 0) -------------------------------------------------------------

@@ -142,6 +142,9 @@ class RankModel:
         self.k_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
         self.v_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
         self.att_scratch = kernels.new_attention_scratch(max_seq_len, nq, hd)
+        # query heads that straddle KV groups run one attention call per KV head, each its own scratch
+        self.group_scratch = [] if self.aligned else [kernels.new_attention_scratch(max_seq_len, b - a, hd)
+                                                      for _, a, b in self.groups]
         self.cos, self.sin = kernels.rope_tables(hd, max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.positions = np.arange(max_seq_len, dtype=np.int64)  # (max_seq_len,) sliced per call
 
@@ -180,9 +183,9 @@ class RankModel:
         if self.aligned:
             kernels.attention(z, q, k_cache, v_cache, pos0, T, self.att_scratch)
         else:  # query heads that straddle KV groups (more ranks than KV heads): one call per KV head
-            for kv, a, b in self.groups:
+            for (kv, a, b), scratch in zip(self.groups, self.group_scratch):
                 kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T,
-                                  self.att_scratch)
+                                  scratch)
         partial = self.partial[:T]
         matmul_local(partial, lw.wo, z.reshape(T, qd), self.z_acts, T)
         return partial

@@ -3,6 +3,7 @@ and the errors users see for bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,12 @@ def test_chat_answers_each_line_and_keeps_the_conversation(models: dict[str, Pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") >= 2 and done.stdout.strip()  # each answer ends with a newline
     assert "error" not in done.stderr
+
+
+def test_bench_prints_speeds_and_the_time_split(models: dict[str, Path]) -> None:
+    done = cli_subprocess("bench", "--model", str(models["tiny-q40"]), "--prompt-tokens", "8", "--steps", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0 and result["gen_tok_s_unrecorded"] > 0
+    assert {"att", "ffn", "head", "att_sync"} <= set(result["split_ms"])
+    assert 0 <= result["outside_matmul_share"] < 1
