@@ -148,7 +148,9 @@ class Comm:
         Every rank calls it after local work (loading, validation), so one rank's bad input
         stops the job cleanly instead of leaving the others waiting in a collective.
         """
-        message = None if error is None else (str(error) if isinstance(error, MpillamaError) else repr(error))
+        # bad input (our errors, unreadable files) is said in one line; a bug keeps its traceback
+        user_error = isinstance(error, (MpillamaError, OSError))
+        message = None if error is None else (str(error) if user_error else repr(error))
         if self.size == 1:
             failures = [(0, message)] if message else []
         else:
@@ -161,7 +163,7 @@ class Comm:
                 failures = [(r, m) for r, m in enumerate(messages) if m]
         if failures:
             rank, text = failures[0]
-            if isinstance(error, MpillamaError) or rank != self.rank or error is None:
+            if user_error or rank != self.rank or error is None:
                 raise MpillamaError(text if rank == 0 else f"rank {rank}: {text}")
             raise error
 

@@ -106,7 +106,7 @@ class Engine:
         try:
             src = open_weight_source(comm, model_path, run)
             cfg = src.config
-        except (MpillamaError, OSError) as e:
+        except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
             error = e
         comm.agree(error)
         assert src is not None and cfg is not None
@@ -141,7 +141,7 @@ class Engine:
             model = RankModel(cfg, slc, rank_weights, max_seq_len, max_tokens, sync)
             if comm.rank == 0 and need_tokenizer:
                 tokenizer = src.tokenizer(tokenizer_path)
-        except (MpillamaError, OSError, MemoryError) as e:
+        except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
             error = e
         comm.agree(error)
         assert model is not None
