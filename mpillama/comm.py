@@ -14,7 +14,6 @@ Both turn the residual stream into the normalised, quantised input of a block on
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -365,12 +364,3 @@ class AllreduceSync:
 def make_sync(kind: str, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool):
     cls = {"star": StarSync, "allreduce": AllreduceSync}[kind]
     return cls(comm, dim, max_tokens, buffer_type, need_f32_input)
-
-
-def print_rank_ordered(comm: Comm, text: str) -> None:
-    """Debug helper: every rank prints in rank order (collective)."""
-    for r in range(comm.size):
-        if r == comm.rank:
-            print(f"[rank {r}] {text}", file=sys.stderr, flush=True)
-        comm.barrier()
-

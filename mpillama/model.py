@@ -204,7 +204,7 @@ class RankModel:
     def forward(self, tokens: np.ndarray | None, pos0: int, T: int, tl: Any, want_logits: bool) -> np.ndarray | None:
         """Run T tokens at positions pos0.. through every layer; returns this rank's logits rows
         for the last token (or None when want_logits is False, e.g. a prefill chunk)."""
-        cfg, sync, eps = self.cfg, self.sync, self.cfg.norm_eps
+        sync, eps = self.sync, self.cfg.norm_eps
         x = self.x[:T] if self.x is not None else None
         if x is not None:
             self.embed(tokens, tl)
