@@ -549,6 +549,11 @@ def test_sigterm_mid_run_leaves_a_partial_file(tmp_path: Path, target: str) -> N
             assert time.monotonic() < deadline, "the traced run never started"
             time.sleep(0.05)
         time.sleep(1.0)  # some steps, flushes and checkpoints
+        # mpirun kills every rank at once: only a checkpoint survives, so wait for one with steps in it
+        while target == "mpirun" and not (path.exists() and len(load_trace(path).steps) > 5):
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline + 60, "no checkpoint with more than 5 steps was written"
+            time.sleep(0.1)
         os.kill(int(running.read_text()) if target == "rank0" else proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
     finally:
