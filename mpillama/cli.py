@@ -16,14 +16,12 @@ from typing import Any, Callable
 
 from mpillama.config import build_run_config, parse_rank_weights
 from mpillama.errors import MpillamaError
+from mpillama.mpienv import launched_rank
 
 
 def env_rank() -> int:
     """This process's rank from the MPI launcher's environment, without initialising MPI."""
-    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
+    return launched_rank() or 0
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=512, help="most tokens per answer")
     p.set_defaults(func=lambda a: _run_commands().chat(a, run_config(a)))
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    add_run_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one, shown on stderr)")
+    p.set_defaults(func=lambda a: _run_commands().serve(a, run_config(a)))
+
     p = sub.add_parser("bench", help="prompt-eval and generation tok/s")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model")
@@ -113,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-type", choices=["q40", "f32"], default="q40")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("sweep", help="run bench once per point of a grid of settings; collect the results in HDF5")
+    p.add_argument("--grid", help="GRID.toml: model, launcher and the settings to combine (see mpillama/sweep.py)")
+    p.add_argument("--out", help="RESULTS.h5, rewritten after every point")
+    p.add_argument("--launcher", help="replaces the grid's [launcher] command and args, e.g. 'srun --cpu-bind=cores'")
+    ssub = p.add_subparsers(dest="sweep_command")
+    t = ssub.add_parser("report", help="print the table of a results file again")
+    t.add_argument("file")
+    t.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("trace", help="report, plot, export or compare HDF5 traces")
     tsub = p.add_subparsers(dest="trace_command", required=True)
@@ -179,6 +193,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if env_rank() == 0:
         print(text)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mpillama.sweep import command  # the sweep launches ranks; it is never one (no MPI here)
+
+    return command(args)
 
 
 def limit_blas_threads(nthreads: int | None) -> None:

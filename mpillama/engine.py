@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +53,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0  # forward passes of one token
-    stop_reason: str = "steps"  # steps | eos | context
+    stop_reason: str = "steps"  # steps | eos | context | until (the caller's until() said stop)
 
     @property
     def prompt_tok_s(self) -> float:
@@ -137,10 +138,12 @@ class Engine:
             hook_fail = os.environ.get("MPILLAMA_TEST_FAIL_LOAD")
             if hook_fail is not None and int(hook_fail) == comm.rank:
                 raise MpillamaError(f"test hook MPILLAMA_TEST_FAIL_LOAD made rank {comm.rank} fail while loading")
-            rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual())
-            model = RankModel(cfg, slc, rank_weights, max_seq_len, max_tokens, sync)
-            if comm.rank == 0 and need_tokenizer:
-                tokenizer = src.tokenizer(tokenizer_path)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                # rank 0 builds the tokenizer (a second of Python) while packing weights releases the GIL
+                pending = pool.submit(src.tokenizer, tokenizer_path) if comm.rank == 0 and need_tokenizer else None
+                rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual())
+                model = RankModel(cfg, slc, rank_weights, max_seq_len, max_tokens, sync)
+                tokenizer = pending.result() if pending is not None else None
         except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
             error = e
         comm.agree(error)
@@ -249,6 +252,13 @@ class Engine:
         """Rank 0: forget the conversation (the KV cache is simply overwritten from position 0)."""
         self.pos = 0
 
+    def resume(self, cached: list[int], ids: list[int]) -> int:
+        """Rank 0: keep the KV rows of the longest prefix `ids` shares with `cached` (the tokens the
+        cache holds, in order) and continue after it; returns how many of `ids` need no prefill.
+        At least one token (ids is not empty) is left to run, to get logits."""
+        self.pos = min(common_prefix(cached, ids), len(ids) - 1)
+        return self.pos
+
     def stop_workers(self) -> None:
         if self.comm.rank == 0 and not self.stopped:
             self.ctrl.set(CMD_STOP, [], 0, LOGITS_NONE)
@@ -266,8 +276,11 @@ class Engine:
     # -- generation (rank 0) -------------------------------------------------------------
     def generate(self, prompt_ids: list[int], steps: int, sampler: Sampler,
                  on_text: Callable[[str], None] | None = None, dump_logits: np.ndarray | None = None,
-                 stop_on_eos: bool = True) -> Generation:
-        """Prefill prompt_ids (continuing at self.pos) then sample up to `steps` tokens."""
+                 stop_on_eos: bool = True, until: Callable[[], bool] | None = None) -> Generation:
+        """Prefill prompt_ids (continuing at self.pos) then sample up to `steps` tokens.
+
+        until, if given, is asked after each token (after on_text): True ends the generation
+        there, between passes, with stop_reason 'until' (stop strings, a client that left)."""
         assert self.comm.rank == 0
         n = len(prompt_ids)
         if n == 0:
@@ -307,6 +320,9 @@ class Engine:
                     on_text(piece)
             if stop_on_eos and self.tokenizer is not None and token in self.tokenizer.eos_ids:
                 gen.stop_reason = "eos"
+                break
+            if until is not None and until():
+                gen.stop_reason = "until"
                 break
             if i == steps - 1:
                 break
@@ -414,3 +430,13 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array)
     tmp.replace(path)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -37,6 +37,7 @@ import functools
 import math
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -49,6 +50,7 @@ from numba.extending import intrinsic, models, register_model
 
 from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
+from mpillama.mpienv import ranks_on_this_host
 from mpillama.quant import Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, rope_frequencies_ref
 
 TILE = 256  # weight rows per tile of the tiles layout
@@ -75,13 +77,14 @@ def configure(nthreads: int) -> None:
     """Pick the omp threading layer when available (before any parallel launch) and set numba's threads.
 
     Under omp a parallel launch costs ~1-2 us against 20-40 us under numba's default workqueue.
-    With more than one thread, and no more threads than the CPUs this process may run on,
-    OpenMP's threads busy-wait between parallel regions (OMP_WAIT_POLICY=ACTIVE, unless the
-    environment sets it): a decode token opens ~80 regions, and threads that sleep in between
-    take so long to wake that 2 threads decoded only ~1.15x faster than 1 (~1.6x spinning).
-    The price: the threads spin on their cores between regions, also while the program waits
-    for input. Set OMP_WAIT_POLICY=PASSIVE to trade speed for that, and always when several
-    ranks on one host together run more threads than it has cores.
+    With more than one thread, and no more threads on this host (over all its ranks) than the
+    CPUs this process may run on, OpenMP's threads busy-wait between parallel regions
+    (OMP_WAIT_POLICY=ACTIVE, unless the environment sets it): a decode token opens ~80
+    regions, and threads that sleep in between take so long to wake that 2 threads decoded
+    only ~1.15x faster than 1 (~1.6x spinning). The price: the threads spin on their cores
+    between regions, also while the program waits for input; set OMP_WAIT_POLICY=PASSIVE to
+    trade speed for that. Ranks that share a host with more threads than cores always sleep:
+    spinning there would take the cores the other ranks compute on.
     """
     limit = numba.config.NUMBA_NUM_THREADS
     if nthreads < 1 or nthreads > limit:
@@ -95,7 +98,7 @@ def configure(nthreads: int) -> None:
     except ValueError:
         started = False
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not started and 1 < nthreads <= cpus:
+    if not started and 1 < nthreads and nthreads * ranks_on_this_host() <= cpus:
         os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # libgomp reads it once, as it loads (below)
     if not started and _omp_available():
         numba.config.THREADING_LAYER = "omp"
@@ -720,41 +723,51 @@ def default_layout() -> str:
     return LAYOUT_VNNI if simd_available() else LAYOUT_TILES
 
 
-@njit(cache=True)
-def _pack_vnni(buf, ggml):
-    # ggml (rows, nb*18) Q4_0 rows -> buf (n_groups, nb, 288) VNNI layout; padded rows: value 0
-    n_groups, nb = buf.shape[0], buf.shape[1]
-    rows = ggml.shape[0]
-    for g in range(n_groups):
-        dst = buf[g]  # (nb, 288)
-        for r in range(VNNI_ROWS):
-            row = g * VNNI_ROWS + r
-            if row < rows:
-                src = ggml[row]  # (nb*18,)
-                for b in range(nb):
-                    o = b * Q40_BLOCK_BYTES
-                    dst[b, 256 + 2 * r] = src[o]
-                    dst[b, 257 + 2 * r] = src[o + 1]
-                    for k in range(4):
-                        for i in range(4):
-                            dst[b, k * 64 + r * 4 + i] = src[o + 2 + 4 * k + i]
-            else:
-                for b in range(nb):
-                    dst[b, 256 + 2 * r] = 0
-                    dst[b, 257 + 2 * r] = 0
-                    for k in range(4):
-                        for i in range(4):
-                            dst[b, k * 64 + r * 4 + i] = 0x88
+@njit(cache=True, nogil=True)
+def _pack_vnni_rows(buf, ggml, row0):
+    # ggml (n, nb*18) Q4_0 rows -> rows row0..row0+n of buf (n_groups, nb, 288), the VNNI layout.
+    # ggml may be a strided view of the mapped model file: the bytes are read once, here.
+    # nogil: rank 0 builds the tokenizer in another thread meanwhile.
+    nb = buf.shape[1]
+    for i in range(ggml.shape[0]):
+        g, r = divmod(row0 + i, VNNI_ROWS)
+        src, dst = ggml[i], buf[g]  # (nb*18,), (nb, 288)
+        for b in range(nb):
+            o = b * Q40_BLOCK_BYTES
+            dst[b, 256 + 2 * r] = src[o]
+            dst[b, 257 + 2 * r] = src[o + 1]
+            for k in range(4):
+                for j in range(4):
+                    dst[b, k * 64 + r * 4 + j] = src[o + 2 + 4 * k + j]
 
 
-def pack_q40(ggml: np.ndarray, layout: str | None = None) -> Q40Matrix:
+@njit(cache=True, nogil=True)
+def _pad_vnni_rows(buf, row0):
+    # rows row0.. of the last group: zero-valued blocks (scale 0, nibbles 8)
+    nb = buf.shape[1]
+    for row in range(row0, buf.shape[0] * VNNI_ROWS):
+        g, r = divmod(row, VNNI_ROWS)
+        for b in range(nb):
+            buf[g, b, 256 + 2 * r] = 0
+            buf[g, b, 257 + 2 * r] = 0
+            for k in range(4):
+                for j in range(4):
+                    buf[g, b, k * 64 + r * 4 + j] = 0x88
+
+
+def pack_q40(ggml: np.ndarray | Sequence[np.ndarray], layout: str | None = None) -> Q40Matrix:
     """uint8 (rows, cols//32*18) GGML Q4_0 rows -> a Q40Matrix (a transpose; done once at load).
 
+    ggml may be a list of such row blocks (views of the mapped file, wq/wk/wv of one rank):
+    they are stacked in order, read straight from the map without an intermediate copy.
     layout None = default_layout(). Padded rows hold zero-valued blocks (scale 0, nibbles 8).
     """
-    assert ggml.ndim == 2 and ggml.dtype == np.uint8 and ggml.shape[1] % Q40_BLOCK_BYTES == 0, (
-        f"ggml {ggml.dtype} {ggml.shape}: expected uint8 (rows, nb*18)"
-    )
+    parts = [ggml] if isinstance(ggml, np.ndarray) else list(ggml)
+    for part in parts:
+        assert part.ndim == 2 and part.dtype == np.uint8 and part.shape[1] % Q40_BLOCK_BYTES == 0, (
+            f"ggml {part.dtype} {part.shape}: expected uint8 (rows, nb*18)"
+        )
+        assert part.shape[1] == parts[0].shape[1], "stacked Q40 blocks must have the same columns"
     layout = default_layout() if layout is None else layout
     if layout == LAYOUT_VNNI and not simd_available():
         raise MpillamaError(
@@ -763,13 +776,18 @@ def pack_q40(ggml: np.ndarray, layout: str | None = None) -> Q40Matrix:
         )
     if layout not in (LAYOUT_TILES, LAYOUT_VNNI):
         raise MpillamaError(f"unknown Q40 layout {layout!r}: use {LAYOUT_TILES!r} or {LAYOUT_VNNI!r}")
-    rows, nb = ggml.shape[0], ggml.shape[1] // Q40_BLOCK_BYTES
+    rows, nb = sum(p.shape[0] for p in parts), parts[0].shape[1] // Q40_BLOCK_BYTES
     group = TILE if layout == LAYOUT_TILES else VNNI_ROWS
     n_groups = -(-rows // group)
     if layout == LAYOUT_VNNI:
         buf = np.empty((n_groups, nb, VNNI_BLOCK_BYTES), np.uint8)  # (n_groups, nb, 288)
-        _pack_vnni(buf, np.ascontiguousarray(ggml))
+        row0 = 0
+        for part in parts:
+            _pack_vnni_rows(buf, np.asarray(part), row0)
+            row0 += part.shape[0]
+        _pad_vnni_rows(buf, rows)
         return Q40Matrix(rows=rows, cols=nb * QK, layout=layout, qs=buf, d=buf[:, :, 256:].view("<u2"))
+    ggml = parts[0] if len(parts) == 1 else np.concatenate(parts)
     blocks = ggml.reshape(rows, nb, Q40_BLOCK_BYTES)
     qs = np.full((n_groups * group, nb, 16), 0x88, np.uint8)  # (n_groups*group, nb, 16); 0x88 = nibbles 8 = value 0
     qs[:rows] = blocks[:, :, 2:]

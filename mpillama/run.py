@@ -133,11 +133,7 @@ def chat(args: argparse.Namespace, run: RunConfig) -> int:
             prompt = render_chat(tok.chat_template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
                                  add_generation_prompt=True, arch_hint=engine.cfg.arch)
             ids = tok.encode(prompt)  # adds BOS only if the template did not write it
-            # reuse the cache for the conversation so far; feed only what is new
-            keep = common_prefix(in_cache, ids)
-            if keep == len(ids):
-                keep -= 1  # always run at least one token to get logits
-            engine.pos = keep
+            keep = engine.resume(in_cache, ids)  # the conversation so far is in the cache: feed what is new
             try:
                 last = engine.generate(ids[keep:], args.steps, sampler, on_text=write_text)
             except MpillamaError as e:
@@ -155,13 +151,17 @@ def chat(args: argparse.Namespace, run: RunConfig) -> int:
     return drive(comm, engine, body)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+# -- serve ------------------------------------------------------------------------------------
+def serve(args: argparse.Namespace, run: RunConfig) -> int:
+    from mpillama.server import check_address, ignore_stop_signals, serve_requests
+
+    check_address(args.host, args.port)
+    comm = start(run)
+    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+    if comm.rank != 0:
+        ignore_stop_signals()  # mpirun passes SIGTERM to every rank: rank 0 stops the workers itself
+    name = Path(args.model).name
+    return drive(comm, engine, lambda engine: serve_requests(engine, run, name, args.host, args.port))
 
 
 # -- bench ------------------------------------------------------------------------------------

@@ -29,24 +29,28 @@ from mpillama.quant import quantize_q40
 TAG_WEIGHTS = 21
 
 
-def read_raw(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
-             weight_type: str) -> np.ndarray:
-    """The named matrices' row ranges (and column range), stacked: Q4_0 bytes or f32."""
+def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
+               weight_type: str) -> list[np.ndarray]:
+    """The named matrices' row ranges (and column range), in order: Q4_0 bytes (views of the
+    mapped file where it stores Q4_0, so that packing reads each byte once) or f32 copies."""
     parts = []
     for i, name in enumerate(names):
         r = slice(*rows[i]) if rows is not None else None
         c = slice(*cols) if cols is not None else None
-        parts.append(mf.read_q40(name, r, c) if weight_type == "q40" else mf.read_f32(name, r, c))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts.append(mf.read_q40(name, r, c, copy=False) if weight_type == "q40" else mf.read_f32(name, r, c))
+    return parts
 
 
-def finish_matrix(raw: np.ndarray, weight_type: str) -> Any:
-    return kernels.pack_q40(raw) if weight_type == "q40" else np.ascontiguousarray(raw, dtype=np.float32)
+def finish_matrix(parts: list[np.ndarray], weight_type: str) -> Any:
+    """Row blocks -> the matrix this rank computes with: Q40 packed for the kernel, or f32 stacked."""
+    if weight_type == "q40":
+        return kernels.pack_q40(parts)
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=np.float32)
 
 
 def raw_shape(tensors: dict[str, Any], names: list[str], rows: list[tuple[int, int]] | None,
               cols: tuple[int, int] | None, weight_type: str) -> tuple[tuple[int, int], Any]:
-    """Shape and dtype of what read_raw returns, computed from the header alone."""
+    """Shape and dtype of read_parts' blocks stacked, computed from the header alone."""
     n_rows = sum(b - a for a, b in rows) if rows is not None else sum(tensors[n].shape[0] for n in names)
     n_cols = cols[1] - cols[0] if cols is not None else tensors[names[0]].shape[1]
     if weight_type == "q40":
@@ -61,14 +65,16 @@ class FileSource:
         self.mf, self.weight_type = mf, weight_type
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
-        return finish_matrix(read_raw(self.mf, names, rows, cols, self.weight_type), self.weight_type)
+        return finish_matrix(read_parts(self.mf, names, rows, cols, self.weight_type), self.weight_type)
 
     def vector(self, name: str) -> np.ndarray:
         return self.mf.read_f32(name)
 
     def embedding(self) -> tuple[str, np.ndarray]:
         if self.weight_type == "q40":
-            return "q40", self.mf.read_q40("token_embd")
+            # a view of the map: embedding reads only the prompt's rows (pages), and the 140 MB
+            # table of a 128k vocabulary is neither copied at start-up nor private memory
+            return "q40", self.mf.read_q40("token_embd", copy=False)
         return "f32", self.mf.read_f32("token_embd")
 
 
@@ -86,7 +92,7 @@ class SendingSource:
         self.sent += data.nbytes
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> None:
-        self._send(read_raw(self.mf, names, rows, cols, self.weight_type))
+        self._send(np.concatenate(read_parts(self.mf, names, rows, cols, self.weight_type)))
 
     def vector(self, name: str) -> None:
         self._send(self.mf.read_f32(name))
@@ -110,7 +116,7 @@ class ReceivingSource:
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
         shape, dtype = raw_shape(self.tensors, names, rows, cols, self.weight_type)
-        return finish_matrix(self._recv(shape, dtype), self.weight_type)
+        return finish_matrix([self._recv(shape, dtype)], self.weight_type)
 
     def vector(self, name: str) -> np.ndarray:
         return self._recv(self.tensors[name].shape, np.float32)

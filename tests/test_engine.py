@@ -4,6 +4,7 @@ and the errors users see for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpillama import mpienv
 from mpillama.cli import main
 from tests import reference
 
@@ -149,3 +151,18 @@ def test_bench_prints_speeds_and_the_time_split(models: dict[str, Path]) -> None
     assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0 and result["gen_tok_s_unrecorded"] > 0
     assert {"att", "ffn", "head", "att_sync"} <= set(result["split_ms"])
     assert 0 <= result["outside_matmul_share"] < 1
+
+
+def test_one_rank_without_a_launcher_never_starts_mpi(models: dict[str, Path]) -> None:
+    """A plain `python -m mpillama` run needs no MPI (starting it costs a second); the tokens are
+    those of a run that does start MPI (MPILLAMA_MPI=1: what mpirun -n 1 gets)."""
+    probe = ("import sys; from mpillama.cli import main; code = main(sys.argv[1:]); "
+             "print('MPI started' if 'mpi4py.MPI' in sys.modules else 'no MPI', file=sys.stderr); sys.exit(code)")
+    args = ["generate", "--model", str(models["tiny-q40"]), "--prompt", PROMPT, "--steps", "8", "--ignore-eos"]
+    env = {k: v for k, v in os.environ.items() if k not in mpienv.RANK_VARIABLES and k != mpienv.FORCE_MPI}
+    plain = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300, env=env)
+    forced = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300,
+                            env={**env, mpienv.FORCE_MPI: "1"})
+    assert plain.returncode == 0 and forced.returncode == 0, plain.stderr + forced.stderr
+    assert "no MPI" in plain.stderr and "MPI started" in forced.stderr
+    assert plain.stdout == forced.stdout and plain.stdout.strip()

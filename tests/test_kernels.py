@@ -57,6 +57,20 @@ def test_pack_unpack_roundtrip(layout, rows, cols):
     assert np.array_equal(kernels.unpack_q40(m), ggml)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_stacks_strided_parts_like_their_concatenation(layout):
+    # what loading does: wq/wk/wv row ranges of one rank, column-sliced views of the mapped file
+    rng = np.random.default_rng(7)
+    file_rows = rng.integers(0, 256, (3, 40, 4 * 18), dtype=np.uint8)  # 3 tensors, 40 rows, 4 blocks
+    parts = [file_rows[0, 3:19, 18:54], file_rows[1, 0:5, 18:54], file_rows[2, 30:40, 18:54]]
+    assert not parts[0].flags.c_contiguous
+    m = kernels.pack_q40(parts, layout)
+    stacked = np.concatenate(parts)
+    assert (m.rows, m.cols) == (31, 64)
+    assert np.array_equal(kernels.unpack_q40(m), stacked)
+    assert np.array_equal(m.qs, kernels.pack_q40(stacked, layout).qs)  # padding included
+
+
 def test_vnni_layout_bytes():
     # Group 0, block 1: row r's byte 4k+i at k*64 + r*4 + i, its f16 scale at 256 + 2r (independent of the kernels)
     if kernels.LAYOUT_VNNI not in LAYOUTS:
@@ -345,13 +359,16 @@ def test_attention_increasing_scores(with_scratch):
 
 
 @pytest.mark.parametrize(
-    ("nthreads", "preset", "expected"), [(1, None, None), (2, None, "ACTIVE"), (2, "PASSIVE", "PASSIVE")]
+    ("nthreads", "preset", "local_ranks", "expected"),
+    [(1, None, 1, None), (2, None, 1, "ACTIVE"), (2, "PASSIVE", 1, "PASSIVE"), (2, None, 64, None)],
 )
-def test_configure_spins_only_with_several_threads(nthreads, preset, expected):
-    # libgomp reads OMP_WAIT_POLICY once, as it loads: a fresh process shows what configure() chose
+def test_configure_spins_only_with_several_threads(nthreads, preset, local_ranks, expected):
+    # libgomp reads OMP_WAIT_POLICY once, as it loads: a fresh process shows what configure() chose.
+    # 64 ranks on this host with 2 threads each are more threads than cores: they must not spin.
     if nthreads > len(os.sched_getaffinity(0)):
         pytest.skip("fewer CPUs than threads: configure() leaves the threads sleeping")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMPI_COMM_WORLD_LOCAL_SIZE"] = str(local_ranks)
     if preset:
         env["OMP_WAIT_POLICY"] = preset
     code = (

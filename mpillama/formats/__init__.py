@@ -40,8 +40,11 @@ class ModelFile(Protocol):
         """f32 copy of tensor[rows, cols]: (r, c), or (n,) for 1-D tensors (slice those with rows=)."""
         ...
 
-    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        """uint8 (r, c//32*18) GGML Q4_0 bytes of tensor[rows, cols]; cols must be whole 32-blocks."""
+    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None,
+                 copy: bool = True) -> np.ndarray:
+        """uint8 (r, c//32*18) GGML Q4_0 bytes of tensor[rows, cols]; cols must be whole 32-blocks.
+
+        copy=False: a read-only view of the mapped file where the tensor is stored as Q4_0."""
         ...
 
     def tokenizer_metadata(self) -> dict[str, object] | None:

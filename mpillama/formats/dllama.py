@@ -40,6 +40,7 @@ import numpy as np
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
+    MappedTensors,
     Notice,
     TensorData,
     TensorInfo,
@@ -191,7 +192,7 @@ def dllama_config(path: Path, h: dict[str, int]) -> tuple[ModelConfig, str]:
     return cfg, kind
 
 
-class DllamaModel:
+class DllamaModel(MappedTensors):
     """A distributed-llama .m file opened for reading (memory-mapped)."""
 
     format = "dllama"
@@ -219,18 +220,6 @@ class DllamaModel:
         self.tensors = {name: d.info for name, d in self._data.items()}
         check_tensors(self.path, self.config, self.tensors)
         self._notice = Notice(f"mpillama: {self.path}: requantizing Q80 tensors to Q40 at load")
-
-    def _tensor(self, name: str) -> TensorData:
-        d = self._data.get(name)
-        if d is None:
-            raise MpillamaError(f"{self.path}: no tensor {name!r} in this {self.config.arch} model")
-        return d
-
-    def read_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_f32(rows, cols)
-
-    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_q40(rows, cols, self._notice)
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return None

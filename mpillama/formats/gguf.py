@@ -27,6 +27,7 @@ from gguf.quants import dequantize
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
+    MappedTensors,
     Notice,
     TensorData,
     TensorInfo,
@@ -383,7 +384,7 @@ def _summary(v: GGUFValue) -> Any:
     return v.get()
 
 
-class GGUFModel:
+class GGUFModel(MappedTensors):
     """A GGUF file opened for reading: config, tensor table, and row/column reads from a memory map."""
 
     format = "gguf"
@@ -403,18 +404,6 @@ class GGUFModel:
         foreign = sorted({_type_name(d) for d in self._data.values() if d.info.kind not in native})
         self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
 
-    def _tensor(self, name: str) -> TensorData:
-        d = self._data.get(name)
-        if d is None:
-            raise MpillamaError(f"{self.path}: no tensor {name!r}; it has: {', '.join(list(self._data)[:8])}, ...")
-        return d
-
-    def read_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_f32(rows, cols)
-
-    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_q40(rows, cols, self._notice)
-
     def raw_metadata(self) -> dict[str, GGUFValue]:
         """Every metadata value with its GGUF type (synth copies tokenizer keys with this)."""
         return self._kv
@@ -423,7 +412,7 @@ class GGUFModel:
         return gguf_tokenizer_metadata(self._kv)
 
     def close(self) -> None:
-        """Drop every reference to the memory map (arrays already returned are copies)."""
+        """Drop every reference to the memory map (views already returned keep it mapped)."""
         self._data, self._kv, self._buf = {}, {}, np.zeros(0, np.uint8)
 
 

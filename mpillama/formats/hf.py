@@ -25,6 +25,7 @@ import numpy as np
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
+    MappedTensors,
     TensorData,
     TensorInfo,
     check_tensors,
@@ -203,7 +204,7 @@ def _shard_files(folder: Path) -> list[Path]:
     return files
 
 
-class HFModel:
+class HFModel(MappedTensors):
     """A Hugging Face model folder opened for reading (each shard memory-mapped)."""
 
     format = "hf"
@@ -219,18 +220,6 @@ class HFModel:
         self.tensors = {name: d.info for name, d in self._data.items()}
         check_tensors(self.path, self.config, self.tensors, hint=" (or download the missing shard)")
         self.metadata: dict[str, object] = dict(raw)
-
-    def _tensor(self, name: str) -> TensorData:
-        d = self._data.get(name)
-        if d is None:
-            raise MpillamaError(f"{self.path}: no tensor {name!r} in this {self.config.arch} model")
-        return d
-
-    def read_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_f32(rows, cols)
-
-    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-        return self._tensor(name).read_q40(rows, cols)
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return None

@@ -248,13 +248,16 @@ class TensorData:
         return np.array(vals[:, c0:c1], dtype=np.float32)
 
     def read_q40(
-        self, rows: slice | None = None, cols: slice | None = None, notice: Notice | None = None
+        self, rows: slice | None = None, cols: slice | None = None, notice: Notice | None = None, copy: bool = True
     ) -> np.ndarray:
-        """uint8 (r, c//32*18) GGML Q4_0 bytes of [rows, cols]; unchanged bytes from a q40 source."""
+        """uint8 (r, c//32*18) GGML Q4_0 bytes of [rows, cols]; unchanged bytes from a q40 source.
+
+        copy=False: a q40 source's bytes are returned as a view of the map (a plain ndarray)."""
         r0, r1, c0, c1 = self._spans(rows, cols)
         assert c0 % QK == 0 and (c1 % QK == 0), f"{self.info.name}: Q40 columns [{c0}, {c1}) must be whole 32-blocks"
         if self.info.kind == "q40":
-            out = np.array(self._raw()[r0:r1, c0 // QK * Q40_BLOCK_BYTES : c1 // QK * Q40_BLOCK_BYTES])
+            mapped = np.asarray(self._raw()[r0:r1, c0 // QK * Q40_BLOCK_BYTES : c1 // QK * Q40_BLOCK_BYTES])
+            out = np.array(mapped) if copy else mapped
         else:
             if self.info.kind not in _FLOAT_KINDS and notice is not None:
                 notice()
@@ -264,6 +267,27 @@ class TensorData:
                 e = min(r1, r + step)
                 out[r - r0 : e - r0] = quantize_q40(self._decode(r, e, c0, c1))
         return out[0] if len(self.info.shape) == 1 else out
+
+
+class MappedTensors:
+    """What every reader shares: its tensors (TensorData over a memory map) read by name."""
+
+    path: Path
+    _data: dict[str, TensorData]
+    _notice: Notice | None = None  # said once if a tensor must be requantized to Q40
+
+    def _tensor(self, name: str) -> TensorData:
+        d = self._data.get(name)
+        if d is None:
+            raise MpillamaError(f"{self.path}: no tensor {name!r}; it has: {', '.join(list(self._data)[:8])}, ...")
+        return d
+
+    def read_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        return self._tensor(name).read_f32(rows, cols)
+
+    def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None,
+                 copy: bool = True) -> np.ndarray:
+        return self._tensor(name).read_q40(rows, cols, self._notice, copy)
 
 
 def check_extent(path: Path, name: str, offset: int, nbytes: int, file_size: int) -> None:
