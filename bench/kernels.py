@@ -1,7 +1,7 @@
 """Q80 x Q40 matmul and attention speed against baselines measured in the same run.
 
 Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--layouts vnni,tiles]
-                               [--attention] [--json] [--asm]
+                               [--attention] [--scaling] [--json] [--asm]
 
 Matmul: for each Llama-3.2-1B shape (rows x cols) and each Q40 layout this machine can run, it times
   decode   one token: the Q40 kernel vs numpy's float32 matrix-vector product;
@@ -14,6 +14,10 @@ Attention (--attention): one decode token of the Llama-3.2-1B shape (32 query he
 head_dim 64) at several positions, caches streaming from memory (16 layers' worth rotated),
 against the time to read the same K and V bytes once in order (ratio 1.0 = memory speed) and
 against the previous online-softmax kernel (one query head at a time).
+Scaling (--scaling, with --threads N > 1): for 1..N threads, the machine's memory read
+bandwidth (a numba sum over --stream-mb * 4 of floats, rows split over the threads) and the
+decode kernel on the output-head shape from memory, as G weights/s and as the GB/s of Q40
+bytes it reads: decode is bound by that bandwidth, so this is the ceiling for threads.
 Warm-up passes come first; the two timed sides alternate, so load from other processes hits both.
 Say whether the machine was idle (the load average is printed).
 
@@ -41,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stream-mb", type=float, default=256.0, help="bytes rotated per pass from memory (default 256)")
     p.add_argument("--min-seconds", type=float, default=0.25, help="least time spent timing each figure")
     p.add_argument("--attention", action="store_true", help="also time decode attention at long contexts")
+    p.add_argument("--scaling", action="store_true", help="memory bandwidth and decode speed at 1..--threads threads")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--asm", action="store_true", help="also compile the kernels uncached and count their vector ops")
     return p.parse_args()
@@ -72,6 +77,15 @@ class Row:
     q40_gws: float  # G weight-columns/s
     f32_gws: float
     ratio: float  # q40 speed / numpy float32 speed
+
+
+@dataclass
+class ScalingRow:
+    threads: int
+    read_gbs: float  # memory read bandwidth, GB/s
+    decode_gws: float  # the Q40 decode kernel on the head shape, G weights/s
+    decode_gbs: float  # the Q40 bytes it reads per second, GB/s
+    share: float  # decode_gbs / read_gbs
 
 
 @dataclass
@@ -246,6 +260,49 @@ def asm_report() -> dict[str, str]:
     return out
 
 
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _read_all(a, n_chunks):  # pragma: no cover - timed, not tested
+    # a (rows, cols) f32 -> its sum, rows split in n_chunks over the threads: reads every byte once
+    parts = np.zeros(n_chunks, np.float32)
+    rows = a.shape[0]
+    for c in numba.prange(n_chunks):
+        s = np.float32(0.0)
+        for r in range(c * rows // n_chunks, (c + 1) * rows // n_chunks):
+            for i in range(a.shape[1]):
+                s += a[r, i]
+        parts[c] = s
+    return parts.sum()
+
+
+def measure_scaling(max_threads: int, rng: np.random.Generator) -> list[ScalingRow]:
+    rows, cols = 128256, 2048
+    layout = available_layouts()[0]
+    ggml = random_q40(rows, cols, rng)
+    qs = q40_copies(ggml, layout, max(2, int(np.ceil(ARGS.stream_mb * 2**20 / ggml.nbytes))))
+    big = np.ones((int(ARGS.stream_mb * 2**20) // 4096, 4096), np.float32)  # (rows, 4096) f32, 4x --stream-mb
+    acts = kernels.new_activations(1, cols)
+    kernels.quantize_activations(acts, rng.standard_normal((1, cols)).astype(np.float32))
+    out = np.empty((1, rows), np.float32)
+    result = []
+    for k in range(1, max_threads + 1):
+        numba.set_num_threads(k)
+
+        def decode() -> None:
+            for m in qs:
+                kernels.matmul_q40(out, m, acts, 1)
+
+        def read() -> None:
+            _read_all(big, 64)
+
+        t_dec, t_read = best_pass_seconds(decode, read, ARGS.min_seconds)
+        gws = rows * cols * len(qs) / t_dec / 1e9
+        dec_gbs = ggml.nbytes * len(qs) / t_dec / 1e9
+        read_gbs = big.nbytes / t_read / 1e9
+        result.append(ScalingRow(k, read_gbs, gws, dec_gbs, dec_gbs / read_gbs))
+    numba.set_num_threads(max_threads)
+    return result
+
+
 def available_layouts() -> list[str]:
     if ARGS.layouts:
         return ARGS.layouts.split(",")
@@ -285,10 +342,19 @@ def main() -> None:
                 f"(ratio {a.ratio_online:5.2f}x)",
                 flush=True,
             )
+    scaling = measure_scaling(ARGS.threads, rng) if ARGS.scaling else []
+    if scaling and not ARGS.json:
+        for r in scaling:
+            print(
+                f"threads {r.threads}: memory read {r.read_gbs:5.1f} GB/s ({r.read_gbs / scaling[0].read_gbs:4.2f}x)  "
+                f"decode 128256x2048 {r.decode_gws:5.1f} G/s ({r.decode_gws / scaling[0].decode_gws:4.2f}x) "
+                f"= {r.decode_gbs:5.1f} GB/s of Q40, {r.share:4.0%} of the read bandwidth",
+                flush=True,
+            )
     asm = asm_report() if ARGS.asm else None
     meta = {
         "threads": ARGS.threads,
-        "threading_layer": numba.threading_layer() if results or att else None,
+        "threading_layer": numba.threading_layer() if results or att or scaling else None,
         "layouts": layouts,
         "stream_mb": ARGS.stream_mb,
         "l3_bytes": l3,
@@ -300,7 +366,8 @@ def main() -> None:
     if ARGS.json:
         import json
 
-        doc = {"meta": meta, "asm": asm, "results": [asdict(r) for r in results], "attention": [asdict(a) for a in att]}
+        doc = {"meta": meta, "asm": asm, "results": [asdict(r) for r in results], "attention": [asdict(a) for a in att],
+               "scaling": [asdict(r) for r in scaling]}
         print(json.dumps(doc, indent=1))
         return
     print(

@@ -103,6 +103,9 @@ def configure(nthreads: int) -> None:
     if not started and _omp_available():
         numba.config.THREADING_LAYER = "omp"
     numba.set_num_threads(nthreads)
+    # numba's one-off start-up (its runtime and type registries, ~0.4 s of Python) happens at the
+    # first kernel call: have it here, before the loader runs the tokenizer in a second thread
+    _f16_value(0)
 
 
 # ---------------------------------------------------------------- float16 scalars
