@@ -21,11 +21,21 @@ from mpillama.sampler import Sampler
 from mpillama.trace.recorder import SEGMENTS, NullRecorder, Recorder
 
 
-def decode_split(rec: Recorder, decode_steps: set[int]) -> dict[str, float]:
+def rank0_records(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, segment code, seconds) of every record rank 0 holds: its recorder's, and under
+    --trace also those already flushed to the trace session."""
+    rec, n = engine.rec, engine.rec.n
+    parts = [np.stack([rec.steps[:n], rec.segs[:n], rec.t_ends[:n] - rec.t_starts[:n]], axis=1).astype(np.float64)]
+    flushed = engine.session.chunks[0] if engine.session.chunks else []  # (n, 6) rows, see Recorder.take
+    for packed in flushed:
+        parts.append(np.stack([packed[:, 0], packed[:, 2], packed[:, 4] - packed[:, 3]], axis=1))
+    rows = np.concatenate(parts)  # (records, 3) f64
+    return rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2]
+
+
+def decode_split(engine: Engine, decode_steps: set[int]) -> dict[str, float]:
     """ms per decode step in each segment kind, from rank 0's records."""
-    n = rec.n
-    segs, steps = rec.segs[:n], rec.steps[:n]
-    dur = rec.t_ends[:n] - rec.t_starts[:n]
+    steps, segs, dur = rank0_records(engine)
     mask = np.isin(steps, list(decode_steps))
     per_step = max(len(decode_steps), 1)
     return {SEGMENTS[c]: float(dur[mask & (segs == c)].sum() / per_step * 1e3) for c in np.unique(segs[mask])}
@@ -70,7 +80,7 @@ def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> di
         engine.rec = rec
         gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
         decode = set(range(engine.step - gen.decode_steps, engine.step))
-        results.append((gen.prompt_tok_s, gen.gen_tok_s, {} if traced else decode_split(rec, decode)))
+        results.append((gen.prompt_tok_s, gen.gen_tok_s, decode_split(engine, decode)))
     # the same generation without recording: the recorder's cost, measured in this run
     recorder, engine.rec = engine.rec, NullRecorder(0)
     engine.reset()

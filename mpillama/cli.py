@@ -210,7 +210,8 @@ def limit_blas_threads(nthreads: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    limit_blas_threads(getattr(args, "nthreads", None))
+    if hasattr(args, "nthreads"):  # only commands that run the model; sweep passes the environment on untouched
+        limit_blas_threads(args.nthreads)
     # numba's message highlighting wraps stdout with colorama, which then writes a colour reset
     # escape at exit (seen under mpirun): the generated text on stdout must stay clean
     os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")

@@ -343,14 +343,6 @@ def _check_out(out: Path) -> None:
         raise MpillamaError(f"--out {out}: directory {parent} does not exist or is not writable")
 
 
-def point_env(launcher: Launcher) -> dict[str, str]:
-    env = launcher.env()
-    # cli.main pinned BLAS to this process's (absent) --nthreads; each point sets its own
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(var, None)
-    return env
-
-
 def progress(index: int, total: int, r: PointResult) -> str:
     head = f"[{index}/{total}] {label(r.point)}: "
     if r.status == "ok":
@@ -397,7 +389,7 @@ def run_sweep(grid: Grid, out: str | Path) -> int:
     traces = traces_dir(out)
     if grid.trace:
         traces.mkdir(exist_ok=True)
-    env = point_env(grid.launcher)
+    env = grid.launcher.env()
     example = " ".join(grid.launcher.command_line(points[0]["ranks"], ["..."]))
     print(f"mpillama: sweep of {len(points)} points, model {grid.model}, each as: {example}; results in {out}",
           file=sys.stderr, flush=True)

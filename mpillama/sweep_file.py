@@ -74,8 +74,6 @@ def _row(r: PointResult) -> dict[str, Any]:
     row.update({k: v if k in INT_COLUMNS or k in FLOAT_COLUMNS else value_text(v) for k, v in r.point.items()})
     row["status"] = r.status
     row.update({m: float(r.metrics[m]) if isinstance(r.metrics.get(m), (int, float)) else math.nan for m in METRICS})
-    if r.metrics.get("split_ms") == {}:  # bench under --trace does not split the time: sync was not measured
-        row["rank0_sync_ms"] = math.nan
     row.update(wall_s=r.wall_s, trace=r.trace or "", error=r.error, json=json.dumps(r.metrics) if r.metrics else "")
     return row
 

@@ -144,12 +144,16 @@ def test_chat_answers_each_line_and_keeps_the_conversation(models: dict[str, Pat
     assert "error" not in done.stderr
 
 
-def test_bench_prints_speeds_and_the_time_split(models: dict[str, Path]) -> None:
-    done = cli_subprocess("bench", "--model", str(models["tiny-q40"]), "--prompt-tokens", "8", "--steps", "4", "--json")
+@pytest.mark.parametrize("traced", [False, True])
+def test_bench_prints_speeds_and_the_time_split(traced: bool, models: dict[str, Path], tmp_path: Path) -> None:
+    trace = ["--trace", str(tmp_path / "bench.h5")] if traced else []  # the split also comes from a traced run
+    done = cli_subprocess("bench", "--model", str(models["tiny-q40"]), "--prompt-tokens", "8", "--steps", "4", "--json",
+                          *trace)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0 and result["gen_tok_s_unrecorded"] > 0
     assert {"att", "ffn", "head", "att_sync"} <= set(result["split_ms"])
+    assert 0.5 < sum(result["split_ms"].values()) / result["token_ms"] < 1.5  # the segments tile a decode step
     assert 0 <= result["outside_matmul_share"] < 1
 
 

@@ -174,6 +174,7 @@ def test_a_sweep_runs_every_point_as_its_own_job(swept: tuple[Path, Done]) -> No
     assert cols["index"] == [1, 2, 3, 4] and cols["status"] == ["ok"] * 4 and cols["error"] == [""] * 4
     assert cols["ranks"] == [1, 1, 2, 2] and cols["sync"] == ["star", "allreduce"] * 2
     assert all(v > 0 for name in ("gen_tok_s", "prompt_tok_s", "token_ms", "wall_s") for v in cols[name])
+    assert all(v >= 0 for v in cols["rank0_sync_ms"]) and cols["rank0_sync_ms"][2] > 0  # traced points split too
     for i in range(4):  # what each job itself reported: it ran with the point's rank count and sync
         result = json.loads(cols["json"][i])
         assert (result["ranks"], result["sync"], result["gen_tokens"]) == (cols["ranks"][i], cols["sync"][i], 4)
