@@ -37,8 +37,9 @@ import functools
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -206,45 +207,30 @@ def _is_c_array(a: types.Type) -> bool:
     return isinstance(a, types.Array) and a.layout == "C"
 
 
-@intrinsic
-def _vload_i32(typingctx, arr, idx):  # noqa: ANN001, ANN202
-    """The 64 bytes at element idx of arr, as 16 int32 lanes."""
-    if _is_c_array(arr) and isinstance(idx, types.Integer):
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VI)
-            return builder.load(p, align=1)
-        return _I32X16(arr, idx), codegen
+def _vload(element: Any, result: _Vec, doc: str, finish: Callable[[Any, Any], Any] | None = None):  # noqa: ANN202
+    """An intrinsic loading one `element` (an LLVM type) at element idx of a C array, unaligned;
+    finish(builder, value) turns it into the lanes of `result`."""
+
+    @intrinsic
+    def load(typingctx, arr, idx):  # noqa: ANN001, ANN202
+        if _is_c_array(arr) and isinstance(idx, types.Integer):
+            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+                p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], element)
+                value = builder.load(p, align=1)
+                return finish(builder, value) if finish is not None else value
+            return result(arr, idx), codegen
+
+    load.__doc__ = doc
+    return load
 
 
-@intrinsic
-def _vload_f32(typingctx, arr, idx):  # noqa: ANN001, ANN202
-    """The 64 bytes at element idx of arr, as 16 float32 lanes."""
-    if _is_c_array(arr) and isinstance(idx, types.Integer):
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VF)
-            return builder.load(p, align=1)
-        return _F32X16(arr, idx), codegen
-
-
-@intrinsic
-def _vload_f16(typingctx, arr, idx):  # noqa: ANN001, ANN202
-    """16 float16 bit patterns (32 bytes) at element idx of arr, widened to float32 (vcvtph2ps)."""
-    if _is_c_array(arr) and isinstance(idx, types.Integer):
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            vh = llvm_ir.VectorType(llvm_ir.HalfType(), 16)
-            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vh)
-            return builder.fpext(builder.load(p, align=1), _LL_VF)
-        return _F32X16(arr, idx), codegen
-
-
-@intrinsic
-def _vbroadcast32(typingctx, arr, idx):  # noqa: ANN001, ANN202
-    """The 4 bytes at element idx of arr in all 16 int32 lanes."""
-    if _is_c_array(arr) and isinstance(idx, types.Integer):
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_I32)
-            return _splat(builder, builder.load(p, align=1), _LL_VI)
-        return _I32X16(arr, idx), codegen
+_vload_i32 = _vload(_LL_VI, _I32X16, "The 64 bytes at element idx of arr, as 16 int32 lanes.")
+_vload_f32 = _vload(_LL_VF, _F32X16, "The 64 bytes at element idx of arr, as 16 float32 lanes.")
+_vload_f16 = _vload(llvm_ir.VectorType(llvm_ir.HalfType(), 16), _F32X16,
+                    "16 float16 bit patterns (32 bytes) at element idx of arr, widened to float32 (vcvtph2ps).",
+                    lambda builder, v: builder.fpext(v, _LL_VF))
+_vbroadcast32 = _vload(_LL_I32, _I32X16, "The 4 bytes at element idx of arr in all 16 int32 lanes.",
+                       lambda builder, v: _splat(builder, v, _LL_VI))
 
 
 @intrinsic
