@@ -52,19 +52,21 @@ def perfetto_events(trace: Trace) -> dict[str, Any]:
             "args": {"step": int(st.step[i]), "tokens": int(st.tokens[i]), "position": int(st.position[i]),
                      "finished": bool(not np.isnan(st.t_end[i]))},
         })
+    # plain Python lists: indexing numpy arrays element by element costs more than building the events
     wait = _wait_per_record(trace)
-    ts = (s.t_start - origin) * 1e6
-    dur = np.maximum(s.dur, 0.0) * 1e6
-    for j in range(len(s)):
-        code = int(s.seg[j])
-        args: dict[str, Any] = {"step": int(s.step[j]), "layer": int(s.layer[j]), "bytes": int(s.nbytes[j])}
-        if not np.isnan(wait[j]):
-            args["wait_us"] = float(wait[j] * 1e6)
-        events.append({
-            "ph": "X", "name": trace.segment_names[code],
-            "cat": "sync" if trace.segment_names[code].endswith("_sync") else "compute",
-            "pid": int(s.rank[j]), "tid": code + 1, "ts": float(ts[j]), "dur": float(dur[j]), "args": args,
-        })
+    has_wait = (~np.isnan(wait)).tolist()
+    wait_us, ts = (wait * 1e6).tolist(), ((s.t_start - origin) * 1e6).tolist()
+    dur = (np.maximum(s.dur, 0.0) * 1e6).tolist()
+    codes, ranks = s.seg.astype(int).tolist(), s.rank.astype(int).tolist()
+    steps, layers, nbytes = s.step.astype(int).tolist(), s.layer.astype(int).tolist(), s.nbytes.astype(int).tolist()
+    names = list(trace.segment_names)
+    cats = ["sync" if name.endswith("_sync") else "compute" for name in names]
+    for j, code in enumerate(codes):
+        args: dict[str, Any] = {"step": steps[j], "layer": layers[j], "bytes": nbytes[j]}
+        if has_wait[j]:
+            args["wait_us"] = wait_us[j]
+        events.append({"ph": "X", "name": names[code], "cat": cats[code], "pid": ranks[j], "tid": code + 1,
+                       "ts": ts[j], "dur": dur[j], "args": args})
     return {
         "traceEvents": events,
         "displayTimeUnit": "ms",
@@ -77,7 +79,8 @@ def trace_export(path: str | Path, perfetto_out: str | Path) -> Path:
     out = Path(perfetto_out)
     doc = perfetto_events(load_trace(path))
     tmp = out.with_name(out.name + ".tmp")
+    text = json.dumps(doc, separators=(",", ":"))  # one call: the C encoder (json.dump writes piece by piece)
     with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
+        f.write(text)
     tmp.replace(out)
     return out
