@@ -10,6 +10,7 @@ the cost of the recorder shows as a ratio measured in the same run.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
@@ -64,40 +65,51 @@ def matmul_ms(engine: Engine, repeats: int = 5) -> float:
     return median(times) * 1e3
 
 
-def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> dict[str, Any]:
-    rng = np.random.default_rng(1234)
-    vocab = engine.cfg.vocab_size
-    prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
+@dataclass
+class Measured:
+    """One repetition: a recorded generation, the matmuls alone, and the same generation unrecorded."""
+
+    prompt_tok_s: float
+    gen_tok_s: float
+    split: dict[str, float]  # ms per decode step in each segment kind
+    matmul_ms: float
+    sync_ms: float
+    outside_share: float  # of a decode token, outside the matmuls and the sync
+    unrecorded_gen_tok_s: float
+
+
+def measure_once(engine: Engine, prompt: list[int], steps: int, traced: bool) -> Measured:
     greedy = Sampler(temperature=0.0)
-    # warm-up: compile and touch every kernel and weight once
     engine.reset()
-    engine.generate(prompt[: min(8, prompt_tokens)], 2, greedy, stop_on_eos=False)
-    traced = isinstance(engine.rec, Recorder)  # --trace: the session's recorder (it flushes itself)
-    results = []
-    for _ in range(repeat):
-        engine.reset()
-        rec = engine.rec if traced else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
-        engine.rec = rec
-        gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-        decode = set(range(engine.step - gen.decode_steps, engine.step))
-        split = decode_split(engine, decode)
-        # the matmuls alone, right after the tokens they are compared with: the share outside them
-        # is a difference of two times, so both are taken while the machine is in the same state
-        mm = matmul_ms(engine)
-        sync_ms = sum(v for k, v in split.items() if k.endswith("_sync"))
-        outside = 1 - (mm + sync_ms) * gen.gen_tok_s / 1e3 if gen.gen_tok_s else float("nan")
-        results.append((gen.prompt_tok_s, gen.gen_tok_s, split, mm, sync_ms, outside))
-    # the same generation without recording: the recorder's cost, measured in this run
+    if not traced:
+        engine.rec = Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
+    gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
+    split = decode_split(engine, set(range(engine.step - gen.decode_steps, engine.step)))
+    # the matmuls alone and the unrecorded run come right after the tokens they are compared with:
+    # the shares are differences of times, so all are taken while the machine is in the same state
+    mm = matmul_ms(engine)
+    sync_ms = sum(v for k, v in split.items() if k.endswith("_sync"))
     recorder, engine.rec = engine.rec, NullRecorder(0)
     engine.reset()
     plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
     engine.rec = recorder
-    pp = median(r[0] for r in results)
-    tg = median(r[1] for r in results)
-    middle = sorted(results, key=lambda r: r[1])[len(results) // 2]  # the run with the median gen tok/s
-    split, mm, sync_ms = middle[2], middle[3], middle[4]
+    outside = 1 - (mm + sync_ms) * gen.gen_tok_s / 1e3 if gen.gen_tok_s else float("nan")
+    return Measured(gen.prompt_tok_s, gen.gen_tok_s, split, mm, sync_ms, outside, plain.gen_tok_s)
+
+
+def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> dict[str, Any]:
+    rng = np.random.default_rng(1234)
+    prompt = [int(t) for t in rng.integers(0, engine.cfg.vocab_size, prompt_tokens)]
+    # warm-up: compile and touch every kernel and weight once
+    engine.reset()
+    engine.generate(prompt[: min(8, prompt_tokens)], 2, Sampler(temperature=0.0), stop_on_eos=False)
+    traced = isinstance(engine.rec, Recorder)  # --trace: the session's recorder (it flushes itself)
+    runs = [measure_once(engine, prompt, steps, traced) for _ in range(repeat)]
+    pp = median(r.prompt_tok_s for r in runs)
+    tg = median(r.gen_tok_s for r in runs)
+    middle = sorted(runs, key=lambda r: r.gen_tok_s)[len(runs) // 2]  # the run with the median gen tok/s
     token_ms = 1e3 / tg if tg else float("nan")
-    outside = median(r[5] for r in results)
+    plain = median(r.unrecorded_gen_tok_s for r in runs)
     out: dict[str, Any] = {
         "ranks": engine.comm.size,
         "nthreads": engine.run.nthreads,
@@ -107,12 +119,12 @@ def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> di
         "prompt_tok_s": round(pp, 2),
         "gen_tok_s": round(tg, 2),
         "token_ms": round(token_ms, 3),
-        "rank0_matmul_ms": round(mm, 3),
-        "rank0_sync_ms": round(sync_ms, 3),
-        "outside_matmul_share": round(max(0.0, outside), 3) if tg else None,
-        "gen_tok_s_unrecorded": round(plain.gen_tok_s, 2),
-        "recording_cost": round(1 - tg / plain.gen_tok_s, 4) if plain.gen_tok_s else None,
+        "rank0_matmul_ms": round(middle.matmul_ms, 3),
+        "rank0_sync_ms": round(middle.sync_ms, 3),
+        "outside_matmul_share": round(max(0.0, median(r.outside_share for r in runs)), 3) if tg else None,
+        "gen_tok_s_unrecorded": round(plain, 2),
+        "recording_cost": round(median(1 - r.gen_tok_s / r.unrecorded_gen_tok_s for r in runs), 4) if plain else None,
         "load_s": round(engine.load_s, 2),
-        "split_ms": {k: round(v, 3) for k, v in split.items()},
+        "split_ms": {k: round(v, 3) for k, v in middle.split.items()},
     }
     return out

@@ -12,8 +12,9 @@ Conventions: kernels are plain functions over whole arrays, output argument firs
 allocation on the hot path (the matmul's per-thread scratch lives in the Q80Activations
 buffers, attention's in new_attention_scratch()), and each begins with a one-line contract
 comment. Public wrappers assert the shapes callers could get wrong. Multi-threaded variants
-split the work into one chunk per numba thread (one launch per call) and are used whenever
-more than one numba thread is set.
+run one launch per call and are used whenever more than one numba thread is set; the Q40
+matmuls hand out small chunks of rows to whichever thread is free (an atomic counter), so a
+thread that lost its core for a while (a busy host, a hypervisor) does not hold up the rest.
 
 Two Q40 layouts (Q40Matrix.layout), both 4.5 bits per weight, both the unchanged Q4_0 bytes
 (byte j of a block: low nibble = column j, high nibble = column j+16) and float16 scale bits,
@@ -58,6 +59,7 @@ TILE = 256  # weight rows per tile of the tiles layout
 LAYOUT_TILES = "tiles"  # rows in tiles of TILE, plain numba kernels: any CPU
 LAYOUT_VNNI = "vnni"  # rows in groups of 16, AVX-512 VNNI kernels: where simd_available()
 VNNI_ROWS = 16  # rows per group of the VNNI layout (one int32 lane each)
+VNNI_CHUNK = 8  # row groups a thread claims at a time in a threaded matmul (128 rows)
 VNNI_BLOCK_BYTES = 288  # one block of a row group: 256 nibble bytes, then 16 float16 scales
 _F16_MAGIC = np.float32(2.0**112)  # (f16 bits << 13) as f32 times 2^112 = the f16 value, subnormals included
 
@@ -231,6 +233,17 @@ _vload_f16 = _vload(llvm_ir.VectorType(llvm_ir.HalfType(), 16), _F32X16,
                     lambda builder, v: builder.fpext(v, _LL_VF))
 _vbroadcast32 = _vload(_LL_I32, _I32X16, "The 4 bytes at element idx of arr in all 16 int32 lanes.",
                        lambda builder, v: _splat(builder, v, _LL_VI))
+
+
+@intrinsic
+def _claim(typingctx, counter):  # noqa: ANN001, ANN202
+    """Atomically counter[0] += 1; returns the value before: the next chunk of work for this thread."""
+    if _is_c_array(counter) and counter.dtype == types.int64:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i64 = llvm_ir.IntType(64)
+            p = _elem_ptr(context, builder, sig.args[0], args[0], types.intp, context.get_constant(types.intp, 0), i64)
+            return builder.atomic_rmw("add", p, llvm_ir.Constant(i64, 1), "monotonic")
+        return types.int64(counter), codegen
 
 
 @intrinsic
@@ -527,6 +540,8 @@ class Q80Activations:
     # VNNI layout, per numba thread (T > 1): one row group's nibbles split once for all tokens
     unp: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) where simd_available() is False
     ws: np.ndarray  # (slots, nb*16) f32: that row group's scales
+    # threaded matmuls: the next chunk of rows to claim (threads take chunks until none are left)
+    next_chunk: np.ndarray  # (1,) int64
 
 
 def new_activations(max_tokens: int, cols: int) -> Q80Activations:
@@ -551,6 +566,7 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
         acc=np.zeros((slots, max_tokens, TILE), np.float32),  # (slots, max_tokens, TILE) f32
         unp=np.zeros((slots, vnni), np.int32),  # (slots, nb*8*16) int32
         ws=np.zeros((slots, vnni // 8), np.float32),  # (slots, nb*16) f32
+        next_chunk=np.zeros(1, np.int64),
     )
 
 
@@ -879,15 +895,16 @@ def _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, tile_lo, tile_hi, isum, wsf, 
 
 
 @njit(cache=True, parallel=True)
-def _q40_parallel(out, qs, wd, aq, ad, corr, T, rows, n_threads, isum, wsf, wsu, acc):
-    # w (rows, cols) q40 @ x (T, cols) q80 -> out (T, rows) f32, row tiles split over n_threads
-    # (n_threads is passed in: numba.get_num_threads() inside a kernel would stop it being cached)
+def _q40_parallel(out, qs, wd, aq, ad, corr, T, rows, n_threads, isum, wsf, wsu, acc, next_chunk):
+    # w (rows, cols) q40 @ x (T, cols) q80 -> out (T, rows) f32, one tile at a time to whichever
+    # of n_threads is free (n_threads is passed in: numba.get_num_threads() in a kernel stops caching)
     n_tiles = qs.shape[0]
-    n_chunks = min(n_threads, n_tiles, isum.shape[0])
-    for k in prange(n_chunks):
-        lo = k * n_tiles // n_chunks
-        hi = (k + 1) * n_tiles // n_chunks
-        _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, lo, hi, isum[k], wsf[k], wsu[k], acc[k])
+    next_chunk[0] = 0
+    for k in prange(min(n_threads, n_tiles, isum.shape[0])):
+        c = _claim(next_chunk)
+        while c < n_tiles:
+            _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, c, c + 1, isum[k], wsf[k], wsu[k], acc[k])
+            c = _claim(next_chunk)
 
 
 # -- VNNI layout
@@ -1053,14 +1070,17 @@ def _q40v_run(out, w, xq, xd, corr, T, rows, g_lo, g_hi, unp, ws):
 
 
 @njit(cache=True, parallel=True)
-def _q40v_parallel(out, w, xq, xd, corr, T, rows, n_threads, unp, ws):
-    # w (n_groups, nb, 288) q40 @ x (T, cols) q80 -> out (T, rows) f32, row groups split over n_threads
+def _q40v_parallel(out, w, xq, xd, corr, T, rows, n_threads, unp, ws, next_chunk):
+    # w (n_groups, nb, 288) q40 @ x (T, cols) q80 -> out (T, rows) f32, VNNI_CHUNK row groups at a
+    # time to whichever of n_threads is free
     n_groups = w.shape[0]
-    n_chunks = min(n_threads, n_groups, unp.shape[0])
-    for c in prange(n_chunks):
-        lo = c * n_groups // n_chunks
-        hi = (c + 1) * n_groups // n_chunks
-        _q40v_run(out, w, xq, xd, corr, T, rows, lo, hi, unp[c], ws[c])
+    n_chunks = -(-n_groups // VNNI_CHUNK)
+    next_chunk[0] = 0
+    for k in prange(min(n_threads, n_chunks, unp.shape[0])):
+        c = _claim(next_chunk)
+        while c < n_chunks:
+            _q40v_run(out, w, xq, xd, corr, T, rows, c * VNNI_CHUNK, min(n_groups, (c + 1) * VNNI_CHUNK), unp[k], ws[k])
+            c = _claim(next_chunk)
 
 
 def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> None:
@@ -1074,13 +1094,14 @@ def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> N
     if m.layout == LAYOUT_VNNI:
         assert acts.unp.shape[1] > 0, "these activations were made without the VNNI scratch (simd_available() is False)"
         if n_threads > 1:
-            _q40v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.unp, acts.ws)
+            _q40v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.unp, acts.ws,
+                           acts.next_chunk)
         else:
             _q40v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.unp[0], acts.ws[0])
     elif n_threads > 1:
         _q40_parallel(
             out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, n_threads,
-            acts.isum, acts.wsf, acts.wsu, acts.acc,
+            acts.isum, acts.wsf, acts.wsu, acts.acc, acts.next_chunk,
         )  # fmt: skip
     else:
         _q40_tiles(
