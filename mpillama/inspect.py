@@ -40,7 +40,9 @@ def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None
             f" {mib(cost.weight_bytes):>12} {mib(cost.kv_cache_bytes):>12}"
         )
     root = partition.slice_cost(cfg, slices[0], seq, weight_type).root_bytes
-    lines.append(f"  rank 0 also holds the embedding table and norms: {mib(root)} (every rank with --sync allreduce)")
+    where = "Q40 rows read in place from the mapped file, " if weight_type == "q40" else ""
+    lines.append(f"  rank 0 also uses the embedding table and norms: {mib(root)} "
+                 f"({where}every rank with --sync allreduce)")
     if rank_weights == "auto":
         lines.append("  (--rank-weights auto is measured at start-up; shown here with even weights)")
     mf.close()
