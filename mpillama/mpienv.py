@@ -37,4 +37,19 @@ def ranks_on_this_host() -> int:
         value = os.environ.get(key, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return 1
+    return slurm_tasks_on_this_node() or 1
+
+
+def slurm_tasks_on_this_node() -> int | None:
+    """srun's tasks on this node: SLURM_STEP_TASKS_PER_NODE ("2(x3),1": 2 on each of the first
+    three nodes, 1 on the fourth) at index SLURM_NODEID; None outside a Slurm job step."""
+    spec, node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""), os.environ.get("SLURM_NODEID", "")
+    if not spec or not node.isdigit():
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        tasks, _, repeat = part.partition("(x")
+        if not tasks.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return None
+        counts += [int(tasks)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[int(node)] if int(node) < len(counts) else None

@@ -170,3 +170,4 @@ def test_one_rank_without_a_launcher_never_starts_mpi(models: dict[str, Path]) -
     assert plain.returncode == 0 and forced.returncode == 0, plain.stderr + forced.stderr
     assert "no MPI" in plain.stderr and "MPI started" in forced.stderr
     assert plain.stdout == forced.stdout and plain.stdout.strip()
+
