@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mpillama import __version__, kernels, partition
+from mpillama.atomic import atomic_write
 from mpillama.comm import (
     CMD_FORWARD, CMD_STOP, LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE,
     Comm, Control, Timeline, abort, hostname, library_version, make_sync,
@@ -444,11 +445,8 @@ def install_signal_handlers(session: TraceSession) -> None:
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as part, open(part, "wb") as f:
         np.save(f, array)
-    tmp.replace(path)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

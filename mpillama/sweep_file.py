@@ -12,14 +12,13 @@
               when the point failed), wall_s, trace (path relative to the results file's folder, or
               ""), error (the line that says why it failed), json (bench's JSON result, or "")
 
-Imports h5py, numpy and errors only.
+Imports h5py, numpy, errors and atomic only.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 import mpillama
+from mpillama.atomic import atomic_write
 from mpillama.errors import MpillamaError
 
 FORMAT = "mpillama-sweep"
@@ -95,20 +95,14 @@ def write_results(path: str | Path, meta: dict[str, str], parameters: list[str],
     names = column_names(parameters)
     rows = [_row(r) for r in results]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(meta)
-            f.attrs.update(format=FORMAT, version=VERSION, updated=now, n_points=planned, n_done=len(results),
-                           complete=complete, mpillama_version=mpillama.__version__)
-            f.attrs["parameters"] = np.array(parameters, dtype=h5py.string_dtype())
-            g = f.create_group("points")
-            for name in names:
-                g.create_dataset(name, data=_column(name, [row[name] for row in rows]))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as part, h5py.File(part, "w") as f:
+        f.attrs.update(meta)
+        f.attrs.update(format=FORMAT, version=VERSION, updated=now, n_points=planned, n_done=len(results),
+                       complete=complete, mpillama_version=mpillama.__version__)
+        f.attrs["parameters"] = np.array(parameters, dtype=h5py.string_dtype())
+        g = f.create_group("points")
+        for name in names:
+            g.create_dataset(name, data=_column(name, [row[name] for row in rows]))
 
 
 def _plain(value: Any) -> Any:

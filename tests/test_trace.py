@@ -495,7 +495,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(session.os, "replace", checking_replace)
     write_synthetic(final)
-    assert seen == [(False, True, "atomic.h5.tmp")]  # complete under the temporary name, nothing at the final one
+    assert seen == [(False, True, "atomic.h5.part")]  # complete under the temporary name, nothing at the final one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.h5"]
     load_trace(final)
 
@@ -505,7 +505,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(session, "_write_columns", failing)
     with pytest.raises(OSError, match="disk full"):
         write_synthetic(tmp_path / "failed.h5")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.h5"]  # no final file, no .tmp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.h5"]  # no final file, no .part left
 
 
 def test_empty_and_single_rank_traces(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ Owns the byte layouts, as distributed-llama's converter writes them and its load
            n_eos_tokens int32 eos ids, then per token: float32 score, uint32 length, bytes.
            The older magic 0x567123 has a fixed header (vocab_size, max_token_length, bos, eos, pad).
 
-Imports numpy and mpillama config/errors/quant/formats.tensors. Never mpi4py.
+Imports numpy and mpillama atomic/config/errors/quant/formats.tensors. Never mpi4py.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpillama.atomic import atomic_write
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
@@ -298,28 +299,22 @@ def write_dllama(model: object, out: str | Path, weight_type: str | None = None)
         raise MpillamaError(f"distributed-llama weight type {weight_type!r}: "
                             f"choose one of {', '.join(FLOAT_TYPES.values())}")
     out = Path(out)
-    part = out.with_name(out.name + ".part")
     header = dllama_header(cfg, weight_type)
     permute = cfg.arch == "llama" and cfg.rope_style == "halves"
-    try:
-        with open(part, "wb") as f:
-            f.write(header)
-            for info in dllama_layout(cfg, weight_type):
-                src = "token_embd" if info.name == "output" and "output" not in tensors else info.name
-                order = None
-                if permute and info.name.endswith(("attn_q", "attn_k")):
-                    heads = cfg.n_heads if info.name.endswith("attn_q") else cfg.n_kv_heads
-                    order = halves_to_pairs_rows(info.shape[0], heads)
-                # a block of rows at a time bounds memory (a 128k x 4096 embedding is 2 GB in f32);
-                # 1-D tensors and permuted q/k are small and go whole
-                rows = info.shape[0]
-                step = rows if len(info.shape) == 1 or order is not None else max(1, (1 << 22) // info.shape[1])
-                for r in range(0, rows, step):
-                    f.write(_encode(model, src, slice(r, min(rows, r + step)), info.kind, order))
-        part.replace(out)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as part, open(part, "wb") as f:
+        f.write(header)
+        for info in dllama_layout(cfg, weight_type):
+            src = "token_embd" if info.name == "output" and "output" not in tensors else info.name
+            order = None
+            if permute and info.name.endswith(("attn_q", "attn_k")):
+                heads = cfg.n_heads if info.name.endswith("attn_q") else cfg.n_kv_heads
+                order = halves_to_pairs_rows(info.shape[0], heads)
+            # a block of rows at a time bounds memory (a 128k x 4096 embedding is 2 GB in f32);
+            # 1-D tensors and permuted q/k are small and go whole
+            rows = info.shape[0]
+            step = rows if len(info.shape) == 1 or order is not None else max(1, (1 << 22) // info.shape[1])
+            for r in range(0, rows, step):
+                f.write(_encode(model, src, slice(r, min(rows, r + step)), info.kind, order))
     return out
 
 
@@ -442,7 +437,6 @@ def write_dllama_tokenizer(vocab: DllamaVocab, path: str | Path) -> Path:
     body = [struct.pack("<ii", TOKENIZER_MAGIC, 8 + len(pairs)), pairs, template]
     body.append(struct.pack(f"<{len(vocab.eos_ids)}i", *vocab.eos_ids))
     body += [struct.pack("<fI", s, len(t)) + t for t, s in zip(vocab.tokens, vocab.scores)]
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(b"".join(body))
-    part.replace(path)
+    with atomic_write(path) as part:
+        part.write_bytes(b"".join(body))
     return path

@@ -10,7 +10,7 @@ Hugging Face llama q/k rows are in the 'halves' rope layout (llama.cpp permutes 
 'pairs' when it converts to GGUF); qwen3 is 'halves' everywhere. The tokenizer (tokenizer.json)
 is not read here: tokenizer_metadata() returns None.
 
-Imports numpy and mpillama config/errors/formats.tensors. Never mpi4py.
+Imports numpy and mpillama atomic/config/errors/formats.tensors. Never mpi4py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mpillama.atomic import atomic_write
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
@@ -310,8 +311,7 @@ def _write_safetensors(model: Any, path: Path, names: list[str], dtype: str, siz
         offset += sizes[n]
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the safetensors writer pads
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
+    with atomic_write(path) as part, open(part, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for n in names:
             x = model.read_f32(n)  # (rows, cols) or (n,) f32
@@ -319,4 +319,3 @@ def _write_safetensors(model: Any, path: Path, names: list[str], dtype: str, siz
                 heads = cfg.n_heads if n.endswith(".attn_q") else cfg.n_kv_heads
                 x = x[pairs_to_halves_rows(x.shape[0], heads)]
             f.write(_encode(x, dtype))
-    part.replace(path)

@@ -11,7 +11,7 @@ for Llama 3.x rope scaling a rope_freqs tensor of per-frequency factors (what ll
 converter writes; mpillama recognises it when reading). Llama q/k rows in GGUF are in the
 'pairs' rope layout; random weights are simply generated in that layout (nothing to permute).
 
-Imports numpy, gguf (its writer), and mpillama config/errors/quant/formats. Never mpi4py.
+Imports numpy, gguf (its writer), and mpillama atomic/config/errors/quant/formats. Never mpi4py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
+from mpillama.atomic import atomic_write
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.gguf import T_BOOL, T_STRING, T_UINT32, GGUFValue, read_gguf_header
@@ -298,34 +299,30 @@ def write_shape(s: SynthShape, out: str | Path, weight_type: str = "q40", seed: 
     if weight_type not in WEIGHT_TYPES:
         raise MpillamaError(f"synthetic weight type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
     out = Path(out)
-    part = out.with_name(out.name + ".part")
     plan = tensor_plan(s)
-    w = GGUFWriter(part, s.config.arch)
-    try:
-        _add_metadata(w, s, name, weight_type)
-        for p in plan:
-            qtype = _ggml_type(p, weight_type)
-            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p, qtype), raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        assert w.fout is not None
-        f = w.fout[0]
-        # tensor data: each tensor starts aligned, as the offsets written in the tensor infos say
-        for p in plan:
-            qtype = _ggml_type(p, weight_type)
+    with atomic_write(out) as part:
+        w = GGUFWriter(part, s.config.arch)
+        try:
+            _add_metadata(w, s, name, weight_type)
+            for p in plan:
+                qtype = _ggml_type(p, weight_type)
+                w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p, qtype), raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            assert w.fout is not None
+            f = w.fout[0]
+            # tensor data: each tensor starts aligned, as the offsets written in the tensor infos say
+            for p in plan:
+                qtype = _ggml_type(p, weight_type)
+                _pad(f, w.data_alignment)
+                start = f.tell()
+                for chunk in _chunks(p, s, qtype, seed):
+                    f.write(np.ascontiguousarray(chunk).tobytes())
+                assert f.tell() - start == _nbytes(p, qtype), f"{p.name}: wrote {f.tell() - start} bytes"
             _pad(f, w.data_alignment)
-            start = f.tell()
-            for chunk in _chunks(p, s, qtype, seed):
-                f.write(np.ascontiguousarray(chunk).tobytes())
-            assert f.tell() - start == _nbytes(p, qtype), f"{p.name}: wrote {f.tell() - start} bytes"
-        _pad(f, w.data_alignment)
-        w.close()
-        part.replace(out)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
+        finally:
+            w.close()
     return out
 
 

@@ -14,6 +14,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from mpillama.atomic import atomic_write
 from mpillama.errors import MpillamaError
 
 SDIST = "llama-cpp-python"
@@ -63,8 +64,6 @@ def fetch_vocabs() -> Path:
                 if member.isfile() and "/models/" in member.name and base.startswith("ggml-vocab-"):
                     data = tar.extractfile(member)
                     assert data is not None
-                    # write under a temporary name, then rename: a killed download leaves no half file
-                    part = target / (base + ".part")
-                    part.write_bytes(data.read())
-                    part.replace(target / base)
+                    with atomic_write(target / base) as part:  # a killed download leaves no half file
+                        part.write_bytes(data.read())
     return target

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mpillama.atomic import atomic_write
 from mpillama.trace.analysis import Trace, collectives, load_trace
 
 STEP_TID = 0
@@ -78,9 +79,7 @@ def trace_export(path: str | Path, perfetto_out: str | Path) -> Path:
     """What `python -m mpillama trace export FILE.h5 --perfetto OUT.json` does. Returns OUT.json's path."""
     out = Path(perfetto_out)
     doc = perfetto_events(load_trace(path))
-    tmp = out.with_name(out.name + ".tmp")
     text = json.dumps(doc, separators=(",", ":"))  # one call: the C encoder (json.dump writes piece by piece)
-    with open(tmp, "w") as f:
-        f.write(text)
-    tmp.replace(out)
+    with atomic_write(out) as part:
+        part.write_text(text)
     return out

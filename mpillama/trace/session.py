@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 import mpillama
+from mpillama.atomic import atomic_write
 from mpillama.errors import MpillamaError
 from mpillama.trace import analysis, schema
 from mpillama.trace.clock import ZERO_FIT, ClockFit, ClockSample, ping_pong, to_rank0
@@ -180,7 +181,7 @@ def _write_columns(group: h5py.Group, cols: dict[str, np.ndarray], chunked: bool
 
 
 def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
-    """Write data to path atomically: into path + '.tmp', then renamed over path. Returns path.
+    """Write data to path atomically (see mpillama.atomic). Returns path.
 
     fsync=False skips forcing the bytes to disk before the rename (partial writes racing a kill:
     the rename alone already guarantees no process ever sees a half-written file).
@@ -199,25 +200,16 @@ def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
     )
     attrs.setdefault("mpi_library_version", "")
     attrs.update({schema.SUMMARY_PREFIX + k: v for k, v in summary.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = _attr(value)
-            _write_columns(f.create_group(schema.RANKS), _rank_columns(data, seg_cols), chunked=False)
-            g = f.create_group(schema.SEGMENTS_GROUP)
-            _write_columns(g, seg_cols, chunked=True)
-            g.attrs[schema.SEGMENT_NAMES_ATTR] = np.array(SEGMENTS, dtype=h5py.string_dtype())
-            s = f.create_group(schema.STEPS)
-            _write_columns(s, step_cols, chunked=False)
-            s.attrs[schema.PHASE_NAMES_ATTR] = np.array(PHASES, dtype=h5py.string_dtype())
-        if fsync:
-            with open(tmp, "rb+") as fh:  # after a power loss the name must not point at missing bytes
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, fsync) as part, h5py.File(part, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
+        _write_columns(f.create_group(schema.RANKS), _rank_columns(data, seg_cols), chunked=False)
+        g = f.create_group(schema.SEGMENTS_GROUP)
+        _write_columns(g, seg_cols, chunked=True)
+        g.attrs[schema.SEGMENT_NAMES_ATTR] = np.array(SEGMENTS, dtype=h5py.string_dtype())
+        s = f.create_group(schema.STEPS)
+        _write_columns(s, step_cols, chunked=False)
+        s.attrs[schema.PHASE_NAMES_ATTR] = np.array(PHASES, dtype=h5py.string_dtype())
     return path
 
 

@@ -117,7 +117,7 @@ def test_injected_straggler_is_named_and_waits_match(tmp_path: Path, monkeypatch
     if rank != 0:
         return
     assert counts[0][-1] is False and counts[1:] == [[]] * (size - 1), counts  # only rank 0 writes; last: final
-    assert sorted(os.listdir(tmp_path)) == ["straggler.h5"]  # no .tmp left, one file
+    assert sorted(os.listdir(tmp_path)) == ["straggler.h5"]  # no .part left, one file
     trace = load_trace(path)
     a = analyze(trace)
     assert a.straggler.rank == slow, a.straggler
