@@ -3,7 +3,7 @@
 Runs on rank 0 through a loaded Engine (the workers follow as in any run). Besides tok/s it
 reports, from rank 0's segment timings of the decode steps, compute vs sync ms per token, and
 the share of a token spent outside the matmul kernels (the matmuls of one decode token are
-timed alone on the same weights). It also measures generation once without recording, so
+timed alone on the same weights). Each repetition also generates once without recording, so
 the cost of the recorder shows as a ratio measured in the same run.
 """
 

@@ -1,17 +1,16 @@
 """How the tests start real MPI jobs: mpirun with the flags this machine needs.
 
-The launcher logic (finding mpirun, recognising Open MPI, its flags) is mpillama/launch.py;
-the tests always oversubscribe (more ranks than this machine's cores) and run as root.
+The launcher logic (finding mpirun, recognising Open MPI, its flags, the run-as-root variables)
+is mpillama/launch.py; the tests always oversubscribe (more ranks than this machine's cores).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from mpillama.launch import ROOT_ENV, Launcher, find_launcher
+from mpillama.launch import Launcher, find_launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,10 +20,7 @@ def mpi_command(n: int, *args: str) -> list[str]:
 
 
 def mpi_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROOT_ENV, PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
+    return Launcher(find_launcher()).env() | {"PYTHONPATH": str(ROOT), **extra}
 
 
 def run_mpi(n: int, *args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess[str]:
