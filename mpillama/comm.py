@@ -6,9 +6,9 @@ transfers split into --chunk-bytes pieces, and a --sync-timeout that ends the jo
 the ranks that never arrived instead of hanging. Gathers to rank 0 are point-to-point
 receives, so rank 0 knows exactly which ranks are missing.
 
-The two sync strategies (DESIGN.md "One token, end to end") are StarSync and AllreduceSync.
-Both turn the residual stream into the normalised, quantised input of a block on every rank
-(block_input) and fold the ranks' partial outputs back into the residual (block_output).
+The two sync strategies (DESIGN.md "One token, end to end") are StarSync and AllreduceSync:
+wires only. What travels on them (a block's normalised input, the ranks' partial outputs, Q80
+or f32) and what is computed from it is model.py's business.
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mpillama import kernels
 from mpillama.errors import MpillamaError
 from mpillama.mpienv import needs_mpi
-from mpillama.quant import Q80_BLOCK_BYTES, QK
-from mpillama.trace.recorder import NullRecorder, Recorder
 
 TAG_GATHER = 11
 SPIN_TESTS = 2000  # polls before a waiting rank starts yielding its core (oversubscribed runs)
@@ -241,9 +238,6 @@ class Comm:
 # -- control messages: what the workers do next --------------------------------------------
 CMD_FORWARD = 1
 CMD_STOP = 2
-LOGITS_NONE = 0  # no logits needed (prefill chunks before the last)
-LOGITS_ARGMAX = 1  # greedy: each rank sends only its best (value, index)
-LOGITS_FULL = 2  # sampling or --dump-logits: the whole row
 
 
 @dataclass
@@ -281,147 +275,52 @@ class Control:
         return self.buf[4 : 4 + self.n_tokens]
 
 
-class Timeline:
-    """Contiguous segments: each mark() closes the segment that began at the previous mark."""
-
-    def __init__(self, recorder: Recorder | NullRecorder) -> None:
-        self.rec = recorder
-        self.t = time.perf_counter()
-
-    def mark(self, seg: int, layer: int = -1, nbytes: int = 0) -> None:
-        now = time.perf_counter()
-        self.rec.add(seg, layer, self.t, now, nbytes)
-        self.t = now
-
-
-def q80_row_bytes(n: int) -> int:
-    return n // QK * Q80_BLOCK_BYTES
-
-
+# -- the sync strategies: wires between the blocks of model.py's forward pass ----------------
 class StarSync:
-    """Rank 0 keeps the residual stream: Bcast of the normalised input, Gather of the partials."""
+    """Rank 0 keeps the residual stream: it spreads each block's input (Bcast) and collects the
+    ranks' partial outputs (Gather)."""
 
     name = "star"
 
-    def __init__(self, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool) -> None:
+    def __init__(self, comm: Comm) -> None:
         self.comm = comm
-        self.q80 = buffer_type == "q80"
-        self.need_f32_input = need_f32_input
-        width = q80_row_bytes(dim) if self.q80 else dim * 4
-        self.in_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # (max_tokens, payload) block input
-        self.y = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised input
-        self.acts = kernels.new_activations(max_tokens, dim)
-        self.out_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # this rank's partial, encoded
-        n_recv = comm.size if comm.rank == 0 else 0
-        self.recv = np.zeros((n_recv, max_tokens, width), dtype=np.uint8)  # (n_ranks, max_tokens, payload) on rank 0
+        self.owns_residual = comm.rank == 0
+        self.spreads_input = comm.size > 1  # the block input crosses the wire (not under one rank)
 
-    def owns_residual(self) -> bool:
-        return self.comm.rank == 0
-
-    def block_input(self, x: np.ndarray | None, norm: np.ndarray | None, eps: float, T: int,
-                    tl: Timeline, layer: int, seg: int, seg_sync: int) -> tuple[np.ndarray, Any]:
-        """Normalise x on rank 0 and give every rank the block input as (f32 rows, Q80 activations)."""
-        y, acts, payload = self.y[:T], self.acts, self.in_payload[:T]
-        if self.comm.size == 1:  # nothing to send: no rounding of the input beyond the kernel's own
-            kernels.rmsnorm(y, x, norm, eps)
-            kernels.quantize_activations(acts, y)
-            tl.mark(seg, layer)
-            return y, acts
-        if self.comm.rank == 0:
-            kernels.rmsnorm(y, x, norm, eps)
-            if self.q80:
-                kernels.quantize_q80_into(payload, y)
-            else:
-                payload.view(np.float32)[:] = y
-        tl.mark(seg, layer)
+    def spread(self, payload: np.ndarray) -> None:
+        """Rank 0's payload to every rank."""
         self.comm.bcast(payload)
-        tl.mark(seg_sync, layer, payload.nbytes)
-        if self.q80:
-            kernels.activations_from_q80(acts, payload)
-            if self.need_f32_input:  # every rank, rank 0 too, uses the values that were sent
-                y[:] = 0.0
-                kernels.dequantize_q80_add(y, payload)
-        else:
-            if self.comm.rank != 0:
-                y[:] = payload.view(np.float32)
-            kernels.quantize_activations(acts, y)
-        return y, acts
 
-    def block_output(self, partial: np.ndarray, x: np.ndarray | None, T: int,
-                     tl: Timeline, layer: int, seg: int, seg_sync: int) -> None:
-        """x += the sum of every rank's partial (on rank 0)."""
-        send = self.out_payload[:T]
-        if self.comm.rank != 0 and self.comm.size > 1:
-            if self.q80:
-                kernels.quantize_q80_into(send, partial)
-            else:
-                send.view(np.float32)[:] = partial
-        tl.mark(seg, layer)
-        recv = [self.recv[r, :T] for r in range(self.comm.size)] if self.comm.rank == 0 else None
+    def collect(self, send: np.ndarray, recv: list[np.ndarray] | None) -> None:
+        """Rank r's send into recv[r] on rank 0."""
         self.comm.gather_to_root(send, recv)
-        tl.mark(seg_sync, layer, send.nbytes * (self.comm.size - 1 if self.comm.rank == 0 else 1))
-        if self.comm.rank == 0:
-            x += partial
-            for r in range(1, self.comm.size):
-                if self.q80:
-                    kernels.dequantize_q80_add(x, self.recv[r, :T])
-                else:
-                    x += self.recv[r, :T].view(np.float32)
-            tl.mark(seg, layer)
 
 
 class AllreduceSync:
-    """Every rank keeps the residual stream; partials are summed on every rank."""
+    """Every rank keeps the residual stream; the partials are exchanged so every rank sums them."""
 
     name = "allreduce"
 
-    def __init__(self, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool) -> None:
+    def __init__(self, comm: Comm) -> None:
         self.comm = comm
-        self.q80 = buffer_type == "q80" and comm.size > 1
-        self.y = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised input
-        self.acts = kernels.new_activations(max_tokens, dim)
-        self.sum = np.zeros((max_tokens, dim), dtype=np.float32)  # (max_tokens, dim) f32 reduced partials
-        width = q80_row_bytes(dim)
-        self.out_payload = np.zeros((max_tokens, width), dtype=np.uint8)  # this rank's partial as Q80
-        self.all_payloads = np.zeros((comm.size, max_tokens, width), dtype=np.uint8)  # everyone's, after Allgather
+        self.owns_residual = True
+        self.spreads_input = False
 
-    def owns_residual(self) -> bool:
-        return True
+    def exchange(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """recv[r] = rank r's send, on every rank (Q80 partials: each rank sums them in rank order)."""
+        self.comm.allgather(send, recv)
 
-    def block_input(self, x: np.ndarray, norm: np.ndarray, eps: float, T: int,
-                    tl: Timeline, layer: int, seg: int, seg_sync: int) -> tuple[np.ndarray, Any]:
-        y = self.y[:T]
-        kernels.rmsnorm(y, x, norm, eps)
-        kernels.quantize_activations(self.acts, y)
-        return y, self.acts
+    def sum(self, buf: np.ndarray) -> None:
+        """buf = the sum over ranks of buf, in place (f32 partials)."""
+        self.comm.allreduce_sum(buf)
 
-    def block_output(self, partial: np.ndarray, x: np.ndarray, T: int,
-                     tl: Timeline, layer: int, seg: int, seg_sync: int) -> None:
-        if self.comm.size == 1:
-            x += partial
-            tl.mark(seg, layer)
-            return
-        if self.q80:
-            send = self.out_payload[:T]
-            kernels.quantize_q80_into(send, partial)
-            tl.mark(seg, layer)
-            # Allgather then an identical ordered sum on every rank: the same x everywhere.
-            n = self.comm.size
-            recv = self.all_payloads.reshape(-1)[: n * send.size].reshape(n, *send.shape)  # contiguous prefix
-            self.comm.allgather(send, recv)
-            tl.mark(seg_sync, layer, send.nbytes * self.comm.size)
-            for r in range(self.comm.size):
-                kernels.dequantize_q80_add(x, recv[r])
-        else:
-            total = self.sum[:T]
-            total[:] = partial
-            tl.mark(seg, layer)
-            self.comm.allreduce_sum(total)
-            tl.mark(seg_sync, layer, total.nbytes)
-            x += total
-        tl.mark(seg, layer)
+    def collect(self, send: np.ndarray, recv: list[np.ndarray] | None) -> None:
+        """Rank r's send into recv[r] on rank 0 (the logits)."""
+        self.comm.gather_to_root(send, recv)
 
 
-def make_sync(kind: str, comm: Comm, dim: int, max_tokens: int, buffer_type: str, need_f32_input: bool):
-    cls = {"star": StarSync, "allreduce": AllreduceSync}[kind]
-    return cls(comm, dim, max_tokens, buffer_type, need_f32_input)
+SYNCS = {"star": StarSync, "allreduce": AllreduceSync}
+
+
+def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync:
+    return SYNCS[kind](comm)

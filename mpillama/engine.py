@@ -23,15 +23,12 @@ import numpy as np
 
 from mpillama import __version__, kernels, partition
 from mpillama.atomic import atomic_write
-from mpillama.comm import (
-    CMD_FORWARD, CMD_STOP, LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE,
-    Comm, Control, Timeline, abort, hostname, library_version, make_sync,
-)
+from mpillama.comm import CMD_FORWARD, CMD_STOP, Comm, Control, abort, hostname, library_version, make_sync
 from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
-from mpillama.model import RankModel, load_weights
+from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE, RankModel, load_weights
 from mpillama.sampler import Sampler
-from mpillama.trace.recorder import SEG_CTRL_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_LOAD, SEG_SAMPLE, NullRecorder
+from mpillama.trace.recorder import SEG_CTRL_SYNC, SEG_LOAD, SEG_SAMPLE, NullRecorder, Timeline
 from mpillama.trace.session import TraceSession
 from mpillama.weights import open_weight_source, measure_rank_speed
 
@@ -80,10 +77,6 @@ class Engine:
         self.ctrl = Control.new(self.max_tokens)
         self.pos = 0  # next free position in the KV cache (rank 0's view; workers get it per step)
         self.step = 0
-        vocab = cfg.vocab_size
-        self.full_logits = np.zeros(vocab if comm.rank == 0 else 0, dtype=np.float32)  # (vocab,) on rank 0
-        self.best = np.zeros(2, dtype=np.float64)  # (value, index) of this rank's best logit
-        self.all_best = np.zeros((comm.size, 2), dtype=np.float64)  # (n_ranks, 2) on rank 0
         self.stopped = False
         self.started = False  # a forward command went out: the workers are inside a pass
 
@@ -129,8 +122,7 @@ class Engine:
         max_seq_len = min(run.max_seq_len, cfg.seq_len)
         max_tokens = min(run.batch, max_seq_len)
         sync_kind = run.sync
-        sync = make_sync(sync_kind, comm, cfg.dim, max_tokens, run.buffer_float_type,
-                         need_f32_input=run.weight_type == "f32")
+        sync = make_sync(sync_kind, comm)
         if verbose:
             say(comm, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
                       f"{comm.size} rank(s), sync {sync_kind}, buffers {run.buffer_float_type}, "
@@ -149,8 +141,9 @@ class Engine:
                 with ThreadPoolExecutor(max_workers=1) as pool:
                     wants_tokenizer = comm.rank == 0 and need_tokenizer
                     pending = pool.submit(timed, src.tokenizer, tokenizer_path) if wants_tokenizer else None
-                    rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual())
-                    model = RankModel(cfg, slc, rank_weights, max_seq_len, max_tokens, sync)
+                    rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual)
+                    model = RankModel(cfg, slices, comm.rank, rank_weights, max_seq_len, max_tokens, sync,
+                                      run.buffer_float_type)
                     tokenizer, tokenizer_s = pending.result() if pending is not None else (None, 0.0)
             finally:
                 sys.setswitchinterval(interval)
@@ -193,37 +186,10 @@ class Engine:
 
     # -- one forward pass on every rank --------------------------------------------------
     def _forward(self, tl: Timeline) -> int | None:
-        """Run the pass described by self.ctrl (all ranks). Rank 0 returns the greedy token for
-        LOGITS_ARGMAX; with LOGITS_FULL the whole row is in self.full_logits."""
-        ctrl, comm = self.ctrl, self.comm
-        T, pos, mode = ctrl.n_tokens, ctrl.pos, ctrl.mode
-        comm.context = f"step {self.step}"
-        local = self.model.forward(ctrl.tokens, pos, T, tl, want_logits=mode != LOGITS_NONE)
-        if mode == LOGITS_NONE:
-            return None
-        assert local is not None
-        v0, v1 = self.slc.vocab_rows
-        if mode == LOGITS_FULL:
-            if comm.rank == 0:
-                self.full_logits[v0:v1] = local
-                recv = [self.full_logits[a:b] for a, b in (s.vocab_rows for s in self.slices)]
-            else:
-                recv = None
-            tl.mark(SEG_HEAD)
-            comm.gather_to_root(local, recv)
-            tl.mark(SEG_HEAD_SYNC, -1, local.nbytes)
-            return None
-        i = int(np.argmax(local))
-        self.best[0], self.best[1] = local[i], v0 + i
-        tl.mark(SEG_HEAD)
-        comm.gather_to_root(self.best, [self.all_best[r] for r in range(comm.size)] if comm.rank == 0 else None)
-        tl.mark(SEG_HEAD_SYNC, -1, self.best.nbytes)
-        if comm.rank != 0:
-            return None
-        self.all_best[0] = self.best
-        # highest value; on a tie the lowest vocabulary index, as np.argmax over the full row
-        order = np.lexsort((self.all_best[:, 1], -self.all_best[:, 0]))
-        return int(self.all_best[order[0], 1])
+        """Run the pass described by self.ctrl (all ranks): see RankModel.forward."""
+        ctrl = self.ctrl
+        self.comm.context = f"step {self.step}"
+        return self.model.forward(ctrl.tokens, ctrl.pos, ctrl.n_tokens, tl, ctrl.mode)
 
     def _broadcast_ctrl(self, tl: Timeline, idle: bool) -> None:
         self.comm.context = f"step {self.step} ctrl_sync"
@@ -236,8 +202,7 @@ class Engine:
         t = time.perf_counter()
         self.rec.step = self.step
         self.rec.begin_step(phase, len(tokens), self.pos, t)
-        tl = Timeline(self.rec)
-        tl.t = t
+        tl = Timeline(self.rec, t)
         self.ctrl.set(CMD_FORWARD, tokens, self.pos, mode)
         self.started = True
         self._broadcast_ctrl(tl, idle=False)
@@ -320,7 +285,7 @@ class Engine:
         for i in range(steps):
             ts = time.perf_counter()
             if full:
-                logits = self.full_logits
+                logits = self.model.full_logits
                 if dump_logits is not None:
                     dump_logits[i] = logits
                 token = sampler.sample(logits)
@@ -366,8 +331,8 @@ def warm_up(comm: Comm, model: RankModel) -> None:
     tl = Timeline(NullRecorder())
     tokens = np.zeros(2, dtype=np.int64)
     T = min(2, model.max_tokens)
-    model.forward(tokens[:T], 0, T, tl, want_logits=True)
-    model.forward(tokens[:1], T, 1, tl, want_logits=True)
+    model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
+    model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
     comm.barrier()
 
 

@@ -1,20 +1,22 @@
 """One rank's share of the model: its weight slices, its KV-cache slice, and its forward pass.
 
-Knows nothing of MPI. The forward pass is written over a Slice from partition.py and a
-sync object from comm.py (star or allreduce), read top to bottom as in DESIGN.md:
+Knows nothing of MPI: the whole math of a token is here, and a sync object from comm.py
+(star or allreduce) is only the wire between blocks. Read top to bottom as in DESIGN.md:
 
     x = embed(tokens)                                   rank 0 (every rank under allreduce)
     for each layer:
-        y = sync.block_input(x, attn_norm)              normalise, quantise, Bcast
+        y = block_input(x, attn_norm)                   rmsnorm, Q80; star: rank 0 spreads it
         partial = attention(y)                          own heads, own KV cache, own Wo columns
-        sync.block_output(partial, x)                   x += sum of partials
-        y = sync.block_input(x, ffn_norm)
+        block_output(partial, x)                        x += sum of every rank's partial
+        y = block_input(x, ffn_norm)
         partial = ffn(y)                                own FFN rows, own W2 columns
-        sync.block_output(partial, x)
-    y = sync.block_input(x[last], output_norm); logits rows = wcls[own rows] @ y
+        block_output(partial, x)
+    y = block_input(x[last], output_norm); logits rows = wcls[own rows] @ y
+    head: the greedy token (each rank's best row, the best of those) or the whole row on rank 0
 
-Weights are Q40 (repacked for the kernel) or f32 (--weight-type f32). wq/wk/wv are stacked
-into one matrix and w1/w3 into another, so a block runs one matmul per input.
+Sync payloads are Q80 rows (--buffer-float-type q80) or f32 rows. Weights are Q40 (repacked
+for the kernel) or f32 (--weight-type f32). wq/wk/wv are stacked into one matrix and w1/w3
+into another, so a block runs one matmul per input.
 """
 
 from __future__ import annotations
@@ -27,10 +29,28 @@ import numpy as np
 from mpillama import kernels
 from mpillama.config import ModelConfig
 from mpillama.partition import Slice, is_group_aligned, kv_groups
-from mpillama.quant import dequantize_q40
-from mpillama.trace.recorder import SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC
+from mpillama.quant import Q80_BLOCK_BYTES, QK, dequantize_q40
+from mpillama.trace.recorder import (
+    SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC, Timeline,
+)
 
 Matrix = Any  # kernels.Q40Matrix, or an f32 ndarray (rows, cols) with --weight-type f32
+
+# What a forward pass returns besides the KV rows it appends (the control message carries it)
+LOGITS_NONE = 0  # nothing (prefill chunks before the last)
+LOGITS_ARGMAX = 1  # the greedy token: each rank sends only its best (value, index)
+LOGITS_FULL = 2  # the whole row on rank 0 (sampling, --dump-logits)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The trace segments of one kind of block: its compute and its collective."""
+
+    compute: int
+    sync: int
+
+
+ATT, FFN, HEAD = Segments(SEG_ATT, SEG_ATT_SYNC), Segments(SEG_FFN, SEG_FFN_SYNC), Segments(SEG_HEAD, SEG_HEAD_SYNC)
 
 
 class WeightSource(Protocol):
@@ -54,9 +74,9 @@ def matmul(out: np.ndarray, w: Matrix, y: np.ndarray, acts: Any, T: int) -> None
         kernels.matmul_q40(out, w, acts, T)
 
 
-def matmul_local(out: np.ndarray, w: Matrix, x: np.ndarray, acts: Any, T: int) -> None:
-    """out (T, rows) = x (T, cols) @ w.T for an input this rank computed itself: a Q40 weight
-    needs it as Q80 activations first (filled into acts)."""
+def quantize_and_matmul(out: np.ndarray, w: Matrix, x: np.ndarray, acts: Any, T: int) -> None:
+    """out (T, rows) = x (T, cols) @ w.T for f32 rows this rank computed itself: a Q40 weight needs
+    them as Q80 activations first (filled into acts)."""
     if isinstance(w, np.ndarray):
         kernels.matmul_f32(out, w, x)
     else:
@@ -113,21 +133,43 @@ def load_weights(cfg: ModelConfig, slc: Slice, src: WeightSource, owns_residual:
     )
 
 
-class RankModel:
-    """Scratch buffers and KV cache sized once from the slice; forward() allocates nothing."""
+def q80_row_bytes(n: int) -> int:
+    return n // QK * Q80_BLOCK_BYTES
 
-    def __init__(self, cfg: ModelConfig, slc: Slice, weights: RankWeights, max_seq_len: int, max_tokens: int,
-                 sync: Any) -> None:
+
+class RankModel:
+    """Scratch buffers and KV cache sized once from the slice; forward() allocates nothing.
+
+    slices: every rank's slice (where each rank's logits rows land on rank 0); rank, n_ranks:
+    this rank's place; buffer_type: what the sync payloads carry (q80 or f32).
+    """
+
+    def __init__(self, cfg: ModelConfig, slices: list[Slice], rank: int, weights: RankWeights, max_seq_len: int,
+                 max_tokens: int, sync: Any, buffer_type: str) -> None:
+        slc = slices[rank]
         self.cfg, self.slc, self.w, self.sync = cfg, slc, weights, sync
+        self.rank, self.n_ranks = rank, len(slices)
         self.max_seq_len, self.max_tokens = max_seq_len, max_tokens
         hd, dim = cfg.head_dim, cfg.dim
         nq, nkv, nf = slc.n_heads, slc.n_kv_heads, slc.n_ffn_rows
         self.q_dim, self.kv_dim = nq * hd, nkv * hd
         self.aligned = is_group_aligned(cfg, slc)
         self.groups = kv_groups(cfg, slc)
-        self.residual = sync.owns_residual()
-        T = max_tokens
-        self.x = np.zeros((T, dim), dtype=np.float32) if self.residual else None  # (max_tokens, dim) residual
+        T, n_ranks = max_tokens, self.n_ranks
+        self.x = np.zeros((T, dim), dtype=np.float32) if sync.owns_residual else None  # (max_tokens, dim) residual
+        # -- block input and output, and what the wire carries of them
+        self.q80_wire = buffer_type == "q80" and n_ranks > 1  # one rank sends nothing: no rounding
+        self.f32_weights = not all(isinstance(lw.wqkv, kernels.Q40Matrix) for lw in weights.layers)
+        width = q80_row_bytes(dim) if self.q80_wire else dim * 4
+        self.y = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised block input
+        self.y_acts = kernels.new_activations(T, dim)  # the same as Q80 activations
+        self.in_payload = np.zeros((T, width), dtype=np.uint8)  # (max_tokens, payload) block input on the wire
+        self.out_payload = np.zeros((T, width), dtype=np.uint8)  # (max_tokens, payload) this rank's partial
+        # star: rank 0 receives every rank's partial; allreduce (Q80): every rank receives every one
+        receives = rank == 0 if sync.name == "star" else self.q80_wire
+        n_recv = n_ranks if receives and n_ranks > 1 else 0
+        self.recv = np.zeros((n_recv, T, width), dtype=np.uint8)  # (n_ranks, max_tokens, payload)
+        self.total = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) f32 sum of partials (allreduce, f32)
         self.qkv = np.zeros((T, self.q_dim + 2 * self.kv_dim), dtype=np.float32)  # (max_tokens, q+k+v local) f32
         self.q = np.zeros((T, nq, hd), dtype=np.float32)  # (max_tokens, n_heads_local, hd)
         self.k = np.zeros((T, nkv, hd), dtype=np.float32)  # (max_tokens, n_kv_local, hd)
@@ -138,6 +180,10 @@ class RankModel:
         self.h_acts = kernels.new_activations(T, nf)
         self.partial = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) this rank's block output
         self.logits = np.zeros((1, slc.n_vocab_rows), dtype=np.float32)  # (1, vocab_local)
+        self.vocab_rows = [s.vocab_rows for s in slices]
+        self.full_logits = np.zeros(cfg.vocab_size if rank == 0 else 0, dtype=np.float32)  # (vocab,) rank 0
+        self.best = np.zeros(2, dtype=np.float64)  # (value, index) of this rank's best logit
+        self.all_best = np.zeros((n_ranks, 2), dtype=np.float64)  # (n_ranks, 2) on rank 0
         # (n_layers, max_seq_len, n_kv_local, hd) f32 each
         self.k_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
         self.v_cache = np.zeros((cfg.n_layers, max_seq_len, nkv, hd), dtype=np.float32)
@@ -187,7 +233,7 @@ class RankModel:
                 kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T,
                                   scratch)
         partial = self.partial[:T]
-        matmul_local(partial, lw.wo, z.reshape(T, qd), self.z_acts, T)
+        quantize_and_matmul(partial, lw.wo, z.reshape(T, qd), self.z_acts, T)
         return partial
 
     def ffn(self, layer: int, y: np.ndarray, acts: Any, T: int) -> np.ndarray:
@@ -197,28 +243,132 @@ class RankModel:
         matmul(h13, lw.w13, y, acts, T)
         kernels.swiglu(h, h13)
         partial = self.partial[:T]
-        matmul_local(partial, lw.w2, h, self.h_acts, T)
+        quantize_and_matmul(partial, lw.w2, h, self.h_acts, T)
         return partial
 
+    # -- between blocks: the residual stream and the wire ---------------------------------------
+    def block_input(self, x: np.ndarray | None, norm: np.ndarray | None, T: int, tl: Timeline, layer: int,
+                    seg: Segments) -> tuple[np.ndarray, Any]:
+        """y = rmsnorm(x) on every rank, as f32 rows and as Q80 activations for the kernels."""
+        y, acts, eps = self.y[:T], self.y_acts, self.cfg.norm_eps
+        if not self.sync.spreads_input:  # x is here: one rank, or allreduce
+            kernels.rmsnorm(y, x, norm, eps)
+            kernels.quantize_activations(acts, y)
+            if self.n_ranks == 1:
+                tl.mark(seg.compute, layer)
+            return y, acts
+        # star: rank 0 normalises and spreads y; every rank, rank 0 too, then computes with what was sent
+        payload = self.in_payload[:T]
+        if self.rank == 0:
+            kernels.rmsnorm(y, x, norm, eps)
+            if self.q80_wire:
+                kernels.quantize_q80_into(payload, y)
+            else:
+                payload.view(np.float32)[:] = y
+        tl.mark(seg.compute, layer)
+        self.sync.spread(payload)
+        tl.mark(seg.sync, layer, payload.nbytes)
+        if self.q80_wire:
+            kernels.activations_from_q80(acts, payload)
+            if self.f32_weights:  # f32 weights read y itself: the values that were sent
+                y[:] = 0.0
+                kernels.dequantize_q80_add(y, payload)
+        else:
+            if self.rank != 0:
+                y[:] = payload.view(np.float32)
+            kernels.quantize_activations(acts, y)
+        return y, acts
+
+    def block_output(self, partial: np.ndarray, x: np.ndarray | None, T: int, tl: Timeline, layer: int,
+                     seg: Segments) -> None:
+        """x += the sum of every rank's partial, where x lives (rank 0 under star, every rank under allreduce)."""
+        if self.n_ranks == 1:
+            x += partial
+            tl.mark(seg.compute, layer)
+            return
+        send = self.out_payload[:T]
+        if self.sync.name == "star":
+            if self.rank != 0:
+                self._encode(send, partial)
+            tl.mark(seg.compute, layer)
+            recv = [self.recv[r, :T] for r in range(self.n_ranks)] if self.rank == 0 else None
+            self.sync.collect(send, recv)
+            tl.mark(seg.sync, layer, send.nbytes * (self.n_ranks - 1 if self.rank == 0 else 1))
+            if self.rank == 0:
+                x += partial
+                for r in range(1, self.n_ranks):
+                    self._decode_add(x, self.recv[r, :T])
+                tl.mark(seg.compute, layer)
+            return
+        if self.q80_wire:
+            kernels.quantize_q80_into(send, partial)
+            tl.mark(seg.compute, layer)
+            # everyone's partial on every rank, summed in rank order: the same x everywhere
+            recv = self.recv.reshape(-1)[: self.n_ranks * send.size].reshape(self.n_ranks, *send.shape)
+            self.sync.exchange(send, recv)
+            tl.mark(seg.sync, layer, send.nbytes * self.n_ranks)
+            for r in range(self.n_ranks):
+                kernels.dequantize_q80_add(x, recv[r])
+        else:
+            total = self.total[:T]
+            total[:] = partial
+            tl.mark(seg.compute, layer)
+            self.sync.sum(total)
+            tl.mark(seg.sync, layer, total.nbytes)
+            x += total
+        tl.mark(seg.compute, layer)
+
+    def _encode(self, payload: np.ndarray, rows: np.ndarray) -> None:
+        if self.q80_wire:
+            kernels.quantize_q80_into(payload, rows)
+        else:
+            payload.view(np.float32)[:] = rows
+
+    def _decode_add(self, acc: np.ndarray, payload: np.ndarray) -> None:
+        if self.q80_wire:
+            kernels.dequantize_q80_add(acc, payload)
+        else:
+            acc += payload.view(np.float32)
+
     # -- one forward pass ---------------------------------------------------------------
-    def forward(self, tokens: np.ndarray | None, pos0: int, T: int, tl: Any, want_logits: bool) -> np.ndarray | None:
-        """Run T tokens at positions pos0.. through every layer; returns this rank's logits rows
-        for the last token (or None when want_logits is False, e.g. a prefill chunk)."""
-        sync, eps = self.sync, self.cfg.norm_eps
+    def forward(self, tokens: np.ndarray | None, pos0: int, T: int, tl: Timeline, mode: int) -> int | None:
+        """Run T tokens at positions pos0.. through every layer (every rank; tokens matter only where x
+        lives), then the head as mode says (LOGITS_*). Returns the greedy token on rank 0 for
+        LOGITS_ARGMAX; with LOGITS_FULL the whole row is in self.full_logits on rank 0."""
         x = self.x[:T] if self.x is not None else None
         if x is not None:
             self.embed(tokens, tl)
         for layer, lw in enumerate(self.w.layers):
-            y, acts = sync.block_input(x, lw.attn_norm, eps, T, tl, layer, SEG_ATT, SEG_ATT_SYNC)
+            y, acts = self.block_input(x, lw.attn_norm, T, tl, layer, ATT)
             partial = self.attention(layer, y, acts, pos0, T)
-            sync.block_output(partial, x, T, tl, layer, SEG_ATT, SEG_ATT_SYNC)
-            y, acts = sync.block_input(x, lw.ffn_norm, eps, T, tl, layer, SEG_FFN, SEG_FFN_SYNC)
+            self.block_output(partial, x, T, tl, layer, ATT)
+            y, acts = self.block_input(x, lw.ffn_norm, T, tl, layer, FFN)
             partial = self.ffn(layer, y, acts, T)
-            sync.block_output(partial, x, T, tl, layer, SEG_FFN, SEG_FFN_SYNC)
-        if not want_logits:
+            self.block_output(partial, x, T, tl, layer, FFN)
+        if mode == LOGITS_NONE:
             return None
-        last = x[T - 1 : T] if x is not None else None
-        y, acts = sync.block_input(last, self.w.output_norm, eps, 1, tl, -1, SEG_HEAD, SEG_HEAD_SYNC)
+        last = x[T - 1 : T] if x is not None else None  # only the last token's row needs the head
+        y, acts = self.block_input(last, self.w.output_norm, 1, tl, -1, HEAD)
         matmul(self.logits, self.w.wcls, y, acts, 1)
+        local = self.logits[0]
+        v0 = self.slc.vocab_rows[0]
+        if mode == LOGITS_FULL:
+            recv = None
+            if self.rank == 0:
+                self.full_logits[v0 : v0 + local.size] = local
+                recv = [self.full_logits[a:b] for a, b in self.vocab_rows]
+            tl.mark(SEG_HEAD)
+            self.sync.collect(local, recv)
+            tl.mark(SEG_HEAD_SYNC, -1, local.nbytes)
+            return None
+        i = int(np.argmax(local))
+        self.best[0], self.best[1] = local[i], v0 + i
         tl.mark(SEG_HEAD)
-        return self.logits[0]
+        self.sync.collect(self.best, [self.all_best[r] for r in range(self.n_ranks)] if self.rank == 0 else None)
+        tl.mark(SEG_HEAD_SYNC, -1, self.best.nbytes)
+        if self.rank != 0:
+            return None
+        self.all_best[0] = self.best
+        # the highest value; on a tie the lowest vocabulary index, as np.argmax over the full row
+        order = np.lexsort((self.all_best[:, 1], -self.all_best[:, 0]))
+        return int(self.all_best[order[0], 1])

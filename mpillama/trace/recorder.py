@@ -21,6 +21,8 @@ Imports numpy only: no MPI, no h5py.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 SEGMENTS: tuple[str, ...] = (
@@ -167,3 +169,16 @@ class NullRecorder:
 
     def end_step(self, t: float) -> None:
         pass
+
+
+class Timeline:
+    """Contiguous segments of one rank: each mark() closes the segment that began at the previous mark."""
+
+    def __init__(self, recorder: Recorder | NullRecorder, t: float | None = None) -> None:
+        self.rec = recorder
+        self.t = time.perf_counter() if t is None else t
+
+    def mark(self, seg: int, layer: int = -1, nbytes: int = 0) -> None:
+        now = time.perf_counter()
+        self.rec.add(seg, layer, self.t, now, nbytes)
+        self.t = now
