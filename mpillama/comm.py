@@ -13,6 +13,7 @@ or f32) and what is computed from it is model.py's business.
 
 from __future__ import annotations
 
+import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ import numpy as np
 from mpillama.errors import MpillamaError
 from mpillama.mpienv import needs_mpi
 
-TAG_GATHER = 11
+# Every point-to-point tag of the job, in one table: no two kinds of message can ever match.
+TAG_GATHER = 11  # gather_to_root (block partials, logits, trace records)
+TAG_WEIGHTS = 21  # --weights scatter: rank 0 sends each rank its slices
+TAG_PING = 31  # clock ping-pong of the trace
 SPIN_TESTS = 2000  # polls before a waiting rank starts yielding its core (oversubscribed runs)
 
 
@@ -181,6 +185,16 @@ class Comm:
             reqs = [self.mpi.Isend(part, dest=0, tag=TAG_GATHER) for part in self.chunks(send)]
             self.wait(reqs, [0] * len(reqs))
 
+    def send(self, buf: np.ndarray, dest: int, tag: int, timeout: float | None = -1.0) -> None:
+        """buf to rank dest, in chunks (the receiver must post recv with the same size and tag)."""
+        reqs = [self.mpi.Isend(part, dest=dest, tag=tag) for part in self.chunks(np.ascontiguousarray(buf))]
+        self.wait(reqs, [dest] * len(reqs), timeout)
+
+    def recv(self, buf: np.ndarray, source: int, tag: int, timeout: float | None = -1.0) -> None:
+        """Fill buf (contiguous) from rank source's send of the same size and tag."""
+        reqs = [self.mpi.Irecv(part, source=source, tag=tag) for part in self.chunks(buf)]
+        self.wait(reqs, [source] * len(reqs), timeout)
+
     def allreduce_sum(self, buf: np.ndarray) -> None:
         """In-place sum over ranks (f32). Chunks are reduced separately."""
         if self.size == 1:
@@ -224,11 +238,37 @@ class Comm:
                 raise MpillamaError(text if rank == 0 else f"rank {rank}: {text}")
             raise error
 
-    def allgather_obj(self, obj: Any) -> list[Any]:
-        return [obj] if self.size == 1 else self.mpi.allgather(obj)
+    # Python objects (start-up, trace metadata): pickled into byte buffers, so that they keep the timeout
+    def bcast_obj(self, obj: Any, timeout: float | None = -1.0) -> Any:
+        """Rank 0's obj on every rank."""
+        if self.size == 1:
+            return obj
+        data = pickle.dumps(obj) if self.rank == 0 else b""
+        n = np.array([len(data)], np.int64)  # (1,) i64 pickled length
+        self.bcast(n, timeout=timeout)
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == 0 else np.empty(int(n[0]), np.uint8)
+        self.bcast(buf, timeout=timeout)
+        return obj if self.rank == 0 else pickle.loads(buf.tobytes())
 
-    def bcast_obj(self, obj: Any) -> Any:
-        return obj if self.size == 1 else self.mpi.bcast(obj, root=0)
+    def gather_obj(self, obj: Any) -> list[Any] | None:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        data = np.frombuffer(pickle.dumps(obj), np.uint8)
+        n = np.array([data.size], np.int64)  # (1,) i64
+        sizes = np.zeros((self.size, 1), np.int64) if self.rank == 0 else None  # (n_ranks, 1) i64 on rank 0
+        self.gather_to_root(n, list(sizes) if sizes is not None else None)
+        if self.rank != 0:
+            self.gather_to_root(data, None)
+            return None
+        assert sizes is not None
+        recv = [np.empty(int(k), np.uint8) for k in sizes[:, 0]]
+        self.gather_to_root(data, recv)
+        return [obj] + [pickle.loads(r.tobytes()) for r in recv[1:]]
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on every rank."""
+        return self.bcast_obj(self.gather_obj(obj))
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -176,7 +176,7 @@ class Engine:
             "vocab_rows": slc.n_vocab_rows, "weight_bytes": cost.weight_bytes, "load_s": load_s,
         }
         per_step = cfg.n_layers * 8 + 12
-        session = TraceSession.open(comm.mpi, trace_path, meta, rank_info, capacity=per_step * 512)
+        session = TraceSession.open(comm, trace_path, meta, rank_info, capacity=per_step * 512)
         session.recorder.add(SEG_LOAD, -1, t0, time.perf_counter(), cost.weight_bytes)
         if verbose:
             alongside = f"; tokenizer {tokenizer_s:.1f} s alongside the weights" if tokenizer is not None else ""

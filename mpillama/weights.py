@@ -18,15 +18,13 @@ from typing import Any
 import numpy as np
 
 from mpillama import kernels
-from mpillama.comm import Comm, abort
+from mpillama.comm import TAG_WEIGHTS, Comm, abort
 from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
 from mpillama.formats import ModelFile, open_model
 from mpillama.model import load_weights
 from mpillama.partition import Slice
 from mpillama.quant import quantize_q40
-
-TAG_WEIGHTS = 21
 
 
 def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
@@ -86,9 +84,7 @@ class SendingSource:
         self.sent = 0
 
     def _send(self, data: np.ndarray) -> None:
-        data = np.ascontiguousarray(data)
-        reqs = [self.comm.mpi.Isend(part, dest=self.dest, tag=TAG_WEIGHTS) for part in self.comm.chunks(data)]
-        self.comm.wait(reqs, [self.dest] * len(reqs))
+        self.comm.send(data, self.dest, TAG_WEIGHTS)
         self.sent += data.nbytes
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> None:
@@ -109,9 +105,8 @@ class ReceivingSource:
 
     def _recv(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         out = np.empty(shape, dtype=dtype)
-        reqs = [self.comm.mpi.Irecv(part, source=0, tag=TAG_WEIGHTS) for part in self.comm.chunks(out)]
         # rank 0 serves the ranks one after another: waiting for our turn is not a timeout
-        self.comm.wait(reqs, [0] * len(reqs), timeout=None)
+        self.comm.recv(out, 0, TAG_WEIGHTS, timeout=None)
         return out
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:

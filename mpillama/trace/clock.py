@@ -5,7 +5,7 @@ offset (rank clock minus rank 0 clock) by ping-pong at the start and at the end 
 keeping the round trip with the smallest duration: its midpoint assumption is then off by
 at most rtt/2. Between the two samples the offset is taken to change linearly (drift).
 
-Takes an mpi4py communicator object as an argument; never imports mpi4py.
+Talks through comm.Comm (its timeout and its tag table); never imports mpi4py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-PING_TAG = 7301  # message tag of the ping-pong, distinct from anything the engine sends
+from mpillama.comm import TAG_PING
+
 ROUNDS = 32  # round trips per rank; the shortest one is kept
 
 
@@ -70,23 +71,23 @@ def to_rank0(t_local: np.ndarray, fit: ClockFit) -> np.ndarray:
 
 
 def ping_pong(comm: Any, rounds: int = ROUNDS) -> list[ClockSample] | None:
-    """Collective. On rank 0: one sample per rank (rank 0's own is zero); on the others: None."""
-    rank, size = comm.Get_rank(), comm.Get_size()
+    """Collective over a comm.Comm. On rank 0: one sample per rank (rank 0's own is zero); on the others: None."""
+    rank, size = comm.rank, comm.size
     buf = np.zeros(1, np.float64)  # (1,) f64: the ping carries nothing, the pong the worker's clock
-    comm.Barrier()
+    comm.barrier()
     if rank != 0:
         for _ in range(rounds):
-            comm.Recv(buf, source=0, tag=PING_TAG)
+            comm.recv(buf, 0, TAG_PING, timeout=2 * comm.timeout + 1.0)  # rank 0 pings the ranks in turn
             buf[0] = time.perf_counter()
-            comm.Send(buf, dest=0, tag=PING_TAG)
+            comm.send(buf, 0, TAG_PING)
         return None
     samples = [ClockSample(0.0, 0.0, 0.0)]
     for peer in range(1, size):
         best: ClockSample | None = None
         for _ in range(rounds):
             t1 = time.perf_counter()
-            comm.Send(buf, dest=peer, tag=PING_TAG)
-            comm.Recv(buf, source=peer, tag=PING_TAG)
+            comm.send(buf, peer, TAG_PING)
+            comm.recv(buf, peer, TAG_PING)
             t2 = time.perf_counter()
             sample = ClockSample(t_local=float(buf[0]), offset=float(buf[0]) - 0.5 * (t1 + t2), rtt=t2 - t1)
             if best is None or sample.rtt < best.rtt:

@@ -18,7 +18,7 @@ outright (mpirun kills every rank within milliseconds of its own SIGTERM, often 
 a handler can finish) still leaves the last checkpoint; write_partial, when it gets to
 run, replaces it with everything rank 0 holds.
 
-Receives an mpi4py communicator object; never imports mpi4py.
+Talks through comm.Comm (its --sync-timeout and its tag table); never imports mpi4py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ import numpy as np
 
 import mpillama
 from mpillama.atomic import atomic_write
+from mpillama.comm import Comm, library_version
 from mpillama.errors import MpillamaError
 from mpillama.trace import analysis, schema
 from mpillama.trace.clock import ZERO_FIT, ClockFit, ClockSample, ping_pong, to_rank0
@@ -229,17 +229,10 @@ def _check_writable(path: str) -> str | None:
     return None
 
 
-def _mpi_library(comm: Any) -> str:
-    """The MPI library's version string, read from the module the communicator came from (no import)."""
-    module = sys.modules.get(type(comm).__module__)
-    get = getattr(module, "Get_library_version", None)
-    return get().replace("\x00", "").strip().splitlines()[0] if callable(get) else ""
-
-
 class TraceSession:
     """One rank's part of a traced run. Create with TraceSession.open (collective)."""
 
-    def __init__(self, comm: Any, path: str | None, recorder: Recorder | NullRecorder) -> None:
+    def __init__(self, comm: Comm, path: str | None, recorder: Recorder | NullRecorder) -> None:
         self.comm = comm
         self.path = path
         self.recorder = recorder
@@ -265,29 +258,29 @@ class TraceSession:
 
     @classmethod
     def open(
-        cls, comm: Any, path: str | None, meta: dict[str, Any], rank_info: dict[str, Any],
+        cls, comm: Comm, path: str | None, meta: dict[str, Any], rank_info: dict[str, Any],
         capacity: int = DEFAULT_CAPACITY, checkpoint_s: float = CHECKPOINT_S,
     ) -> TraceSession:
         """Collective (except with path None, which communicates nothing and records nothing).
 
         checkpoint_s: the target seconds between flushes and partial checkpoints (<= 0: no checkpoints).
         """
-        rank, size = comm.Get_rank(), comm.Get_size()
+        rank, size = comm.rank, comm.size
         if path is None:
             return cls(comm, None, NullRecorder(rank))
         row = _rank_row(rank_info)  # raises on every rank alike: all ranks pass the same keys
         problem = _check_writable(path) if rank == 0 else None
-        problem = comm.bcast(problem, root=0)
+        problem = comm.bcast_obj(problem)
         if problem:
             raise MpillamaError(problem)
         if capacity <= 0:
             raise MpillamaError(f"trace capacity {capacity} must be positive: pass records per rank between flushes")
         self = cls(comm, str(path), Recorder(rank, capacity))
         self.checkpoint_s = checkpoint_s
-        rows = comm.gather(row, root=0)
+        rows = comm.gather_obj(row)
         samples = ping_pong(comm)
         if rank == 0:
-            self.meta = {**meta, "mpi_library_version": meta.get("mpi_library_version") or _mpi_library(comm)}
+            self.meta = {**meta, "mpi_library_version": meta.get("mpi_library_version") or library_version()}
             self.rank_rows = rows
             self.start_samples = samples
             self.chunks = [[] for _ in range(size)]
@@ -311,7 +304,7 @@ class TraceSession:
         """
         t = time.perf_counter()
         comm, rec = self.comm, self.recorder
-        size = comm.Get_size()
+        size = comm.size
         held = rec.n
         packed = rec.take()  # (held, 6) f64
         if self.rank == 0:
@@ -319,15 +312,13 @@ class TraceSession:
             packed = np.zeros(0, np.float64)
         counts = np.array([held, rec.dropped], np.int64)  # (2,) i64
         all_counts = np.zeros((size, 2), np.int64) if self.rank == 0 else None  # (n_ranks, 2) i64
-        comm.Gather(counts, all_counts, root=0)
+        comm.gather_to_root(counts, list(all_counts) if all_counts is not None else None)
         if self.rank == 0:
-            sizes = all_counts[:, 0].copy() * 6
-            sizes[0] = 0
-            recv = np.empty(int(sizes.sum()), np.float64)  # (sum of records * 6,) f64
-            comm.Gatherv(packed.reshape(-1), [recv, sizes.tolist()], root=0)
-            ends = np.cumsum(sizes)
+            all_counts[0] = counts
+            recv = [np.empty((int(n), 6), np.float64) for n in all_counts[:, 0]]  # per rank (held, 6) f64
+            comm.gather_to_root(packed, recv)
             for r in range(1, size):
-                self.chunks[r].append(recv[ends[r] - sizes[r]:ends[r]].reshape(-1, 6))
+                self.chunks[r].append(recv[r])
             self.worker_dropped = all_counts[:, 1].copy()
             rate = all_counts[:, 0].max() / max(self.since_flush, 1)  # records per step, fullest rank
             step_s = max((t - self.last_flush_t) / max(self.since_flush, 1), 1e-6)
@@ -338,9 +329,9 @@ class TraceSession:
             if not final:
                 self._checkpoint()
         else:
-            comm.Gatherv(packed.reshape(-1), None, root=0)
+            comm.gather_to_root(packed, None)
             nxt = np.zeros(1, np.int64)
-        comm.Bcast(nxt, root=0)
+        comm.bcast(nxt)
         self.flush_every = int(nxt[0])
         self.since_flush = 0
         self.n_flushes += 1
@@ -396,7 +387,7 @@ class TraceSession:
         self._flush(final=True)
         end_samples = ping_pong(self.comm)
         mine = {"n_dropped": self.recorder.dropped, "n_flushes": self.n_flushes, "flush_s": self.flush_s}
-        stats = self.comm.gather(mine, root=0)
+        stats = self.comm.gather_obj(mine)
         problem = None
         if self.rank == 0:
             fits = [ClockFit(s0, s1) for s0, s1 in zip(self.start_samples, end_samples)]
@@ -409,7 +400,7 @@ class TraceSession:
             finally:
                 self.writing = False
         self.done = True
-        problem = self.comm.bcast(problem, root=0)  # every rank learns the outcome: the job fails as one
+        problem = self.comm.bcast_obj(problem)  # every rank learns the outcome: the job fails as one
         if problem:
             raise MpillamaError(problem)
 
