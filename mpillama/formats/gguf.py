@@ -176,9 +176,8 @@ class _Cursor:
 
     def _strings(self, key: str, count: int) -> LazyStrings | list[str]:
         """Walk over `count` strings (checking lengths); keep long arrays lazy."""
-        if count > self.size:
-            raise MpillamaError(f"{self.path}: metadata {key!r} at offset {self.pos} claims {count} strings: "
-                                "more than the file could hold; the file is damaged")
+        if count * 8 > self.size - self.pos:  # each string has an 8-byte length: say so before walking them
+            self.need(count * 8, f"{count} strings of {key!r}")
         start, pos, size, mv = self.pos, self.pos, self.size, self.mv
         unpack = struct.Struct("<Q").unpack_from
         for i in range(count):
