@@ -179,9 +179,6 @@ class Tokenizer:
         piece = self.hf.id_to_token(token_id)
         return piece if piece is not None else self.pieces[token_id].decode("utf-8", "backslashreplace")
 
-    def is_eos(self, token_id: int) -> bool:
-        return token_id in self.eos_ids
-
     @property
     def bos_text(self) -> str:
         """BOS as text, for chat templates' bos_token ('' when there is none)."""

@@ -403,10 +403,6 @@ class GGUFModel(MappedTensors):
         foreign = sorted({_type_name(d) for d in self._data.values() if d.info.kind not in native})
         self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
 
-    def raw_metadata(self) -> dict[str, GGUFValue]:
-        """Every metadata value with its GGUF type (synth copies tokenizer keys with this)."""
-        return self._kv
-
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return gguf_tokenizer_metadata(self._kv)
 

@@ -30,8 +30,6 @@ from mpillama.quant import (
     rope_frequencies_ref,
 )
 
-# kinds mpillama reads without a foreign dequantizer; anything else is a GGUF type name
-NATIVE_KINDS = ("f32", "f16", "bf16", "q40", "q80")
 # kinds whose Q40 view is a requantization (worth a notice): everything but floats and q40
 _FLOAT_KINDS = ("f32", "f16", "bf16")
 # rows converted per step when a whole tensor is converted, to bound temporary memory
