@@ -36,6 +36,7 @@ from mpillama.formats.tensors import (
     config_error,
     fit_llama3_scaling,
     map_file,
+    requantizes,
 )
 
 GGUF_MAGIC = b"GGUF"
@@ -399,8 +400,7 @@ class GGUFModel(MappedTensors):
         check_tensors(self.path, self.config, self.tensors)
         self.metadata: dict[str, object] = {"GGUF.version": header.version}
         self.metadata.update({k: _summary(v) for k, v in self._kv.items()})
-        native = ("f32", "f16", "bf16", "q40")  # read_q40 of anything else is a requantization
-        foreign = sorted({_type_name(d) for d in self._data.values() if d.info.kind not in native})
+        foreign = sorted({_type_name(d) for d in self._data.values() if requantizes(d.info.kind)})
         self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
