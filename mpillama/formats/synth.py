@@ -254,18 +254,17 @@ def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str)
     w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if weight_type == "q40" else LlamaFileType.ALL_F32)
     if weight_type == "q40":
         w.add_quantization_version(2)
-    w.add_uint32(f"{a}.vocab_size", c.vocab_size)
-    w.add_uint32(f"{a}.context_length", c.seq_len)
-    w.add_uint32(f"{a}.embedding_length", c.dim)
-    w.add_uint32(f"{a}.block_count", c.n_layers)
-    w.add_uint32(f"{a}.feed_forward_length", c.hidden_dim)
-    w.add_uint32(f"{a}.attention.head_count", c.n_heads)
-    w.add_uint32(f"{a}.attention.head_count_kv", c.n_kv_heads)
-    w.add_uint32(f"{a}.attention.key_length", c.head_dim)
-    w.add_uint32(f"{a}.attention.value_length", c.head_dim)
+    # the architecture's keys, as formats/gguf.py's gguf_config reads them back
+    uint32 = {
+        "vocab_size": c.vocab_size, "context_length": c.seq_len, "embedding_length": c.dim,
+        "block_count": c.n_layers, "feed_forward_length": c.hidden_dim, "attention.head_count": c.n_heads,
+        "attention.head_count_kv": c.n_kv_heads, "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim, "rope.dimension_count": c.head_dim,
+    }
+    for key, value in uint32.items():
+        w.add_uint32(f"{a}.{key}", value)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", c.norm_eps)
     w.add_float32(f"{a}.rope.freq_base", c.rope_theta)
-    w.add_uint32(f"{a}.rope.dimension_count", c.head_dim)
     for key, v in _tokenizer_kv(shape).items():
         w.add_key_value(key, v.get(), v.vtype, v.sub_type)
 
