@@ -21,8 +21,7 @@ import numpy as np
 
 from mpillama.config import ModelConfig
 from mpillama.errors import MpillamaError
-
-QK = 32  # rows per FFN unit: one Q40 block
+from mpillama.quant import Q40_BLOCK_BYTES, QK  # QK: rows per FFN unit, one Q40 block
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ class SliceCost:
 
 
 def matrix_bytes(rows: int, cols: int, weight_type: str) -> int:
-    return rows * cols * 4 if weight_type == "f32" else rows * (cols // QK) * 18
+    return rows * cols * 4 if weight_type == "f32" else rows * (cols // QK) * Q40_BLOCK_BYTES
 
 
 def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str = "q40") -> SliceCost:

@@ -12,7 +12,7 @@
               when the point failed), wall_s, trace (path relative to the results file's folder, or
               ""), error (the line that says why it failed), json (bench's JSON result, or "")
 
-Imports h5py, numpy, errors and atomic only.
+Imports h5py, numpy, errors, atomic and h5attrs only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import mpillama
 from mpillama.atomic import atomic_write
 from mpillama.errors import MpillamaError
+from mpillama.h5attrs import h5_value, py_value
 
 FORMAT = "mpillama-sweep"
 VERSION = 1
@@ -96,37 +97,29 @@ def write_results(path: str | Path, meta: dict[str, str], parameters: list[str],
     rows = [_row(r) for r in results]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with atomic_write(path) as part, h5py.File(part, "w") as f:
-        f.attrs.update(meta)
-        f.attrs.update(format=FORMAT, version=VERSION, updated=now, n_points=planned, n_done=len(results),
-                       complete=complete, mpillama_version=mpillama.__version__)
-        f.attrs["parameters"] = np.array(parameters, dtype=h5py.string_dtype())
+        attrs = {**meta, "format": FORMAT, "version": VERSION, "updated": now, "n_points": planned,
+                 "n_done": len(results), "complete": complete, "mpillama_version": mpillama.__version__,
+                 "parameters": parameters}
+        for key, value in attrs.items():
+            f.attrs[key] = h5_value(value)
         g = f.create_group("points")
         for name in names:
             g.create_dataset(name, data=_column(name, [row[name] for row in rows]))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_results(path: str | Path) -> SweepData:
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: py_value(v) for k, v in f.attrs.items()}
             if attrs.get("format") != FORMAT:
                 raise MpillamaError(f"{path} is not a sweep results file (format {attrs.get('format')!r})")
             if attrs.get("version") != VERSION:
                 raise MpillamaError(f"{path}: sweep file version {attrs.get('version')} is not supported "
                                     f"(this mpillama reads {VERSION}); use the mpillama that wrote it")
-            parameters = [_plain(p) for p in f.attrs["parameters"]]
-            columns = {name: [_plain(v) for v in f["points"][name][()]] for name in f["points"]}
+            parameters = attrs["parameters"]
+            columns = {name: [py_value(v) for v in f["points"][name][()]] for name in f["points"]}
     except OSError as e:
         raise MpillamaError(f"{path}: cannot read it as HDF5 ({e})") from None
-    attrs["parameters"] = parameters
     order = [*column_names(parameters), *columns]
     columns = {name: columns[name] for name in dict.fromkeys(order) if name in columns}
     n = len(columns.get("index", []))

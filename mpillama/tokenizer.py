@@ -17,16 +17,14 @@ are the tests):
   .t            see tokenizer_from_dllama.
 Control (type 3), unknown (2) and user-defined (4) tokens are added tokens, so their text written
 in a prompt (e.g. <|start_header_id|>) becomes their id.
-Also here: metadata_from_gguf, a quick reader of a GGUF's tokenizer.* keys (for --tokenizer X.gguf).
-
-Imports nothing from the package but errors (and formats.dllama lazily, for .t files); never mpi4py.
+Imports nothing from the package but errors, and lazily the readers of the files it is given:
+formats.dllama (.t magic numbers and layout) and formats.gguf (a .gguf's header); never mpi4py.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -48,9 +45,6 @@ EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
     "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "</s>",
 })
-
-DLLAMA_TOKENIZER_MAGIC = 0x567124
-DLLAMA_OLD_TOKENIZER_MAGIC = 0x567123
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +179,6 @@ class Tokenizer:
         piece = self.hf.id_to_token(token_id)
         return piece if piece is not None else self.pieces[token_id].decode("utf-8", "backslashreplace")
 
-    def is_eos(self, token_id: int) -> bool:
-        return token_id in self.eos_ids
-
     @property
     def bos_text(self) -> str:
         """BOS as text, for chat templates' bos_token ('' when there is none)."""
@@ -250,10 +241,10 @@ def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """Build from a GGUF's tokenizer.* keys as Python values (as metadata_from_gguf returns them).
+    """Build from a GGUF's tokenizer.* keys as Python values.
 
-    Keys may also come without their prefix ('tokens', 'bos_token_id', 'chat_template', ...), as
-    formats.gguf's tokenizer_metadata() gives them.
+    Keys may come with their full names ('tokenizer.ggml.tokens', ...) or without their prefix
+    ('tokens', 'bos_token_id', 'chat_template', ...), as formats.gguf's gguf_tokenizer_metadata gives them.
     """
     meta = _prefixed(meta)
     model = meta.get("tokenizer.ggml.model")
@@ -385,94 +376,6 @@ def _pieces(tokens: Sequence[str], types: Sequence[int], style: str) -> list[byt
         else:
             out.append(text.replace("▁", " ").encode("utf-8"))
     return out
-
-
-# GGUF scalar value types -> struct format (numpy reads arrays of them); 8 is string, 9 array
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def metadata_from_gguf(path: str | Path, prefix: str = "tokenizer.") -> dict[str, Any]:
-    """The GGUF key/values whose key starts with `prefix`, as Python values (lists for arrays).
-
-    A direct reader of the key/value section: gguf.GGUFReader gives the same values but parses
-    every array element into numpy objects (~9 s for Llama 3's vocabulary, ~0.3 s here).
-    """
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise MpillamaError(f"cannot open {path}: {e.strerror}; check the path") from None
-    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise MpillamaError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r}); pass a .gguf file")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise MpillamaError(f"{path}: GGUF version {version} is not supported (2 or 3); re-convert the model")
-        reader = _GgufKv(buf, 24, path)
-        out = {}
-        for _ in range(n_kv):
-            key = reader.string()
-            vtype = reader.u32()
-            wanted = key.startswith(prefix)
-            value = reader.value(vtype, keep=wanted)
-            if wanted:
-                out[key] = value
-        return out
-
-
-class _GgufKv:
-    """A cursor over a GGUF key/value section; every read is bounds-checked against the file."""
-
-    def __init__(self, buf: mmap.mmap, pos: int, path: Path) -> None:
-        self.buf, self.pos, self.path = buf, pos, path
-
-    def _need(self, n: int) -> None:
-        if self.pos + n > len(self.buf):
-            raise MpillamaError(f"{self.path} is truncated at byte {self.pos} (metadata runs past the end): "
-                                "download the file again")
-
-    def u32(self) -> int:
-        self._need(4)
-        (v,) = struct.unpack_from("<I", self.buf, self.pos)
-        self.pos += 4
-        return v
-
-    def u64(self) -> int:
-        self._need(8)
-        (v,) = struct.unpack_from("<Q", self.buf, self.pos)
-        self.pos += 8
-        return v
-
-    def string(self) -> str:
-        n = self.u64()
-        self._need(n)
-        s = self.buf[self.pos:self.pos + n].decode("utf-8", "surrogateescape")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int, keep: bool) -> Any:
-        if vtype == 8:
-            return self.string()
-        if vtype in _GGUF_SCALARS:
-            fmt = _GGUF_SCALARS[vtype]
-            size = struct.calcsize(fmt)
-            self._need(size)
-            (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-            self.pos += size
-            return v
-        if vtype == 9:
-            etype, n = self.u32(), self.u64()
-            if etype == 8:
-                items = [self.string() for _ in range(n)]
-                return items if keep else None
-            if etype in _GGUF_SCALARS:
-                dtype = np.dtype(_GGUF_SCALARS[etype])
-                self._need(n * dtype.itemsize)
-                arr = np.frombuffer(self.buf, dtype, count=n, offset=self.pos) if keep else None
-                self.pos += n * dtype.itemsize
-                return arr.tolist() if keep else None
-            return [self.value(etype, keep) for _ in range(n)]
-        raise MpillamaError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}; the file is corrupt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,16 +560,16 @@ def _tokenizer_from_path(path: Path) -> Tokenizer:
         return tokenizer_from_hf(path)
     if not path.is_file():
         raise MpillamaError(f"tokenizer {path} not found: pass a .t file, a tokenizer.json or a folder holding one")
+    from mpillama.formats import dllama, gguf  # the readers own the magic numbers and layouts
+
     with path.open("rb") as f:
         head = f.read(4)
-    if len(head) == 4 and struct.unpack("<i", head)[0] in (DLLAMA_TOKENIZER_MAGIC, DLLAMA_OLD_TOKENIZER_MAGIC):
-        from mpillama.formats.dllama import read_dllama_tokenizer  # only .t users need the reader
-
-        return tokenizer_from_dllama(read_dllama_tokenizer(path))
-    if head == b"GGUF":
-        return tokenizer_from_gguf_metadata(metadata_from_gguf(path))
+    if len(head) == 4 and struct.unpack("<i", head)[0] in (dllama.TOKENIZER_MAGIC, dllama.OLD_TOKENIZER_MAGIC):
+        return tokenizer_from_dllama(dllama.read_dllama_tokenizer(path))
+    if head == gguf.GGUF_MAGIC:
+        return tokenizer_from_gguf_metadata(gguf.gguf_tokenizer_metadata(gguf.read_gguf_header(path).kv) or {})
     if head.lstrip()[:1] == b"{":
         return _tokenizer_from_json(path, path.parent)
     raise MpillamaError(f"{path} is not a tokenizer mpillama knows (first bytes {head!r}): "
-                        "pass a .t file (magic 0x567124), a tokenizer.json or a .gguf")
+                        f"pass a .t file (magic {dllama.TOKENIZER_MAGIC:#x}), a tokenizer.json or a .gguf")
 

@@ -18,6 +18,7 @@ import pytest
 from mpillama.errors import MpillamaError
 from mpillama.launch import Launcher, find_launcher, is_open_mpi
 from mpillama.sweep import bench_program, parse_grid
+from mpillama.sweep_file import PointResult, read_results, results_json, write_results
 from tests.mpi_launch import ROOT, mpi_env
 
 LAUNCHER = "[launcher]\noversubscribe = true\n"
@@ -150,6 +151,32 @@ def test_the_cli_refuses_a_bad_grid_before_running_anything(tmp_path: Path) -> N
     assert not (tmp_path / "r.h5").exists()
     done = sweep_cli()
     assert done.returncode == 2 and "--grid GRID.toml --out RESULTS.h5" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ the results file
+
+
+def test_the_results_file_reads_back_as_written(tmp_path: Path) -> None:
+    out = tmp_path / "r.h5"
+    meta = {"grid": "[grid]\nranks = [1, 2]\n", "model": "m.gguf", "created": "2024-01-01T00:00:00+00:00",
+            "launcher": "mpirun", "program": "python"}
+    metrics = {"prompt_tok_s": 50.0, "gen_tok_s": 20.5, "token_ms": 48.8, "rank0_sync_ms": 1.25, "load_s": 0.5}
+    results = [
+        PointResult(1, {"ranks": 2, "rank_weights": (0.6, 1.0)}, "ok", metrics, 3.0, "r.traces/point-001.h5", ""),
+        PointResult(2, {"ranks": 1, "rank_weights": None}, "failed", {}, 1.0, None, "exit 2: no\x00 model"),
+    ]
+    write_results(out, meta, ["ranks", "rank_weights"], results, planned=3, complete=False)
+    data = read_results(out)
+    assert data.parameters == ["ranks", "rank_weights"]
+    assert {k: data.attrs[k] for k in (*meta, "format", "version", "n_points", "n_done", "complete")} == {
+        **meta, "format": "mpillama-sweep", "version": 1, "n_points": 3, "n_done": 2, "complete": False}
+    assert type(data.attrs["complete"]) is bool and type(data.attrs["n_done"]) is int
+    first, second = data.rows
+    assert (first["index"], first["ranks"], first["rank_weights"], first["status"]) == (1, 2, "0.6,1", "ok")
+    assert (first["gen_tok_s"], first["trace"], json.loads(first["json"])) == (20.5, "r.traces/point-001.h5", metrics)
+    assert (second["rank_weights"], second["error"], second["trace"], second["json"]) == ("even", "exit 2: no model", "", "")
+    assert math.isnan(second["gen_tok_s"])
+    assert json.loads(json.dumps(results_json(data), default=str))["parameters"] == ["ranks", "rank_weights"]
 
 
 # ------------------------------------------------------------------------------------------ real sweeps

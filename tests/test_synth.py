@@ -11,6 +11,7 @@ import jinja2
 import numpy as np
 import pytest
 
+from mpillama.chat import CHATML_TEMPLATE
 from mpillama.errors import MpillamaError
 from mpillama.formats import expected_tensors, open_model
 from mpillama.formats import synth
@@ -117,7 +118,7 @@ def test_tokenizer_and_chat_templates(files: dict[str, Path]) -> None:
     template = str(meta["chat_template"])
     text = env.from_string(template).render(messages=chat, add_generation_prompt=True)
     assert "<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n" in text
-    text = env.from_string(synth.CHATML_TEMPLATE).render(messages=chat[1:], add_generation_prompt=False)
+    text = env.from_string(CHATML_TEMPLATE).render(messages=chat[1:], add_generation_prompt=False)
     assert text == "<|im_start|>user\n Hi <|im_end|>\n"
 
 

@@ -20,11 +20,11 @@ import pytest
 import tokenizers
 
 from mpillama.errors import MpillamaError
+from mpillama.formats.gguf import read_gguf_header
 from mpillama.formats.vocab import vocab_dir, vocab_gguf
 from mpillama.tokenizer import (
     Tokenizer,
     load_tokenizer,
-    metadata_from_gguf,
     tokenizer_from_dllama,
     tokenizer_from_gguf_metadata,
     tokenizer_from_hf,
@@ -49,7 +49,8 @@ def vocab_path(name: str) -> Path:
 
 @lru_cache(maxsize=None)
 def meta(name: str) -> dict:
-    return metadata_from_gguf(vocab_path(name))
+    """The vocabulary's tokenizer.* keys under their full names, as Python values."""
+    return {k: v.get() for k, v in read_gguf_header(vocab_path(name)).kv.items() if k.startswith("tokenizer.")}
 
 
 @lru_cache(maxsize=None)
@@ -116,7 +117,7 @@ def test_metadata_reader_matches_gguf_reader() -> None:
     from gguf import GGUFReader
 
     path = vocab_path("llama-spm")
-    ours = metadata_from_gguf(path)
+    ours = meta("llama-spm")
     theirs = {k: f.contents() for k, f in GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
@@ -393,4 +394,4 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(vocab_path("llama-spm").read_bytes()[:5000])
     with pytest.raises(MpillamaError, match="truncated"):
-        metadata_from_gguf(truncated)
+        load_tokenizer(SimpleNamespace(format="dllama", path="model.m"), str(truncated))

@@ -25,7 +25,6 @@ from mpillama.formats.tensors import TensorInfo, expected_tensors
 
 __all__ = ["ModelFile", "TensorInfo", "expected_tensors", "open_model", "detect_format", "ACCEPTED"]
 
-DLLAMA_MAGIC = 0xA00ABCD
 ACCEPTED = "GGUF (.gguf), distributed-llama model (.m), or a Hugging Face folder with config.json + *.safetensors"
 
 
@@ -62,11 +61,13 @@ def detect_format(path: Path) -> str:
         if (path / "config.json").is_file():
             return "hf"
         raise MpillamaError(f"model {path} is a folder without config.json: give a {ACCEPTED}")
+    from mpillama.formats.dllama import MODEL_MAGIC  # the .m layout's owner; numpy is all it costs
+
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"GGUF":
         return "gguf"
-    if len(head) == 4 and struct.unpack("<i", head)[0] == DLLAMA_MAGIC:
+    if len(head) == 4 and struct.unpack("<i", head)[0] == MODEL_MAGIC:
         return "dllama"
     found = f"magic {head!r}" if head else "an empty file"
     if path.suffix == ".safetensors":

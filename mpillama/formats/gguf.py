@@ -36,6 +36,7 @@ from mpillama.formats.tensors import (
     config_error,
     fit_llama3_scaling,
     map_file,
+    requantizes,
 )
 
 GGUF_MAGIC = b"GGUF"
@@ -176,9 +177,8 @@ class _Cursor:
 
     def _strings(self, key: str, count: int) -> LazyStrings | list[str]:
         """Walk over `count` strings (checking lengths); keep long arrays lazy."""
-        if count > self.size:
-            raise MpillamaError(f"{self.path}: metadata {key!r} at offset {self.pos} claims {count} strings: "
-                                "more than the file could hold; the file is damaged")
+        if count * 8 > self.size - self.pos:  # each string has an 8-byte length: say so before walking them
+            self.need(count * 8, f"{count} strings of {key!r}")
         start, pos, size, mv = self.pos, self.pos, self.size, self.mv
         unpack = struct.Struct("<Q").unpack_from
         for i in range(count):
@@ -400,13 +400,8 @@ class GGUFModel(MappedTensors):
         check_tensors(self.path, self.config, self.tensors)
         self.metadata: dict[str, object] = {"GGUF.version": header.version}
         self.metadata.update({k: _summary(v) for k, v in self._kv.items()})
-        native = ("f32", "f16", "bf16", "q40")  # read_q40 of anything else is a requantization
-        foreign = sorted({_type_name(d) for d in self._data.values() if d.info.kind not in native})
+        foreign = sorted({_type_name(d) for d in self._data.values() if requantizes(d.info.kind)})
         self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
-
-    def raw_metadata(self) -> dict[str, GGUFValue]:
-        """Every metadata value with its GGUF type (synth copies tokenizer keys with this)."""
-        return self._kv
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return gguf_tokenizer_metadata(self._kv)

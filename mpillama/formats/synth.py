@@ -1,7 +1,8 @@
 """Synthetic models: random weights at real shapes, written as GGUF files llama.cpp can load.
 
-Owns: SHAPES (the named shapes, their vocabularies and weight statistics), the chat templates
-added when a vocabulary file carries none, and write_synthetic(), which streams one tensor at
+Owns: SHAPES (the named shapes, their vocabularies and weight statistics), the end-of-turn and
+add_bos facts written into the tokenizer keys (with chat.py's built-in template when a vocabulary
+file carries none), and write_synthetic(), which streams one tensor at
 a time (generate, quantize, write) so a 1.2 B-parameter model fits in bounded memory.
 
 Files look like llama.cpp's own conversions: metadata under the architecture's keys, the
@@ -11,7 +12,7 @@ for Llama 3.x rope scaling a rope_freqs tensor of per-frequency factors (what ll
 converter writes; mpillama recognises it when reading). Llama q/k rows in GGUF are in the
 'pairs' rope layout; random weights are simply generated in that layout (nothing to permute).
 
-Imports numpy, gguf (its writer), and mpillama atomic/config/errors/quant/formats. Never mpi4py.
+Imports numpy, gguf (its writer), and mpillama atomic/chat/config/errors/quant/formats. Never mpi4py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from mpillama.atomic import atomic_write
+from mpillama.chat import FALLBACK_TEMPLATES
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.gguf import T_BOOL, T_STRING, T_UINT32, GGUFValue, read_gguf_header
@@ -119,24 +121,9 @@ SHAPES: dict[str, SynthShape] = {
         "qwen2", embed_std=0.5, out_norm_mean=0.0, out_norm_std=1.0, head_spread=0.35),  # fmt: skip
 }
 
-# Chat templates for vocabularies that carry none (Jinja over messages/role/content,
-# bos_token, add_generation_prompt), written for mpillama.
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{- (message['content'] | trim) + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-# per architecture: (chat template if the vocabulary has none, end-of-turn token used as eos, add_bos)
-_CHAT = {"llama": (LLAMA3_TEMPLATE, "<|eot_id|>", True), "qwen3": (CHATML_TEMPLATE, "<|im_end|>", False)}
+# per architecture: (end-of-turn token used as eos, add_bos); the chat template, when the vocabulary
+# has none, is chat.py's built-in one for the architecture
+_CHAT = {"llama": ("<|eot_id|>", True), "qwen3": ("<|im_end|>", False)}
 
 WEIGHT_TYPES = ("q40", "f32")
 _ROWS_PER_CHUNK_VALUES = 1 << 22  # values generated per step: bounds memory for 128k x 4096 tensors
@@ -248,7 +235,7 @@ def _chain_head(shape: SynthShape, qtype: GGMLQuantizationType, seed: int) -> It
 def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
     """The vocabulary file's tokenizer.* keys, with eos = the end-of-turn token, add_bos, and a chat template."""
     kv = {k: v for k, v in read_gguf_header(vocab_gguf(shape.vocab)).kv.items() if k.startswith("tokenizer.")}
-    template, eot, add_bos = _CHAT[shape.config.arch]
+    eot, add_bos = _CHAT[shape.config.arch]
     tokens = kv["tokenizer.ggml.tokens"].get()
     if len(tokens) != shape.config.vocab_size:
         raise MpillamaError(f"vocabulary {shape.vocab!r} has {len(tokens)} tokens, the shape needs "
@@ -257,7 +244,7 @@ def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
     if eot in tokens:
         kv["tokenizer.ggml.eos_token_id"] = GGUFValue(T_UINT32, tokens.index(eot))
     kv["tokenizer.ggml.add_bos_token"] = GGUFValue(T_BOOL, add_bos)
-    kv.setdefault("tokenizer.chat_template", GGUFValue(T_STRING, template))
+    kv.setdefault("tokenizer.chat_template", GGUFValue(T_STRING, FALLBACK_TEMPLATES[shape.config.arch]))
     return kv
 
 
@@ -267,18 +254,17 @@ def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str)
     w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if weight_type == "q40" else LlamaFileType.ALL_F32)
     if weight_type == "q40":
         w.add_quantization_version(2)
-    w.add_uint32(f"{a}.vocab_size", c.vocab_size)
-    w.add_uint32(f"{a}.context_length", c.seq_len)
-    w.add_uint32(f"{a}.embedding_length", c.dim)
-    w.add_uint32(f"{a}.block_count", c.n_layers)
-    w.add_uint32(f"{a}.feed_forward_length", c.hidden_dim)
-    w.add_uint32(f"{a}.attention.head_count", c.n_heads)
-    w.add_uint32(f"{a}.attention.head_count_kv", c.n_kv_heads)
-    w.add_uint32(f"{a}.attention.key_length", c.head_dim)
-    w.add_uint32(f"{a}.attention.value_length", c.head_dim)
+    # the architecture's keys, as formats/gguf.py's gguf_config reads them back
+    uint32 = {
+        "vocab_size": c.vocab_size, "context_length": c.seq_len, "embedding_length": c.dim,
+        "block_count": c.n_layers, "feed_forward_length": c.hidden_dim, "attention.head_count": c.n_heads,
+        "attention.head_count_kv": c.n_kv_heads, "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim, "rope.dimension_count": c.head_dim,
+    }
+    for key, value in uint32.items():
+        w.add_uint32(f"{a}.{key}", value)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", c.norm_eps)
     w.add_float32(f"{a}.rope.freq_base", c.rope_theta)
-    w.add_uint32(f"{a}.rope.dimension_count", c.head_dim)
     for key, v in _tokenizer_kv(shape).items():
         w.add_key_value(key, v.get(), v.vtype, v.sub_type)
 

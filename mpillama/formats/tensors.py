@@ -30,10 +30,6 @@ from mpillama.quant import (
     rope_frequencies_ref,
 )
 
-# kinds mpillama reads without a foreign dequantizer; anything else is a GGUF type name
-NATIVE_KINDS = ("f32", "f16", "bf16", "q40", "q80")
-# kinds whose Q40 view is a requantization (worth a notice): everything but floats and q40
-_FLOAT_KINDS = ("f32", "f16", "bf16")
 # rows converted per step when a whole tensor is converted, to bound temporary memory
 _CHUNK_VALUES = 1 << 24
 
@@ -259,7 +255,7 @@ class TensorData:
             mapped = np.asarray(self._raw()[r0:r1, c0 // QK * Q40_BLOCK_BYTES : c1 // QK * Q40_BLOCK_BYTES])
             out = np.array(mapped) if copy else mapped
         else:
-            if self.info.kind not in _FLOAT_KINDS and notice is not None:
+            if requantizes(self.info.kind) and notice is not None:
                 notice()
             out = np.empty((r1 - r0, (c1 - c0) // QK * Q40_BLOCK_BYTES), np.uint8)  # (r, c//32*18) q40
             step = max(1, _CHUNK_VALUES // max(1, self.cols))
@@ -267,6 +263,11 @@ class TensorData:
                 e = min(r1, r + step)
                 out[r - r0 : e - r0] = quantize_q40(self._decode(r, e, c0, c1))
         return out[0] if len(self.info.shape) == 1 else out
+
+
+def requantizes(kind: str) -> bool:
+    """Whether reading a tensor of this kind as Q40 requantizes it (worth a notice): all but floats and q40."""
+    return kind not in ("f32", "f16", "bf16", "q40")
 
 
 class MappedTensors:

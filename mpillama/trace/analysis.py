@@ -22,7 +22,7 @@ of the next: a chat user typing, rank 0's bookkeeping) is idle, not waiting: eve
 per-step figure (wait, skew, time per token, worst segments) is measured on the "busy
 clock", rank 0's clock with those gaps cut out (busy_clock).
 
-Imports numpy, h5py and the trace schema; no MPI.
+Imports numpy, h5py, h5attrs and the trace schema; no MPI.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from mpillama.errors import MpillamaError
+from mpillama.h5attrs import py_value
 from mpillama.trace import schema
 
 
@@ -107,19 +108,6 @@ class Trace:
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _py(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (bytes -> str, numpy scalars -> int/float/bool)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "OSU":
-            return [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _column(group: h5py.Group, name: str) -> np.ndarray:
     data = group[name][()]
     if data.dtype.kind in "OS":
@@ -137,7 +125,7 @@ def load_trace(path: str | Path) -> Trace:
     except OSError as exc:
         raise MpillamaError(f"{path} is not a readable HDF5 file ({exc}): pass a file written by --trace") from None
     with f:
-        attrs = {k: _py(v) for k, v in f.attrs.items()}
+        attrs = {k: py_value(v) for k, v in f.attrs.items()}
         schema.check_version(str(path), attrs)
         for group in (schema.RANKS, schema.SEGMENTS_GROUP, schema.STEPS):
             if group not in f:
@@ -145,10 +133,10 @@ def load_trace(path: str | Path) -> Trace:
         ranks = {name: _column(f[schema.RANKS], name) for name in f[schema.RANKS]}
         g = f[schema.SEGMENTS_GROUP]
         seg = {name: _column(g, name) for name in schema.SEGMENT_COLUMNS}
-        names = tuple(_py(g.attrs[schema.SEGMENT_NAMES_ATTR]))
+        names = tuple(py_value(g.attrs[schema.SEGMENT_NAMES_ATTR]))
         s = f[schema.STEPS]
         st = {name: _column(s, name) for name in schema.STEP_COLUMNS}
-        phases = tuple(_py(s.attrs[schema.PHASE_NAMES_ATTR]))
+        phases = tuple(py_value(s.attrs[schema.PHASE_NAMES_ATTR]))
     return Trace(
         path=str(path),
         attrs=attrs,

@@ -23,7 +23,6 @@ Talks through comm.Comm (its --sync-timeout and its tag table); never imports mp
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -39,6 +38,7 @@ import mpillama
 from mpillama.atomic import atomic_write
 from mpillama.comm import Comm, library_version
 from mpillama.errors import MpillamaError
+from mpillama.h5attrs import h5_value
 from mpillama.trace import analysis, schema
 from mpillama.trace.clock import ZERO_FIT, ClockFit, ClockSample, ping_pong, to_rank0
 from mpillama.trace.recorder import PHASES, SEG_OTHER, SEGMENTS, NullRecorder, Recorder
@@ -91,23 +91,6 @@ def _rank_row(rank_info: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-
-def _attr(value: Any) -> Any:
-    """A Python value as something h5py stores as an attribute."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.replace("\x00", "")  # HDF5 strings end at NUL (MPI version strings may carry one)
-    if isinstance(value, (bool, int, float, np.generic)):
-        return value
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return np.array(list(value), dtype=h5py.string_dtype())
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return np.asarray(value)
-    return json.dumps(value, default=str)
 
 
 def aligned_columns(data: TraceData) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -202,7 +185,7 @@ def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
     attrs.update({schema.SUMMARY_PREFIX + k: v for k, v in summary.items()})
     with atomic_write(path, fsync) as part, h5py.File(part, "w") as f:
         for key, value in attrs.items():
-            f.attrs[key] = _attr(value)
+            f.attrs[key] = h5_value(value)
         _write_columns(f.create_group(schema.RANKS), _rank_columns(data, seg_cols), chunked=False)
         g = f.create_group(schema.SEGMENTS_GROUP)
         _write_columns(g, seg_cols, chunked=True)
