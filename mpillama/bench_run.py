@@ -27,8 +27,7 @@ def rank0_records(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     --trace also those already flushed to the trace session."""
     rec, n = engine.rec, engine.rec.n
     parts = [np.stack([rec.steps[:n], rec.segs[:n], rec.t_ends[:n] - rec.t_starts[:n]], axis=1).astype(np.float64)]
-    flushed = engine.session.chunks[0] if engine.session.chunks else []  # (n, 6) rows, see Recorder.take
-    for packed in flushed:
+    for packed in engine.session.flushed_records(0):  # (n, 6) rows, see Recorder.take
         parts.append(np.stack([packed[:, 0], packed[:, 2], packed[:, 4] - packed[:, 3]], axis=1))
     rows = np.concatenate(parts)  # (records, 3) f64
     return rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2]
@@ -81,18 +80,18 @@ class Measured:
 def measure_once(engine: Engine, prompt: list[int], steps: int, traced: bool) -> Measured:
     greedy = Sampler(temperature=0.0)
     engine.reset()
-    if not traced:
-        engine.rec = Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
-    gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-    split = decode_split(engine, set(range(engine.step - gen.decode_steps, engine.step)))
+    # under --trace the session's own recorder (it flushes itself); otherwise one that holds this run
+    recorder = engine.rec if traced else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
+    with engine.recording(recorder):
+        gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
+        split = decode_split(engine, set(range(engine.step - gen.decode_steps, engine.step)))
     # the matmuls alone and the unrecorded run come right after the tokens they are compared with:
     # the shares are differences of times, so all are taken while the machine is in the same state
     mm = matmul_ms(engine)
     sync_ms = sum(v for k, v in split.items() if k.endswith("_sync"))
-    recorder, engine.rec = engine.rec, NullRecorder(0)
     engine.reset()
-    plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-    engine.rec = recorder
+    with engine.recording(NullRecorder(0)):
+        plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
     outside = 1 - (mm + sync_ms) * gen.gen_tok_s / 1e3 if gen.gen_tok_s else float("nan")
     return Measured(gen.prompt_tok_s, gen.gen_tok_s, split, mm, sync_ms, outside, plain.gen_tok_s)
 

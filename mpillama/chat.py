@@ -3,8 +3,8 @@
 Owns turning messages ([{'role': 'user', 'content': '...'}, ...]) into the prompt text a chat model
 expects, the way Hugging Face's apply_chat_template does (a sandboxed jinja2 environment with
 trim_blocks and lstrip_blocks, raise_exception(), strftime_now(), a tojson that keeps non-ASCII),
-plus built-in Llama 3 and ChatML (Qwen) templates for files that carry none. The interactive loop
-and the server live elsewhere. Imports jinja2 and errors only; never mpi4py.
+plus built-in Llama 3 and ChatML (Qwen) templates for files that carry none, and the interactive
+loop of `python -m mpillama chat` (rank 0; the server lives in server.py). Never imports mpi4py.
 
 The rendered text usually starts with the BOS token's text when the template writes bos_token
 itself (Llama 3's does); Tokenizer.encode does not add a second BOS in that case.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable, TextIO
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -106,3 +106,55 @@ def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
         content = "".join(part.get("text", "") for part in content
                           if isinstance(part, Mapping) and part.get("type") == "text")
     return {**message, "content": "" if content is None else content}
+
+
+CHAT_HELP = ("commands: /exit or /quit ends the chat, /reset starts a new conversation, /help shows this; "
+             "anything else is a message to the model")
+
+
+def chat_loop(engine: Any, system: str | None, steps: int, sampler: Any, lines: TextIO,
+              write: Callable[[str], None], prompt: Callable[[], None]) -> Any:
+    """Rank 0: read a message per line from lines, answer it with the conversation so far, until
+    /exit, /quit or end of input. Returns the last Generation (or None).
+
+    The commands matter under mpirun: Open MPI 5's mpirun never passes end of input to rank 0.
+    The engine keeps the conversation's K/V rows, so each turn prefills only its new tokens.
+    """
+    from mpillama.errors import ContextFull
+    from mpillama.output import say
+
+    tok = engine.tokenizer
+    first = [{"role": "system", "content": system}] if system else []
+    messages: list[dict[str, str]] = list(first)
+    last = None
+    while True:
+        prompt()
+        line = lines.readline()
+        if not line:
+            return last
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return last
+        if text == "/help":
+            say(0, CHAT_HELP)
+            continue
+        if text == "/reset":
+            messages = list(first)
+            engine.reset()
+            say(0, "mpillama: new conversation")
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        rendered = render_chat(tok.chat_template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
+                               add_generation_prompt=True, arch_hint=engine.cfg.arch)
+        ids = tok.encode(rendered)  # adds BOS only if the template did not write it
+        try:
+            last = engine.generate(ids, steps, sampler, on_text=write)
+        except ContextFull as e:
+            say(0, f"mpillama: {e}; starting a new conversation")
+            messages = list(first)
+            engine.reset()
+            continue
+        write("\n")
+        messages.append({"role": "assistant", "content": last.text.strip()})

@@ -17,9 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpillama.comm import Comm, abort, world
+from mpillama.comm import Comm, world
 from mpillama.config import RunConfig
-from mpillama.engine import Engine, Generation, install_signal_handlers, save_npy_atomic, say
+from mpillama.engine import Engine, Generation, install_signal_handlers, save_npy_atomic
+from mpillama.loading import load_engine
+from mpillama.output import describe_error, end_job, say
 from mpillama.errors import MpillamaError
 from mpillama.sampler import Sampler
 
@@ -48,26 +50,20 @@ def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) 
         fail(comm, engine, e)
     except BaseException as e:  # noqa: BLE001
         fail(comm, engine, e)
-    say(comm, "mpillama: memory per rank, MB private (peak with mapped file pages): "
+    say(comm.rank, "mpillama: memory per rank, MB private (peak with mapped file pages): "
               + ", ".join(f"{private:.0f} ({peak:.0f})" for private, peak in rss))
     return 0
 
 
 def fail(comm: Comm, engine: Engine, error: BaseException) -> None:
-    interrupted = isinstance(error, KeyboardInterrupt)
-    text = "interrupted" if interrupted else (str(error) if isinstance(error, MpillamaError) else repr(error))
-    prefix = "" if text.startswith("rank ") else f"rank {comm.rank}: "
-    print(f"mpillama: error: {prefix}{text}", file=sys.stderr, flush=True)
+    """A failure after the first forward pass: leave a partial trace on rank 0, then end every rank."""
     if comm.rank == 0:
-        engine.session.write_partial(text)
-    code = 130 if interrupted else 2 if isinstance(error, MpillamaError) else 1
-    if comm.size > 1:
-        abort(code)
-    raise SystemExit(code)
+        engine.session.write_partial(describe_error(error))
+    end_job(error, comm.rank, comm.size)
 
 
 def print_stats(comm: Comm, gen: Generation) -> None:
-    say(comm, f"mpillama: prompt {gen.prompt_tokens} tokens in {gen.prefill_s:.2f} s ({gen.prompt_tok_s:.1f} tok/s); "
+    say(comm.rank, f"mpillama: prompt {gen.prompt_tokens} tokens in {gen.prefill_s:.2f} s ({gen.prompt_tok_s:.1f} tok/s); "
               f"generated {len(gen.tokens)} tokens, {gen.gen_tok_s:.2f} tok/s; stop: {gen.stop_reason}")
 
 
@@ -90,7 +86,7 @@ def generate(args: argparse.Namespace, run: RunConfig) -> int:
     if args.steps < 1:
         raise MpillamaError(f"--steps {args.steps}: generate at least one token")
     comm = start(run)
-    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+    engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
 
     def body(engine: Engine) -> dict[str, Any]:
         ids = engine.tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
@@ -108,44 +104,20 @@ def generate(args: argparse.Namespace, run: RunConfig) -> int:
 
 # -- chat -------------------------------------------------------------------------------------
 def chat(args: argparse.Namespace, run: RunConfig) -> int:
-    from mpillama.chat import render_chat
+    from mpillama.chat import CHAT_HELP, chat_loop
 
     comm = start(run)
-    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+    engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        say(comm.rank, f"mpillama: {CHAT_HELP}")
+
+    def prompt() -> None:
+        if interactive:
+            say(comm.rank, "> ", end="")
 
     def body(engine: Engine) -> dict[str, Any]:
-        tok = engine.tokenizer
-        messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-        in_cache: list[int] = []  # the tokens whose K/V rows the cache holds, in order
-        sampler = sampler_of(run)
-        interactive = sys.stdin.isatty()
-        last: Generation | None = None
-        while True:
-            if interactive:
-                sys.stderr.write("> ")
-                sys.stderr.flush()
-            line = sys.stdin.readline()
-            if not line:
-                break
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line.rstrip("\n")})
-            prompt = render_chat(tok.chat_template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
-                                 add_generation_prompt=True, arch_hint=engine.cfg.arch)
-            ids = tok.encode(prompt)  # adds BOS only if the template did not write it
-            keep = engine.resume(in_cache, ids)  # the conversation so far is in the cache: feed what is new
-            try:
-                last = engine.generate(ids[keep:], args.steps, sampler, on_text=write_text)
-            except MpillamaError as e:
-                if "--max-seq-len" not in str(e):
-                    raise
-                say(comm, f"mpillama: {e}; starting a new conversation")
-                messages = messages[:1] if args.system else []
-                in_cache = []
-                continue
-            write_text("\n")
-            in_cache = ids + last.tokens[:-1] if last.tokens else ids
-            messages.append({"role": "assistant", "content": last.text.strip()})
+        last = chat_loop(engine, args.system, args.steps, sampler_of(run), sys.stdin, write_text, prompt)
         return summary_of(last) if last is not None else {}
 
     return drive(comm, engine, body)
@@ -157,7 +129,7 @@ def serve(args: argparse.Namespace, run: RunConfig) -> int:
 
     check_address(args.host, args.port)
     comm = start(run)
-    engine = Engine.load(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
+    engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
     if comm.rank != 0:
         ignore_stop_signals()  # mpirun passes SIGTERM to every rank: rank 0 stops the workers itself
     name = Path(args.model).name
@@ -173,7 +145,7 @@ def synthetic_model(comm: Comm, shape: str, weight_type: str) -> Path:
     path = cache_dir() / "models" / f"{shape}-{weight_type}.gguf"
     error = None
     if comm.rank == 0 and not path.exists():
-        say(comm, f"mpillama: writing synthetic model {path} (once)")
+        say(comm.rank, f"mpillama: writing synthetic model {path} (once)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_synthetic(shape, path, weight_type=weight_type, seed=0)
@@ -188,7 +160,7 @@ def bench(args: argparse.Namespace, run: RunConfig) -> int:
 
     comm = start(run)
     model = args.model or str(synthetic_model(comm, args.synthetic, "q40" if run.weight_type == "q40" else "f32"))
-    engine = Engine.load(comm, model, None, run, trace_path=args.trace, argv=sys.argv, verbose=not args.json,
+    engine = load_engine(comm, model, None, run, trace_path=args.trace, argv=sys.argv, verbose=not args.json,
                          need_tokenizer=False)
 
     def body(engine: Engine) -> dict[str, Any]:
@@ -198,7 +170,7 @@ def bench(args: argparse.Namespace, run: RunConfig) -> int:
             print(json.dumps(result))
         else:
             for key, value in result.items():
-                say(comm, f"{key:>24}: {value}", err=False)
+                say(comm.rank, f"{key:>24}: {value}", err=False)
         return result
 
     return drive(comm, engine, body)

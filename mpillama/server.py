@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 
 from mpillama.chat import render_chat
 from mpillama.config import RunConfig
-from mpillama.engine import Engine, say
+from mpillama.engine import Engine
+from mpillama.output import say
 from mpillama.errors import MpillamaError
 from mpillama.sampler import Sampler
 
@@ -206,7 +207,6 @@ class Service:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.in_cache: list[int] = []  # the tokens whose K/V rows the cache holds, in order
         self.stopping = False  # set by the signal handler: a plain flag is safe there, a lock is not
         self.requests = self.prompt_tokens = self.generated_tokens = 0
 
@@ -244,14 +244,13 @@ class Service:
             if safe := text.push(piece):
                 job.events.put(("text", safe))
 
-        keep = engine.resume(self.in_cache, ids)  # a resent conversation only pays for its new tokens
-        gen = engine.generate(ids[keep:], job.max_tokens or engine.max_seq_len, job.sampler, on_text=send,
+        # a resent conversation only pays for its new tokens: the engine keeps the shared prefix's K/V rows
+        gen = engine.generate(ids, job.max_tokens or engine.max_seq_len, job.sampler, on_text=send,
                               until=lambda: text.stopped or job.cancelled or self.stopping)
-        self.in_cache = ids + gen.tokens[:-1]  # the last token was sampled, never fed
         if rest := text.flush():
             job.events.put(("text", rest))
         finish = "length" if gen.stop_reason in ("steps", "context") else "stop"
-        job.events.put(("end", Outcome(finish, len(ids), len(gen.tokens), keep)))
+        job.events.put(("end", Outcome(finish, len(ids), len(gen.tokens), gen.cached_tokens)))
         self.requests += 1
         self.prompt_tokens += len(ids)
         self.generated_tokens += len(gen.tokens)
@@ -486,12 +485,12 @@ def serve_requests(engine: Engine, run: RunConfig, model: str, host: str, port: 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
-    say(engine.comm, f"mpillama: serving {model} on http://{host}:{httpd.server_address[1]} ({engine.comm.size} ranks)")
+    say(engine.comm.rank, f"mpillama: serving {model} on http://{host}:{httpd.server_address[1]} ({engine.comm.size} ranks)")
     try:
         service.run()
     finally:
         httpd.shutdown()
         httpd.server_close()
-    say(engine.comm, f"mpillama: stopped after {service.requests} requests")
+    say(engine.comm.rank, f"mpillama: stopped after {service.requests} requests")
     return {"requests": service.requests, "prompt_tokens": service.prompt_tokens,
             "generated_tokens": service.generated_tokens}

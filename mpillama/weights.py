@@ -10,21 +10,18 @@ Either way a rank ends up with the same arrays: Q40 repacked for the kernel, or 
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from typing import Any
 
 import numpy as np
 
 from mpillama import kernels
-from mpillama.comm import TAG_WEIGHTS, Comm, abort
+from mpillama.comm import TAG_WEIGHTS, Comm
+from mpillama.output import end_job
 from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
 from mpillama.formats import ModelFile, open_model
 from mpillama.model import load_weights
 from mpillama.partition import Slice
-from mpillama.quant import quantize_q40
 
 
 def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
@@ -143,8 +140,7 @@ class ModelSource:
                 owns_residual = self.run.sync == "allreduce"
                 load_weights(self.config, other, SendingSource(self.mf, wt, self.comm, other.rank), owns_residual)
         except Exception as e:
-            print(f"mpillama: rank 0: sending weights failed: {e}", file=sys.stderr, flush=True)
-            abort(2)
+            end_job(MpillamaError(f"sending weights failed: {e}"), self.comm.rank, self.comm.size)
         return FileSource(self.mf, wt)
 
     def tokenizer(self, tokenizer_path: str | None) -> Any:
@@ -169,26 +165,3 @@ def open_weight_source(comm: Comm, path: str, run: RunConfig) -> ModelSource:
     comm.agree(error)
     config, tensors = comm.bcast_obj(header)
     return ModelSource(comm, mf, config, tensors, run)
-
-
-def measure_rank_speed(rank: int, seconds: float = 0.3) -> float:
-    """G weights/s of this rank's Q40 kernel on a fixed 2048x2048 matvec (for --rank-weights auto).
-
-    MPILLAMA_TEST_THROTTLE=RANK:FACTOR makes rank RANK measure FACTOR times slower (tests).
-    """
-    rng = np.random.default_rng(0)
-    w = kernels.pack_q40(quantize_q40(rng.standard_normal((2048, 2048), dtype=np.float32)))
-    acts = kernels.new_activations(1, 2048)
-    kernels.quantize_activations(acts, rng.standard_normal((1, 2048), dtype=np.float32))
-    out = np.zeros((1, 2048), dtype=np.float32)
-    kernels.matmul_q40(out, w, acts, 1)  # compile / warm up
-    throttle = 1.0
-    spec = os.environ.get("MPILLAMA_TEST_THROTTLE")
-    if spec and int(spec.split(":")[0]) == rank:
-        throttle = float(spec.split(":")[1])
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        kernels.matmul_q40(out, w, acts, 1)
-        n += 1
-    elapsed = (time.perf_counter() - start) * throttle
-    return n * 2048 * 2048 / elapsed / 1e9

@@ -126,3 +126,17 @@ def test_errors() -> None:
         render_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}", CONVERSATION, bos_token="", eos_token="")
     with pytest.raises(MpillamaError, match="no 'role'"):
         render_chat(None, [{"content": "x"}], bos_token="", eos_token="")
+
+
+def test_chat_commands_end_and_reset_without_end_of_input(models: dict[str, Path]) -> None:
+    """Under mpirun stdin never ends: /reset and /exit must work, and are never sent to the model."""
+    import subprocess
+    import sys
+
+    script = "Hello\n/reset\nHello\n/help\n/exit\nnever answered\n"
+    done = subprocess.run([sys.executable, "-m", "mpillama", "chat", "--model", str(models["tiny-q40"]), "--steps", "5"],
+                          input=script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answers = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2 and answers[0] == answers[1], done.stdout  # a reset conversation answers alike
+    assert "new conversation" in done.stderr and "/exit or /quit" in done.stderr

@@ -271,6 +271,10 @@ class TraceSession:
             self.clock_origin = self.last_flush_t = time.perf_counter()
         return self
 
+    def flushed_records(self, rank: int) -> list[np.ndarray]:
+        """Rank 0: the records of rank `rank` gathered so far, as (n, 6) f64 blocks (see Recorder.take)."""
+        return self.chunks[rank] if self.chunks else []
+
     def end_step(self) -> None:
         """Collective, after every step on every rank: flushes to rank 0 every flush_every steps."""
         if not self.active:

@@ -11,7 +11,7 @@ import numpy as np
 
 from mpillama.comm import Comm, abort
 from mpillama.config import RunConfig
-from mpillama.engine import Engine
+from mpillama.loading import load_engine
 from mpillama.sampler import Sampler
 
 STEPS = 32
@@ -34,7 +34,7 @@ def run_engine(mpi_comm: Any, case: str, dump: bool = True, **fields: Any) -> tu
     stem, weight_type = CASES[case]
     comm = Comm(mpi_comm, timeout=120.0, chunk_bytes=fields.pop("chunk_bytes", 256 * 1024))
     run = RunConfig(weight_type=weight_type, **fields)
-    engine = Engine.load(comm, str(models_dir() / f"{stem}.gguf"), None, run, verbose=False, need_tokenizer=False)
+    engine = load_engine(comm, str(models_dir() / f"{stem}.gguf"), None, run, verbose=False, need_tokenizer=False)
     if comm.rank != 0:
         engine.worker_loop()
         engine.close()

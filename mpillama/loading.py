@@ -1,0 +1,155 @@
+"""Loading a model over the ranks: open the file, plan the slices, read and pack each rank's
+weights, build the tokenizer on rank 0 alongside, warm the kernels up, open the trace.
+
+Collective: every rank calls load_engine; any rank's failure before the first forward pass
+is agreed by all of them (comm.agree) and raised on every rank as one error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from mpillama import __version__, faults, kernels, partition
+from mpillama.comm import Comm, hostname, library_version, make_sync
+from mpillama.config import RunConfig
+from mpillama.engine import Engine
+from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, RankModel, load_weights
+from mpillama.output import end_job, say
+from mpillama.rank_speed import measure_rank_speed
+from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
+from mpillama.trace.session import TraceSession
+from mpillama.weights import open_weight_source
+
+
+def load_engine(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
+                trace_path: str | None = None, argv: list[str] | None = None, verbose: bool = True,
+                need_tokenizer: bool = True) -> Engine:
+    """Open, plan and load on every rank; any rank's failure stops all of them cleanly."""
+    loaded = slow_load_notice(comm) if verbose else threading.Event()
+    try:
+        return _load(comm, model_path, tokenizer_path, run, trace_path, argv, verbose, need_tokenizer)
+    finally:
+        loaded.set()
+
+
+def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
+          trace_path: str | None, argv: list[str] | None, verbose: bool, need_tokenizer: bool) -> Engine:
+    t0 = time.perf_counter()
+    kernels.configure(run.nthreads)
+    src, cfg, error = None, None, None
+    try:
+        src = open_weight_source(comm, model_path, run)
+        cfg = src.config
+    except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
+        error = e
+    comm.agree(error)
+    assert src is not None and cfg is not None
+    t_open = time.perf_counter()
+
+    weights: tuple[float, ...] | None = None
+    if run.rank_weights == "auto":
+        speed = measure_rank_speed(faults.throttle(comm.rank))
+        speeds = comm.allgather_obj(speed)
+        weights = tuple(float(s) for s in speeds)
+        say(comm.rank, "mpillama: measured rank speeds (G weights/s): " + ", ".join(f"{s:.1f}" for s in speeds))
+    elif isinstance(run.rank_weights, tuple):
+        weights = run.rank_weights
+    slices = partition.plan(cfg, comm.size, weights)
+    if run.rank_weights == "auto":
+        say(comm.rank, "mpillama: rank shares: " + ", ".join(f"rank {s.rank} share {s.weight:.3f}" for s in slices))
+    slc = slices[comm.rank]
+    max_seq_len = min(run.max_seq_len, cfg.seq_len)
+    max_tokens = min(run.batch, max_seq_len)
+    sync_kind = run.sync
+    sync = make_sync(sync_kind, comm)
+    if verbose:
+        say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
+                  f"{comm.size} rank(s), sync {sync_kind}, buffers {run.buffer_float_type}, "
+                  f"weights {run.weight_type} ({run.weights})")
+    model, tokenizer, tokenizer_s, error = None, None, 0.0, None
+    try:
+        faults.fail_load(comm.rank)
+        # rank 0 builds the tokenizer (a second of Python) while packing the weights releases the GIL.
+        # Between two matrices the loader needs the GIL back: a short switch interval gives it
+        # back in 0.5 ms instead of 5 (measured: weights 1.1 s instead of 1.5).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                wants_tokenizer = comm.rank == 0 and need_tokenizer
+                pending = pool.submit(timed, src.tokenizer, tokenizer_path) if wants_tokenizer else None
+                rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual)
+                model = RankModel(cfg, slices, comm.rank, rank_weights, max_seq_len, max_tokens, sync,
+                                  run.buffer_float_type)
+                tokenizer, tokenizer_s = pending.result() if pending is not None else (None, 0.0)
+        finally:
+            sys.setswitchinterval(interval)
+    except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
+        error = e
+    comm.agree(error)
+    assert model is not None
+    t_weights = time.perf_counter()
+    try:
+        warm_up(comm, model)
+    except Exception as e:  # the other ranks are inside the warm-up's collectives: end the job
+        if comm.size == 1:
+            raise
+        end_job(RuntimeError(f"first forward pass failed: {e!r}"), comm.rank, comm.size)
+    t_warm = time.perf_counter()
+    faults.install(model, comm.rank)
+    load_s = t_warm - t0
+    meta = {
+        "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
+        "sync": sync_kind, "buffer_float_type": run.buffer_float_type, "weight_type": run.weight_type,
+        "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
+        "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
+        "load_s": load_s,
+    }
+    cost = partition.slice_cost(cfg, slc, max_seq_len, run.weight_type)
+    rank_info = {
+        "host": hostname(), "pid": os.getpid(), "nthreads": run.nthreads, "weight_share": slc.weight,
+        "n_heads": slc.n_heads, "n_kv_heads": slc.n_kv_heads, "ffn_rows": slc.n_ffn_rows,
+        "vocab_rows": slc.n_vocab_rows, "weight_bytes": cost.weight_bytes, "load_s": load_s,
+    }
+    per_step = cfg.n_layers * 8 + 12
+    session = TraceSession.open(comm, trace_path, meta, rank_info, capacity=per_step * 512)
+    session.recorder.add(SEG_LOAD, -1, t0, time.perf_counter(), cost.weight_bytes)
+    if verbose:
+        alongside = f"; tokenizer {tokenizer_s:.1f} s alongside the weights" if tokenizer is not None else ""
+        say(comm.rank, f"mpillama: loaded in {load_s:.1f} s (open {t_open - t0:.1f} s, "
+                  f"weights {t_weights - t_open:.1f} s, warm-up {t_warm - t_weights:.1f} s{alongside})")
+    return Engine(comm, cfg, run, slices, model, tokenizer, session, load_s)
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """fn(*args) and the seconds it took."""
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+def warm_up(comm: Comm, model: RankModel) -> None:
+    """Run one 2-token and one 1-token pass on every rank (in lockstep, during loading) so that
+    numba compiles, or loads from its cache, every kernel before the first real token."""
+    tl = Timeline(NullRecorder())
+    tokens = np.zeros(2, dtype=np.int64)
+    T = min(2, model.max_tokens)
+    model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
+    model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
+    comm.barrier()
+def slow_load_notice(comm: Comm, seconds: float = 5.0) -> threading.Event:
+    """Say once on stderr if loading takes a while (a first run compiles the numba kernels for about
+    a minute), so the job does not look hung. Set the returned event when loading is done."""
+    done = threading.Event()
+
+    def notice() -> None:
+        if not done.wait(seconds):
+            say(comm.rank, "mpillama: still loading (the first run compiles numba's kernels, about a minute; "
+                      "later runs load them from its cache)...")
+
+    threading.Thread(target=notice, daemon=True).start()
+    return done

@@ -1,0 +1,55 @@
+"""The one output path: what rank 0 says, and how one rank's failure ends the whole job.
+
+Generated text goes to stdout, progress and speed to stderr, only from rank 0. An error is
+one line on stderr, "mpillama: error: ...", tagged with the rank that hit it when that is
+not rank 0. Imports comm only for abort(); never mpi4py itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from mpillama.comm import abort
+from mpillama.errors import MpillamaError
+
+
+def say(rank: int, text: str, err: bool = True, end: str = "\n") -> None:
+    """Print on rank 0 only: progress to stderr (err=True), generated text to stdout."""
+    if rank == 0:
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text + end)
+        stream.flush()
+
+
+def error_line(text: str, rank: int = 0) -> None:
+    """One error line on stderr, from any rank, tagged with the rank unless it is 0 or already tagged."""
+    prefix = "" if rank == 0 or text.startswith("rank ") else f"rank {rank}: "
+    sys.stderr.write(f"mpillama: error: {prefix}{text}\n")
+    sys.stderr.flush()
+
+
+def exit_code(error: BaseException) -> int:
+    """130 interrupted, 2 bad input (MpillamaError), 1 a bug."""
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 2 if isinstance(error, MpillamaError) else 1
+
+
+def describe_error(error: BaseException) -> str:
+    """Bad input in its own words; a bug with its type (its traceback is not for users)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return str(error) if isinstance(error, MpillamaError) else repr(error)
+
+
+def end_job(error: BaseException, rank: int, n_ranks: int) -> NoReturn:
+    """One rank failed while the others may be inside collectives: say it once and end every rank.
+
+    With one rank this is an ordinary exit with the error's code.
+    """
+    error_line(describe_error(error), rank if not isinstance(error, KeyboardInterrupt) else 0)
+    code = exit_code(error)
+    if n_ranks > 1:
+        abort(code)
+    raise SystemExit(code)
