@@ -14,7 +14,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from mpillama.config import build_run_config, parse_rank_weights
+from mpillama.config import (
+    BUFFER_TYPES, DEFAULTS, RUN_FIELDS, SYNC_KINDS, WEIGHT_SOURCES, WEIGHT_TYPES, build_run_config, parse_rank_weights,
+)
 from mpillama.errors import MpillamaError
 from mpillama.mpienv import launched_rank
 
@@ -24,54 +26,50 @@ def env_rank() -> int:
     return launched_rank() or 0
 
 
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that runs the model. Defaults are None: RunConfig owns them."""
-    p.add_argument("--model", required=True, help="GGUF file, distributed-llama .m file, or Hugging Face folder")
+def run_flags() -> argparse.ArgumentParser:
+    """A parent parser of the flags every command that runs the model shares (but --model, which
+    bench puts in a group with --synthetic). Defaults are None: RunConfig owns them, the help
+    quotes them from there."""
+    d = DEFAULTS
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--tokenizer", help="tokenizer: distributed-llama .t file, tokenizer.json or a folder")
-    p.add_argument("--sync", choices=["star", "allreduce"])
-    p.add_argument("--buffer-float-type", choices=["q80", "f32"])
-    p.add_argument("--weight-type", choices=["q40", "f32"])
-    p.add_argument("--weights", choices=["mmap", "scatter"])
-    p.add_argument("--nthreads", type=int, help="numba threads per rank (default 1)")
+    p.add_argument("--sync", choices=SYNC_KINDS, help=f"how blocks combine across ranks (default {d.sync})")
+    p.add_argument("--buffer-float-type", choices=BUFFER_TYPES, help=f"sync payloads (default {d.buffer_float_type})")
+    p.add_argument("--weight-type", choices=WEIGHT_TYPES, help=f"weights in memory (default {d.weight_type})")
+    p.add_argument("--weights", dest="weight_source", choices=WEIGHT_SOURCES,
+                   help=f"mmap: every host reads its own copy; scatter: rank 0 sends the slices (default {d.weight_source})")
+    p.add_argument("--nthreads", type=int, help=f"numba threads per rank (default {d.nthreads})")
     p.add_argument("--profile", help="a profile name from profiles/ or a TOML file")
-    p.add_argument("--rank-weights", help="'auto' or one weight per rank, e.g. 0.6,1,1,1")
-    p.add_argument("--max-seq-len", type=int, help="KV cache length (default 4096, at most the model's)")
-    p.add_argument("--batch", type=int, help="prompt tokens per prefill pass (default 64)")
-    p.add_argument("--chunk-bytes", type=int, help="largest single MPI transfer (default 262144)")
-    p.add_argument("--sync-timeout", type=float, help="seconds before a stuck collective ends the job (default 120)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--rank-weights", help="'auto' or one weight per rank, e.g. 0.6,1,1,1 (default even)")
+    p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len}, at most the model's)")
+    p.add_argument("--batch", type=int, help=f"prompt tokens per prefill pass (default {d.batch})")
+    p.add_argument("--chunk-bytes", type=int, help=f"largest single MPI transfer (default {d.chunk_bytes})")
+    p.add_argument("--sync-timeout", type=float,
+                   help=f"seconds before a stuck collective ends the job (default {d.sync_timeout:g})")
+    p.add_argument("--temperature", type=float, help=f"0 is greedy (default {d.temperature:g})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass (default {d.top_p:g})")
+    p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens, 0 for all (default {d.top_k})")
+    p.add_argument("--seed", type=int, help="sampling seed (default: fresh each run)")
     p.add_argument("--trace", help="write an HDF5 trace of this run to FILE.h5")
+    return p
+
+
+MODEL_HELP = "GGUF file, distributed-llama .m file, or Hugging Face folder"
 
 
 def run_config(args: argparse.Namespace) -> Any:
-    return build_run_config(
-        profile=args.profile,
-        sync=args.sync,
-        buffer_float_type=args.buffer_float_type,
-        weight_type=args.weight_type,
-        weights=args.weights,
-        nthreads=args.nthreads,
-        rank_weights=parse_rank_weights(args.rank_weights),
-        max_seq_len=args.max_seq_len,
-        batch=args.batch,
-        chunk_bytes=args.chunk_bytes,
-        sync_timeout=args.sync_timeout,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    """RunConfig from the flags given (None: not given), over the profile, over the defaults."""
+    flags = {name: getattr(args, name) for name in RUN_FIELDS if name != "rank_weights"}
+    return build_run_config(profile=args.profile, rank_weights=parse_rank_weights(args.rank_weights), **flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpillama", description="Tensor-parallel LLM inference over MPI.")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = run_flags()
 
-    p = sub.add_parser("generate", help="generate text from a prompt")
-    add_run_flags(p)
+    p = sub.add_parser("generate", help="generate text from a prompt", parents=[run])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--steps", type=int, default=64, help="tokens to generate")
     p.add_argument("--dump-logits", help="rank 0 writes float32 [steps, vocab] logits to FILE.npy")
@@ -79,23 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after an end-of-text token")
     p.set_defaults(func=lambda a: _run_commands().generate(a, run_config(a)))
 
-    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    add_run_flags(p)
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template", parents=[run])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--steps", type=int, default=512, help="most tokens per answer")
     p.set_defaults(func=lambda a: _run_commands().chat(a, run_config(a)))
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
-    add_run_flags(p)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)", parents=[run])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one, shown on stderr)")
     p.set_defaults(func=lambda a: _run_commands().serve(a, run_config(a)))
 
-    p = sub.add_parser("bench", help="prompt-eval and generation tok/s")
+    p = sub.add_parser("bench", help="prompt-eval and generation tok/s", parents=[run])
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model")
+    g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--synthetic", metavar="SHAPE", help="a synth shape, written to the cache on first use")
-    add_run_flags_without_model(p)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeat", type=int, default=1, help="measure this many times and report the median")
@@ -113,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--rank-weights")
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--weight-type", choices=["q40", "f32"], default="q40")
+    p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {DEFAULTS.max_seq_len})")
+    p.add_argument("--weight-type", choices=WEIGHT_TYPES, default=DEFAULTS.weight_type)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.set_defaults(func=cmd_inspect)
 
@@ -150,15 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_flags_without_model(p: argparse.ArgumentParser) -> None:
-    """bench takes --model or --synthetic in a group; everything else as add_run_flags."""
-    scratch = argparse.ArgumentParser(add_help=False)
-    add_run_flags(scratch)
-    for action in scratch._actions:
-        if action.dest != "model":
-            p._add_action(action)
-
-
 def _run_commands() -> Any:
     # imported late: synth, inspect and trace need neither MPI nor numba compilation
     from mpillama import run
@@ -186,7 +174,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mpillama.inspect import describe
+    from mpillama.describe import describe
 
     text = describe(args.model, args.ranks, parse_rank_weights(args.rank_weights), args.max_seq_len, args.weight_type,
                     list_tensors=args.tensors)

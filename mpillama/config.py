@@ -84,9 +84,10 @@ class ModelConfig:
 
 
 SYNC_KINDS = ("star", "allreduce")
+FLAGS = {"weight_source": "weights"}  # RunConfig fields whose command-line flag is named otherwise
 BUFFER_TYPES = ("q80", "f32")
 WEIGHT_TYPES = ("q40", "f32")
-WEIGHT_MODES = ("mmap", "scatter")
+WEIGHT_SOURCES = ("mmap", "scatter")  # --weights: every rank reads its own file copy, or rank 0 sends the slices
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class RunConfig:
     sync: str = "star"
     buffer_float_type: str = "q80"
     weight_type: str = "q40"
-    weights: str = "mmap"
+    weight_source: str = "mmap"  # --weights
     max_seq_len: int = 4096  # clamped to the model's seq_len
     batch: int = 64  # prompt tokens per prefill forward pass
     chunk_bytes: int = 256 * 1024  # largest single MPI transfer; bigger ones go in pieces
@@ -114,26 +115,37 @@ class RunConfig:
             "sync": SYNC_KINDS,
             "buffer_float_type": BUFFER_TYPES,
             "weight_type": WEIGHT_TYPES,
-            "weights": WEIGHT_MODES,
+            "weight_source": WEIGHT_SOURCES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise MpillamaError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+                flag = FLAGS.get(name, name.replace("_", "-"))
+                raise MpillamaError(f"--{flag} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         positive = ("nthreads", "max_seq_len", "batch", "chunk_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MpillamaError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if self.sync_timeout <= 0:
             raise MpillamaError(f"--sync-timeout must be positive seconds, not {self.sync_timeout}")
-        if self.temperature < 0:
-            raise MpillamaError(f"--temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MpillamaError(f"--top-p must be in (0, 1], not {self.top_p}")
-        if isinstance(self.rank_weights, tuple) and any(w <= 0 for w in self.rank_weights):
-            raise MpillamaError(f"--rank-weights must all be positive, not {self.rank_weights}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        if isinstance(self.rank_weights, tuple) and not all(0 < w < float("inf") for w in self.rank_weights):
+            raise MpillamaError(f"--rank-weights must all be positive numbers, not {self.rank_weights}")
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """The one check of sampling settings (flags, profiles, server requests); NaN fails every test."""
+    if not 0 <= temperature < float("inf"):
+        raise MpillamaError(f"--temperature must be a number >= 0, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise MpillamaError(f"--top-p must be in (0, 1], not {top_p}")
+    if not top_k >= 0:
+        raise MpillamaError(f"--top-k must be >= 0 (0 turns it off), not {top_k}")
+
+
+DEFAULTS = RunConfig()
 
 
 def parse_rank_weights(text: str | None) -> tuple[float, ...] | str | None:

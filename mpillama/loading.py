@@ -25,7 +25,7 @@ from mpillama.output import end_job, say
 from mpillama.rank_speed import measure_rank_speed
 from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
 from mpillama.trace.session import TraceSession
-from mpillama.weights import open_weight_source
+from mpillama.weight_source import open_weight_source
 
 
 def load_engine(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
@@ -53,15 +53,15 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     assert src is not None and cfg is not None
     t_open = time.perf_counter()
 
-    weights: tuple[float, ...] | None = None
+    shares: tuple[float, ...] | None = None  # each rank's relative share of the work (None: even)
     if run.rank_weights == "auto":
         speed = measure_rank_speed(faults.throttle(comm.rank))
         speeds = comm.allgather_obj(speed)
-        weights = tuple(float(s) for s in speeds)
+        shares = tuple(float(s) for s in speeds)
         say(comm.rank, "mpillama: measured rank speeds (G weights/s): " + ", ".join(f"{s:.1f}" for s in speeds))
     elif isinstance(run.rank_weights, tuple):
-        weights = run.rank_weights
-    slices = partition.plan(cfg, comm.size, weights)
+        shares = run.rank_weights
+    slices = partition.plan(cfg, comm.size, shares)
     if run.rank_weights == "auto":
         say(comm.rank, "mpillama: rank shares: " + ", ".join(f"rank {s.rank} share {s.weight:.3f}" for s in slices))
     slc = slices[comm.rank]
@@ -72,7 +72,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     if verbose:
         say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
                   f"{comm.size} rank(s), sync {sync_kind}, buffers {run.buffer_float_type}, "
-                  f"weights {run.weight_type} ({run.weights})")
+                  f"weights {run.weight_type} ({run.weight_source})")
     model, tokenizer, tokenizer_s, error = None, None, 0.0, None
     try:
         faults.fail_load(comm.rank)
@@ -85,8 +85,8 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
             with ThreadPoolExecutor(max_workers=1) as pool:
                 wants_tokenizer = comm.rank == 0 and need_tokenizer
                 pending = pool.submit(timed, src.tokenizer, tokenizer_path) if wants_tokenizer else None
-                rank_weights = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual)
-                model = RankModel(cfg, slices, comm.rank, rank_weights, max_seq_len, max_tokens, sync,
+                tensors = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual)
+                model = RankModel(cfg, slices, comm.rank, tensors, max_seq_len, max_tokens, sync,
                                   run.buffer_float_type)
                 tokenizer, tokenizer_s = pending.result() if pending is not None else (None, 0.0)
         finally:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpillama.config import RunConfig, check_sampling
 from mpillama.errors import MpillamaError
 
 # How many of the most likely tokens top-p sorts first; only when their mass falls short of top_p
@@ -30,18 +31,13 @@ DRAW_BLOCK = 1024
 @dataclass
 class Sampler:
     temperature: float = 0.0
-    top_p: float = 1.0
+    top_p: float = RunConfig.top_p
     top_k: int = 0  # 0: off
     seed: int | None = None  # None: fresh entropy each run
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise MpillamaError(f"--temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MpillamaError(f"--top-p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0:
-            raise MpillamaError(f"--top-k must be >= 0 (0 turns it off), not {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
         self._rng = np.random.default_rng(self.seed)
 
     def sample(self, logits: np.ndarray) -> int:

@@ -39,8 +39,6 @@ SEG_SAMPLE = 7
 SEG_CTRL_SYNC = 8
 SEG_LOAD = 9
 SEG_OTHER = 10
-# The collectives: their entry times are matched across ranks to derive wait and skew.
-SYNC_CODES: tuple[int, ...] = tuple(i for i, name in enumerate(SEGMENTS) if name.endswith("_sync"))
 assert SEGMENTS[SEG_OTHER] == "other" and SEGMENTS[SEG_CTRL_SYNC] == "ctrl_sync"
 
 PHASES: tuple[str, ...] = ("prefill", "decode")

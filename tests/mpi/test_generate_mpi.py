@@ -61,5 +61,5 @@ def test_uneven_rank_weights() -> None:
 
 @pytest.mark.mpi(min_size=2)
 def test_scatter_weights_and_small_chunks() -> None:
-    tokens, logits = run_engine(WORLD, "qwen3-tiny-q40", weights="scatter", chunk_bytes=4096, buffer_float_type="f32")
+    tokens, logits = run_engine(WORLD, "qwen3-tiny-q40", weight_source="scatter", chunk_bytes=4096, buffer_float_type="f32")
     check("qwen3-tiny-q40", tokens, logits, "f32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mpillama import partition
+from mpillama.config import DEFAULTS
 from mpillama.formats import open_model
 
 
@@ -27,7 +28,7 @@ def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None
         for name, info in mf.tensors.items():
             lines.append(f"    {name:<28} {info.kind:<6} {info.shape}")
     weights = None if rank_weights == "auto" else rank_weights
-    seq = min(max_seq_len or 4096, cfg.seq_len)
+    seq = min(max_seq_len or DEFAULTS.max_seq_len, cfg.seq_len)
     slices = partition.plan(cfg, ranks, weights)
     lines.append(f"slice plan for {ranks} rank(s), {weight_type} weights, KV cache at --max-seq-len {seq}:")
     lines.append(f"  {'rank':>4} {'share':>6} {'q heads':>9} {'kv heads':>9} {'ffn rows':>11} {'vocab rows':>15}"

@@ -129,7 +129,7 @@ class ModelSource:
 
     def for_rank(self, slc: Slice, slices: list[Slice]) -> Any:
         wt = self.run.weight_type
-        if self.run.weights == "mmap":
+        if self.run.weight_source == "mmap":
             assert self.mf is not None
             return FileSource(self.mf, wt)
         if self.comm.rank != 0:
@@ -152,7 +152,7 @@ class ModelSource:
 
 def open_weight_source(comm: Comm, path: str, run: RunConfig) -> ModelSource:
     """Open the model where this mode needs it (collective under scatter: rank 0 shares the header)."""
-    if run.weights == "mmap":
+    if run.weight_source == "mmap":
         mf = open_model(path)
         return ModelSource(comm, mf, mf.config, mf.tensors, run)
     mf, header, error = None, None, None
