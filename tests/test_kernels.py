@@ -1,4 +1,4 @@
-"""kernels.py against the numpy references in quant.py, on random shapes including odd sizes and block edges."""
+"""mpillama.kernels against the numpy references in quant.py, on random shapes including odd sizes and block edges."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpillama import kernels, quant
+from mpillama.kernels import attn, bits, cache
 from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
 
@@ -92,7 +93,7 @@ def test_pack_q40_rejects_unknown_or_unavailable_layout(monkeypatch):
     ggml = np.zeros((4, 18), np.uint8)
     with pytest.raises(MpillamaError, match="unknown Q40 layout"):
         kernels.pack_q40(ggml, "rows")
-    monkeypatch.setattr(kernels, "simd_available", lambda: False)
+    monkeypatch.setattr(kernels.q40, "simd_available", lambda: False)  # where pack_q40 looks it up
     assert kernels.default_layout() == kernels.LAYOUT_TILES
     with pytest.raises(MpillamaError, match="AVX-512 VNNI"):
         kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
@@ -121,11 +122,11 @@ def test_f16_bits_round_like_numpy():
     h = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float64)
     mids = ((h[:-1] + h[1:]) / 2).astype(np.float32)  # exact in float32
     x = np.concatenate([x, mids, np.float32([0.0, 2.0**-25, 2.0**-24, 65504.0, 65520.0, 1e6])])
-    ours = np.array([kernels._f16_bits(v) for v in x])
+    ours = np.array([bits._f16_bits(v) for v in x])
     with np.errstate(over="ignore"):
         theirs = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(ours, theirs)
-    back = np.array([kernels._f16_to_f32(int(b)) for b in theirs], np.float32)
+    back = np.array([bits._f16_to_f32(int(b)) for b in theirs], np.float32)
     assert np.array_equal(back, theirs.view(np.float16).astype(np.float32))
 
 
@@ -249,10 +250,10 @@ def test_rmsnorm(alias):
 def test_exp_f32_accuracy():
     # the vectorisable exp used by silu and softmax: relative error < 5e-7 on its whole range
     x = np.linspace(-87.0, 88.0, 200001).astype(np.float32)
-    ours = np.array([kernels._exp_f32(v) for v in x[::97]], np.float64)
+    ours = np.array([bits._exp_f32(v) for v in x[::97]], np.float64)
     exact = np.exp(x[::97].astype(np.float64))
     assert np.max(np.abs(ours - exact) / exact) < 5e-7
-    assert kernels._exp_neg(np.float32(-87.5)) == 0.0 and kernels._exp_neg(np.float32(0.0)) == 1.0
+    assert attn._exp_neg(np.float32(-87.5)) == 0.0 and attn._exp_neg(np.float32(0.0)) == 1.0
 
 
 def test_silu_mul():
@@ -386,3 +387,16 @@ def test_configure_rejects_bad_thread_counts():
         kernels.configure(0)
     with pytest.raises(MpillamaError, match="nthreads"):
         kernels.configure(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_every_kernel_is_cached_against_all_files_of_the_package(tmp_path):
+    # numba alone re-checks only a kernel's own file, but the code it caches includes the helpers
+    # called from sibling files (bits.py's exp inside attn.py's softmax): an edit to any file must
+    # invalidate every kernel of the package
+    for kernel in (attn._att_softmax, bits._exp_f32, kernels.q40._pack_vnni_rows):
+        assert isinstance(kernel._cache._impl.locator, cache.PackageLocator)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = cache.package_stamp(tmp_path)
+    (tmp_path / "b.py").write_text("y = 20\n")  # another size: a file's stat decides when it is read again
+    assert cache.package_stamp(tmp_path) != before

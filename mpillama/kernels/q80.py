@@ -1,0 +1,220 @@
+"""Q80 activations: f32 rows quantised as GGML Q8_0 for the Q40 matmuls, and Q8_0 bytes for sync payloads.
+
+Owns Q80Activations (one batch of quantised rows in the forms the matmul kernels read, plus
+their per-thread scratch), filling it from f32 rows or from received Q8_0 bytes, and the f32 <->
+Q8_0 byte conversions of the sync payloads. Quantising follows GGML exactly (d = absmax / 127
+rounded to float16, q = roundf(x / d)), so a rank that quantises and a rank that receives the
+bytes hold identical activations.
+
+Imports numpy, numba, mpillama.quant and the package's bits.py, vector.py (bit casts, the CPU
+check), portable.py and x86.py (their scratch shapes) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit
+
+from mpillama.kernels.bits import _f16_bits, _f16_to_f32, _f16_value, _roundf
+from mpillama.kernels.portable import TILE
+from mpillama.kernels.vector import _bits_from_f32, _f32_from_bits, simd_available
+from mpillama.kernels.x86 import VNNI_ROWS
+from mpillama.quant import Q80_BLOCK_BYTES, QK
+
+
+@dataclass
+class Q80Activations:
+    """Q80 activations for up to max_tokens rows of `cols` values, plus the matmul's scratch.
+
+    Filled by quantize_activations (from f32) or activations_from_q80 (from received bytes);
+    both give identical contents for the same data.
+    """
+
+    max_tokens: int
+    cols: int
+    qs: np.ndarray  # (max_tokens, nb, 32) int8: quantized values
+    qs32: np.ndarray  # (max_tokens, nb, 8) uint32: the same bytes, 4 a word (the VNNI kernels' operand)
+    d: np.ndarray  # (max_tokens, nb) f32: block scales (exact float16 values)
+    dbits: np.ndarray  # (max_tokens, nb) uint16: the same scales as float16 bit patterns
+    corr: np.ndarray  # (max_tokens, nb) int32: 8 * sum of the block's qs (folds the Q40 -8 offset)
+    # tiles layout, per numba thread:
+    isum: np.ndarray  # (slots, TILE) int16: integer block dot products
+    wsf: np.ndarray  # (slots, TILE) f32: weight scales of one tile block
+    wsu: np.ndarray  # (slots, TILE) uint32: wsf viewed as bits (written by the f16 -> f32 conversion)
+    acc: np.ndarray  # (slots, max_tokens, TILE) f32: output accumulators of one tile
+    # VNNI layout, per numba thread (T > 1): one row group's nibbles split once for all tokens
+    unp: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) where simd_available() is False
+    ws: np.ndarray  # (slots, nb*16) f32: that row group's scales
+    # threaded matmuls: the next chunk of rows to claim (threads take chunks until none are left)
+    next_chunk: np.ndarray  # (1,) int64
+
+
+def new_activations(max_tokens: int, cols: int) -> Q80Activations:
+    """Buffers for up to max_tokens rows of `cols` values (cols a multiple of 32)."""
+    assert max_tokens >= 1 and cols > 0 and cols % QK == 0, f"max_tokens={max_tokens} cols={cols}"
+    nb = cols // QK
+    slots = numba.config.NUMBA_NUM_THREADS  # the most threads any launch can use
+    wsf = np.zeros((slots, TILE), np.float32)  # (slots, TILE) f32
+    qs = np.zeros((max_tokens, nb, QK), np.int8)  # (max_tokens, nb, 32) int8
+    vnni = nb * 8 * VNNI_ROWS if simd_available() else 0
+    return Q80Activations(
+        max_tokens=max_tokens,
+        cols=cols,
+        qs=qs,
+        qs32=qs.view(np.uint32),  # (max_tokens, nb, 8) uint32, same memory as qs
+        d=np.zeros((max_tokens, nb), np.float32),  # (max_tokens, nb) f32
+        dbits=np.zeros((max_tokens, nb), np.uint16),  # (max_tokens, nb) uint16
+        corr=np.zeros((max_tokens, nb), np.int32),  # (max_tokens, nb) int32
+        isum=np.zeros((slots, TILE), np.int16),  # (slots, TILE) int16
+        wsf=wsf,
+        wsu=wsf.view(np.uint32),  # (slots, TILE) uint32, same memory as wsf
+        acc=np.zeros((slots, max_tokens, TILE), np.float32),  # (slots, max_tokens, TILE) f32
+        unp=np.zeros((slots, vnni), np.int32),  # (slots, nb*8*16) int32
+        ws=np.zeros((slots, vnni // 8), np.float32),  # (slots, nb*16) f32
+        next_chunk=np.zeros(1, np.int64),
+    )
+
+
+@njit(cache=True, inline="always")
+def _absmax32(x, t, o):
+    # max |x[t, o:o+32]| as the max of the bit patterns without their sign bit (the same order as
+    # the floats >= 0): an integer max, which LLVM vectorises, where a float max chain stays scalar
+    m = np.int32(0)
+    for k in range(QK):
+        m = max(m, _bits_from_f32(x[t, o + k]) & np.int32(0x7FFFFFFF))
+    return _f32_from_bits(m)
+
+
+@njit(cache=True)
+def _quantize_acts(qs, d, dbits, corr, x, T):
+    # x (T, nb*32) f32 -> qs (T, nb, 32) int8, d (T, nb) f32, dbits (T, nb) u16, corr (T, nb) i32
+    # No fastmath: q must be roundf(x * (1/d)) in float32 exactly as GGML computes it.
+    nb = qs.shape[1]
+    for t in range(T):
+        for b in range(nb):
+            db = _absmax32(x, t, b * QK) / np.float32(127.0)
+            inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+            s = 0
+            for k in range(QK):
+                q = np.int32(_roundf(x[t, b * QK + k] * inv))
+                qs[t, b, k] = q
+                s += q
+            h = _f16_bits(db)
+            dbits[t, b] = h
+            d[t, b] = _f16_to_f32(h)
+            corr[t, b] = 8 * s
+
+
+@njit(cache=True)
+def _load_q80(qs, d, dbits, corr, payload, T):
+    # payload (T, nb*34) q80 bytes -> qs (T, nb, 32) int8, d (T, nb) f32, dbits (T, nb) u16, corr (T, nb) i32
+    nb = qs.shape[1]
+    for t in range(T):
+        for b in range(nb):
+            o = b * Q80_BLOCK_BYTES
+            h = np.int64(payload[t, o]) | (np.int64(payload[t, o + 1]) << 8)
+            dbits[t, b] = h
+            d[t, b] = _f16_value(h)
+            s = 0
+            for k in range(QK):
+                q = np.int64(payload[t, o + 2 + k])
+                q = q - 256 if q > 127 else q
+                qs[t, b, k] = q
+                s += q
+            corr[t, b] = 8 * s
+
+
+@njit(cache=True)
+def _store_q80(payload, qs, dbits, T):
+    # qs (T, nb, 32) int8, dbits (T, nb) u16 -> payload (T, nb*34) q80 bytes
+    nb = qs.shape[1]
+    for t in range(T):
+        for b in range(nb):
+            o = b * Q80_BLOCK_BYTES
+            h = np.int64(dbits[t, b])
+            payload[t, o] = h & 0xFF
+            payload[t, o + 1] = h >> 8
+            for k in range(QK):
+                payload[t, o + 2 + k] = np.int64(qs[t, b, k]) & 0xFF
+
+
+def quantize_activations(acts: Q80Activations, x: np.ndarray) -> None:
+    """x (T, cols) f32 -> rows [0, T) of acts, with GGML Q8_0 semantics exactly."""
+    assert x.ndim == 2 and x.shape[1] == acts.cols and x.shape[0] <= acts.max_tokens, (
+        f"x {x.shape} for activations of {acts.max_tokens} x {acts.cols}"
+    )
+    assert x.dtype == np.float32, f"x dtype {x.dtype}"
+    _quantize_acts(acts.qs, acts.d, acts.dbits, acts.corr, x, x.shape[0])
+
+
+def activations_from_q80(acts: Q80Activations, payload: np.ndarray) -> None:
+    """payload (T, cols//32*34) GGML Q8_0 bytes (e.g. received over MPI) -> rows [0, T) of acts."""
+    nbytes = acts.cols // QK * Q80_BLOCK_BYTES
+    assert payload.ndim == 2 and payload.shape[1] == nbytes and payload.shape[0] <= acts.max_tokens, (
+        f"payload {payload.shape} for activations of {acts.max_tokens} x {acts.cols} ({nbytes} bytes a row)"
+    )
+    assert payload.dtype == np.uint8, f"payload dtype {payload.dtype}"
+    _load_q80(acts.qs, acts.d, acts.dbits, acts.corr, payload, payload.shape[0])
+
+
+def q80_bytes_from_activations(payload: np.ndarray, acts: Q80Activations, T: int) -> None:
+    """rows [0, T) of acts -> payload (T, nb*34) GGML Q8_0 bytes (to send what was quantized)."""
+    nbytes = acts.cols // QK * Q80_BLOCK_BYTES
+    assert payload.dtype == np.uint8 and payload.shape == (T, nbytes), (
+        f"payload {payload.dtype} {payload.shape}, expected uint8 ({T}, {nbytes})"
+    )
+    assert T <= acts.max_tokens, f"T={T} > max_tokens={acts.max_tokens}"
+    _store_q80(payload, acts.qs, acts.dbits, T)
+
+
+@njit(cache=True)
+def _quantize_q80_into(payload, x):
+    # x (T, nb*32) f32 -> payload (T, nb*34) q80 bytes (GGML Q8_0, byte for byte)
+    T = x.shape[0]
+    nb = x.shape[1] // QK
+    for t in range(T):
+        for b in range(nb):
+            db = _absmax32(x, t, b * QK) / np.float32(127.0)
+            inv = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+            bits = _f16_bits(db)
+            o = b * Q80_BLOCK_BYTES
+            payload[t, o] = bits & 0xFF
+            payload[t, o + 1] = bits >> 8
+            for k in range(QK):
+                payload[t, o + 2 + k] = np.int32(_roundf(x[t, b * QK + k] * inv)) & 0xFF
+
+
+def quantize_q80_into(payload: np.ndarray, x: np.ndarray) -> None:
+    """x (T, n) f32 -> payload (T, n//32*34) uint8 GGML Q8_0 bytes (sync payloads)."""
+    assert x.ndim == 2 and x.dtype == np.float32 and x.shape[1] % QK == 0, f"x {x.dtype} {x.shape}"
+    assert payload.dtype == np.uint8 and payload.shape == (x.shape[0], x.shape[1] // QK * Q80_BLOCK_BYTES), (
+        f"payload {payload.dtype} {payload.shape} for x {x.shape}"
+    )
+    _quantize_q80_into(payload, x)
+
+
+@njit(cache=True, fastmath=True)
+def _dequantize_q80_add(acc, payload):
+    # acc (T, nb*32) f32 += dequant(payload (T, nb*34) q80)
+    T = acc.shape[0]
+    nb = acc.shape[1] // QK
+    for t in range(T):
+        for b in range(nb):
+            o = b * Q80_BLOCK_BYTES
+            d = np.float32(_f16_value(np.int64(payload[t, o]) | (np.int64(payload[t, o + 1]) << 8)))
+            for k in range(QK):
+                q = np.int64(payload[t, o + 2 + k])
+                q = q - 256 if q > 127 else q
+                acc[t, b * QK + k] += np.float32(q) * d
+
+
+def dequantize_q80_add(acc: np.ndarray, payload: np.ndarray) -> None:
+    """acc (T, n) f32 += dequantize(payload (T, n//32*34) q80): rank 0 sums partial results."""
+    assert acc.ndim == 2 and acc.dtype == np.float32 and acc.shape[1] % QK == 0, f"acc {acc.dtype} {acc.shape}"
+    assert payload.dtype == np.uint8 and payload.shape == (acc.shape[0], acc.shape[1] // QK * Q80_BLOCK_BYTES), (
+        f"payload {payload.dtype} {payload.shape} for acc {acc.shape}"
+    )
+    _dequantize_q80_add(acc, payload)
