@@ -245,14 +245,16 @@ def asm_report() -> dict[str, str]:
         o = np.zeros((2, kernels.TILE), np.float32)
         if layout == kernels.LAYOUT_TILES:
             fn = numba.njit(fastmath=True, error_model="numpy")(portable._q40_tiles.py_func)
-            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.isum[0], a.wsf[0], a.wsu[0], a.acc[0])
+            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.tile_dots[0], a.tile_scales[0],
+               a.tile_scale_bits[0], a.tile_sums[0])
             kinds = {"tiles": fn}
         else:
             one = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_one.py_func)
             one(o, m.qs, a.qs32, a.d, a.corr, kernels.TILE, 0, 1)
             a8 = kernels.new_activations(8, 32)
             eight = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_eight.py_func)
-            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.unp[0], a8.ws[0])
+            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.group_nibbles[0],
+                  a8.group_scales[0])
             kinds = {"vnni decode": one, "vnni 8 tokens": eight}
         for name, fn in kinds.items():
             asm = fn.inspect_asm(fn.signatures[0])

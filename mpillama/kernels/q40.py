@@ -161,19 +161,22 @@ def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> N
     )
     n_threads = numba.get_num_threads()
     if m.layout == LAYOUT_VNNI:
-        assert acts.unp.shape[1] > 0, "these activations were made without the VNNI scratch (simd_available() is False)"
+        assert acts.group_nibbles.shape[1] > 0, (
+            "these activations were made without the VNNI scratch (simd_available() is False)"
+        )
         if n_threads > 1:
-            _q40v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.unp, acts.ws,
-                           acts.next_chunk)
+            _q40v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.group_nibbles,
+                           acts.group_scales, acts.next_chunk)
         else:
-            _q40v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.unp[0], acts.ws[0])
+            _q40v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.group_nibbles[0],
+                      acts.group_scales[0])
     elif n_threads > 1:
         _q40_parallel(
             out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, n_threads,
-            acts.isum, acts.wsf, acts.wsu, acts.acc, acts.next_chunk,
+            acts.tile_dots, acts.tile_scales, acts.tile_scale_bits, acts.tile_sums, acts.next_chunk,
         )  # fmt: skip
     else:
         _q40_tiles(
             out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0],
-            acts.isum[0], acts.wsf[0], acts.wsu[0], acts.acc[0],
+            acts.tile_dots[0], acts.tile_scales[0], acts.tile_scale_bits[0], acts.tile_sums[0],
         )  # fmt: skip

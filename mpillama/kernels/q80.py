@@ -40,14 +40,14 @@ class Q80Activations:
     d: np.ndarray  # (max_tokens, nb) f32: block scales (exact float16 values)
     dbits: np.ndarray  # (max_tokens, nb) uint16: the same scales as float16 bit patterns
     corr: np.ndarray  # (max_tokens, nb) int32: 8 * sum of the block's qs (folds the Q40 -8 offset)
-    # tiles layout, per numba thread:
-    isum: np.ndarray  # (slots, TILE) int16: integer block dot products
-    wsf: np.ndarray  # (slots, TILE) f32: weight scales of one tile block
-    wsu: np.ndarray  # (slots, TILE) uint32: wsf viewed as bits (written by the f16 -> f32 conversion)
-    acc: np.ndarray  # (slots, max_tokens, TILE) f32: output accumulators of one tile
-    # VNNI layout, per numba thread (T > 1): one row group's nibbles split once for all tokens
-    unp: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) where simd_available() is False
-    ws: np.ndarray  # (slots, nb*16) f32: that row group's scales
+    # the Q40 matmul's scratch, one row per numba thread (slot). Tiles layout (portable.py):
+    tile_dots: np.ndarray  # (slots, TILE) int16: one block's integer dot products, a row each
+    tile_scales: np.ndarray  # (slots, TILE) f32: that block's weight scales, a row each
+    tile_scale_bits: np.ndarray  # (slots, TILE) uint32: tile_scales as bits (the f16 -> f32 conversion writes them)
+    tile_sums: np.ndarray  # (slots, max_tokens, TILE) f32: one tile's outputs, summed over its blocks
+    # VNNI layout (x86.py), prefill (T > 1): one row group's nibbles split once for all tokens
+    group_nibbles: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) where simd_available() is False
+    group_scales: np.ndarray  # (slots, nb*16) f32: that row group's weight scales
     # threaded matmuls: the next chunk of rows to claim (threads take chunks until none are left)
     next_chunk: np.ndarray  # (1,) int64
 
@@ -57,7 +57,7 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
     assert max_tokens >= 1 and cols > 0 and cols % QK == 0, f"max_tokens={max_tokens} cols={cols}"
     nb = cols // QK
     slots = numba.config.NUMBA_NUM_THREADS  # the most threads any launch can use
-    wsf = np.zeros((slots, TILE), np.float32)  # (slots, TILE) f32
+    tile_scales = np.zeros((slots, TILE), np.float32)  # (slots, TILE) f32
     qs = np.zeros((max_tokens, nb, QK), np.int8)  # (max_tokens, nb, 32) int8
     vnni = nb * 8 * VNNI_ROWS if simd_available() else 0
     return Q80Activations(
@@ -68,12 +68,12 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
         d=np.zeros((max_tokens, nb), np.float32),  # (max_tokens, nb) f32
         dbits=np.zeros((max_tokens, nb), np.uint16),  # (max_tokens, nb) uint16
         corr=np.zeros((max_tokens, nb), np.int32),  # (max_tokens, nb) int32
-        isum=np.zeros((slots, TILE), np.int16),  # (slots, TILE) int16
-        wsf=wsf,
-        wsu=wsf.view(np.uint32),  # (slots, TILE) uint32, same memory as wsf
-        acc=np.zeros((slots, max_tokens, TILE), np.float32),  # (slots, max_tokens, TILE) f32
-        unp=np.zeros((slots, vnni), np.int32),  # (slots, nb*8*16) int32
-        ws=np.zeros((slots, vnni // 8), np.float32),  # (slots, nb*16) f32
+        tile_dots=np.zeros((slots, TILE), np.int16),  # (slots, TILE) int16
+        tile_scales=tile_scales,
+        tile_scale_bits=tile_scales.view(np.uint32),  # (slots, TILE) uint32, same memory as tile_scales
+        tile_sums=np.zeros((slots, max_tokens, TILE), np.float32),  # (slots, max_tokens, TILE) f32
+        group_nibbles=np.zeros((slots, vnni), np.int32),  # (slots, nb*8*16) int32
+        group_scales=np.zeros((slots, vnni // 8), np.float32),  # (slots, nb*16) f32
         next_chunk=np.zeros(1, np.int64),
     )
 
