@@ -105,10 +105,7 @@ def test_quantize_activations_is_q8_0(shape):
     x = awkward(rng, shape)
     acts = kernels.new_activations(8, shape[1])
     kernels.quantize_activations(acts, x)
-    payload = np.zeros((shape[0], shape[1] // 32 * 34), np.uint8)
-    kernels.q80_bytes_from_activations(payload, acts, shape[0])
-    assert np.array_equal(payload, quant.quantize_q80(x))
-    d, q = quant.split_q80(payload)
+    d, q = quant.split_q80(quant.quantize_q80(x))  # d: the float16 scales, exact in float32
     T = shape[0]
     assert np.array_equal(acts.d[:T], d) and np.array_equal(acts.qs[:T], q)
     assert np.array_equal(acts.corr[:T], 8 * q.astype(np.int32).sum(-1))
@@ -137,7 +134,7 @@ def test_activations_from_q80_equal_quantize_activations():
     b = kernels.new_activations(6, 256)
     kernels.quantize_activations(a, x)
     kernels.activations_from_q80(b, quant.quantize_q80(x))
-    for name in ("qs", "d", "dbits", "corr"):
+    for name in ("qs", "d", "corr"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -256,23 +253,15 @@ def test_exp_f32_accuracy():
     assert attn._exp_neg(np.float32(-87.5)) == 0.0 and attn._exp_neg(np.float32(0.0)) == 1.0
 
 
-def test_silu_mul():
-    rng = np.random.default_rng(24)
-    h1 = (rng.standard_normal((2, 999)) * 5).astype(np.float32)
-    h1[0, :4] = [-100.0, 100.0, -1e30, 1e30]  # exp clamps: silu stays finite (about 0 and a)
-    h3 = rng.standard_normal((2, 999)).astype(np.float32)
-    with np.errstate(over="ignore"):  # the reference's exp(1e30) is inf, and silu then exactly 0
-        ref = quant.silu_mul_ref(h1, h3)
-    kernels.silu_mul(h1, h3)
-    np.testing.assert_allclose(h1, ref, rtol=1e-5, atol=1e-7)
-
-
 def test_swiglu_is_silu_mul_of_the_halves():
     rng = np.random.default_rng(26)
     h13 = (rng.standard_normal((3, 2 * 999)) * 5).astype(np.float32)
+    h13[0, :4] = [-100.0, 100.0, -1e30, 1e30]  # exp clamps: silu stays finite (about 0 and a)
     out = np.full((3, 999), np.nan, np.float32)
     kernels.swiglu(out, h13)
-    np.testing.assert_allclose(out, quant.silu_mul_ref(h13[:, :999], h13[:, 999:]), rtol=1e-5, atol=1e-7)
+    with np.errstate(over="ignore"):  # the reference's exp(1e30) is inf, and silu then exactly 0
+        ref = quant.silu_mul_ref(h13[:, :999], h13[:, 999:])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("halves", [False, True])

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from mpillama.kernels import cache  # noqa: F401  (first: its locator must be in place before any kernel is decorated)
 from mpillama.kernels.attn import ATT_MIN_CHUNK, AttentionScratch, attention, new_attention_scratch
-from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, silu_mul, swiglu
+from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, swiglu
 from mpillama.kernels.portable import TILE
 from mpillama.kernels.q40 import LAYOUT_TILES, LAYOUT_VNNI, Q40Matrix, default_layout, matmul_q40, pack_q40, unpack_q40
 from mpillama.kernels.q80 import (
@@ -40,7 +40,6 @@ from mpillama.kernels.q80 import (
     activations_from_q80,
     dequantize_q80_add,
     new_activations,
-    q80_bytes_from_activations,
     quantize_activations,
     quantize_q80_into,
 )
@@ -69,13 +68,11 @@ __all__ = [
     "new_activations",
     "new_attention_scratch",
     "pack_q40",
-    "q80_bytes_from_activations",
     "quantize_activations",
     "quantize_q80_into",
     "rmsnorm",
     "rope",
     "rope_tables",
-    "silu_mul",
     "simd_available",
     "swiglu",
     "unpack_q40",

@@ -80,16 +80,6 @@ def rmsnorm(out: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float) -> N
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _silu_mul(h1, h3):
-    # h1 (T, n) f32, h3 (T, n) f32 -> h1 = silu(h1) * h3 (a vectorised exp: np.exp is a call per element)
-    T, n = h1.shape
-    for t in range(T):
-        for i in range(n):
-            a = h1[t, i]
-            h1[t, i] = a / (np.float32(1.0) + _exp_f32(-a)) * h3[t, i]
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
 def _swiglu(out, h13):
     # h13 (T, 2n) f32 = [w1 rows | w3 rows] outputs -> out (T, n) f32 = silu(h13[:, :n]) * h13[:, n:]
     T, n = out.shape
@@ -100,19 +90,12 @@ def _swiglu(out, h13):
 
 
 def swiglu(out: np.ndarray, h13: np.ndarray) -> None:
-    """out (T, n) = silu(h13[:, :n]) * h13[:, n:]: silu_mul straight from the stacked w1/w3 output."""
+    """out (T, n) = silu(h13[:, :n]) * h13[:, n:], h13 the stacked w1/w3 output."""
     assert h13.ndim == 2 and out.ndim == 2 and h13.shape == (out.shape[0], 2 * out.shape[1]), (
         f"out {out.shape} h13 {h13.shape}"
     )
     assert out.dtype == h13.dtype == np.float32, f"{out.dtype} {h13.dtype}"
     _swiglu(out, h13)
-
-
-def silu_mul(h1: np.ndarray, h3: np.ndarray) -> None:
-    """h1 (T, n) = silu(h1) * h3, in place."""
-    assert h1.ndim == 2 and h1.shape == h3.shape, f"h1 {h1.shape} h3 {h3.shape}"
-    assert h1.dtype == h3.dtype == np.float32, f"{h1.dtype} {h3.dtype}"
-    _silu_mul(h1, h3)
 
 
 def rope_tables(

@@ -38,7 +38,6 @@ class Q80Activations:
     qs: np.ndarray  # (max_tokens, nb, 32) int8: quantized values
     qs32: np.ndarray  # (max_tokens, nb, 8) uint32: the same bytes, 4 a word (the VNNI kernels' operand)
     d: np.ndarray  # (max_tokens, nb) f32: block scales (exact float16 values)
-    dbits: np.ndarray  # (max_tokens, nb) uint16: the same scales as float16 bit patterns
     corr: np.ndarray  # (max_tokens, nb) int32: 8 * sum of the block's qs (folds the Q40 -8 offset)
     # the Q40 matmul's scratch, one row per numba thread (slot). Tiles layout (portable.py):
     tile_dots: np.ndarray  # (slots, TILE) int16: one block's integer dot products, a row each
@@ -66,7 +65,6 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
         qs=qs,
         qs32=qs.view(np.uint32),  # (max_tokens, nb, 8) uint32, same memory as qs
         d=np.zeros((max_tokens, nb), np.float32),  # (max_tokens, nb) f32
-        dbits=np.zeros((max_tokens, nb), np.uint16),  # (max_tokens, nb) uint16
         corr=np.zeros((max_tokens, nb), np.int32),  # (max_tokens, nb) int32
         tile_dots=np.zeros((slots, TILE), np.int16),  # (slots, TILE) int16
         tile_scales=tile_scales,
@@ -89,8 +87,8 @@ def _absmax32(x, t, o):
 
 
 @njit(cache=True)
-def _quantize_acts(qs, d, dbits, corr, x, T):
-    # x (T, nb*32) f32 -> qs (T, nb, 32) int8, d (T, nb) f32, dbits (T, nb) u16, corr (T, nb) i32
+def _quantize_acts(qs, d, corr, x, T):
+    # x (T, nb*32) f32 -> qs (T, nb, 32) int8, d (T, nb) f32, corr (T, nb) i32
     # No fastmath: q must be roundf(x * (1/d)) in float32 exactly as GGML computes it.
     nb = qs.shape[1]
     for t in range(T):
@@ -102,21 +100,18 @@ def _quantize_acts(qs, d, dbits, corr, x, T):
                 q = np.int32(_roundf(x[t, b * QK + k] * inv))
                 qs[t, b, k] = q
                 s += q
-            h = _f16_bits(db)
-            dbits[t, b] = h
-            d[t, b] = _f16_to_f32(h)
+            d[t, b] = _f16_to_f32(_f16_bits(db))
             corr[t, b] = 8 * s
 
 
 @njit(cache=True)
-def _load_q80(qs, d, dbits, corr, payload, T):
-    # payload (T, nb*34) q80 bytes -> qs (T, nb, 32) int8, d (T, nb) f32, dbits (T, nb) u16, corr (T, nb) i32
+def _load_q80(qs, d, corr, payload, T):
+    # payload (T, nb*34) q80 bytes -> qs (T, nb, 32) int8, d (T, nb) f32, corr (T, nb) i32
     nb = qs.shape[1]
     for t in range(T):
         for b in range(nb):
             o = b * Q80_BLOCK_BYTES
             h = np.int64(payload[t, o]) | (np.int64(payload[t, o + 1]) << 8)
-            dbits[t, b] = h
             d[t, b] = _f16_value(h)
             s = 0
             for k in range(QK):
@@ -127,27 +122,13 @@ def _load_q80(qs, d, dbits, corr, payload, T):
             corr[t, b] = 8 * s
 
 
-@njit(cache=True)
-def _store_q80(payload, qs, dbits, T):
-    # qs (T, nb, 32) int8, dbits (T, nb) u16 -> payload (T, nb*34) q80 bytes
-    nb = qs.shape[1]
-    for t in range(T):
-        for b in range(nb):
-            o = b * Q80_BLOCK_BYTES
-            h = np.int64(dbits[t, b])
-            payload[t, o] = h & 0xFF
-            payload[t, o + 1] = h >> 8
-            for k in range(QK):
-                payload[t, o + 2 + k] = np.int64(qs[t, b, k]) & 0xFF
-
-
 def quantize_activations(acts: Q80Activations, x: np.ndarray) -> None:
     """x (T, cols) f32 -> rows [0, T) of acts, with GGML Q8_0 semantics exactly."""
     assert x.ndim == 2 and x.shape[1] == acts.cols and x.shape[0] <= acts.max_tokens, (
         f"x {x.shape} for activations of {acts.max_tokens} x {acts.cols}"
     )
     assert x.dtype == np.float32, f"x dtype {x.dtype}"
-    _quantize_acts(acts.qs, acts.d, acts.dbits, acts.corr, x, x.shape[0])
+    _quantize_acts(acts.qs, acts.d, acts.corr, x, x.shape[0])
 
 
 def activations_from_q80(acts: Q80Activations, payload: np.ndarray) -> None:
@@ -157,17 +138,7 @@ def activations_from_q80(acts: Q80Activations, payload: np.ndarray) -> None:
         f"payload {payload.shape} for activations of {acts.max_tokens} x {acts.cols} ({nbytes} bytes a row)"
     )
     assert payload.dtype == np.uint8, f"payload dtype {payload.dtype}"
-    _load_q80(acts.qs, acts.d, acts.dbits, acts.corr, payload, payload.shape[0])
-
-
-def q80_bytes_from_activations(payload: np.ndarray, acts: Q80Activations, T: int) -> None:
-    """rows [0, T) of acts -> payload (T, nb*34) GGML Q8_0 bytes (to send what was quantized)."""
-    nbytes = acts.cols // QK * Q80_BLOCK_BYTES
-    assert payload.dtype == np.uint8 and payload.shape == (T, nbytes), (
-        f"payload {payload.dtype} {payload.shape}, expected uint8 ({T}, {nbytes})"
-    )
-    assert T <= acts.max_tokens, f"T={T} > max_tokens={acts.max_tokens}"
-    _store_q80(payload, acts.qs, acts.dbits, T)
+    _load_q80(acts.qs, acts.d, acts.corr, payload, payload.shape[0])
 
 
 @njit(cache=True)

@@ -138,6 +138,13 @@ def _vstore(typingctx, arr, idx, v):  # noqa: ANN001, ANN202
         return types.void(arr, idx, v), codegen
 
 
+def _masked_store(builder, v, p, mask):  # noqa: ANN001, ANN202
+    """Store the lanes of the float32 vector v where mask (16 x i1) is set, at p (4-byte aligned)."""
+    fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [_LL_VF, p.type, _LL_I32, mask.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
+    builder.call(fn, [v, p, llvm_ir.Constant(_LL_I32, 4), mask])
+
+
 @intrinsic
 def _vstore_first(typingctx, arr, idx, v, n):  # noqa: ANN001, ANN202
     """Store lanes [0, n) of the float32 vector v at element idx of arr (a masked store)."""
@@ -145,10 +152,8 @@ def _vstore_first(typingctx, arr, idx, v, n):  # noqa: ANN001, ANN202
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _LL_VF)
             nv = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), _LL_VI)
-            mask = builder.icmp_signed("<", llvm_ir.Constant(_LL_VI, list(range(16))), nv)
-            fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [_LL_VF, p.type, _LL_I32, mask.type])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
-            builder.call(fn, [args[2], p, llvm_ir.Constant(_LL_I32, 4), mask])
+            first_n = builder.icmp_signed("<", llvm_ir.Constant(_LL_VI, list(range(16))), nv)
+            _masked_store(builder, args[2], p, first_n)
             return context.get_dummy_value()
         return types.void(arr, idx, v, n), codegen
 
@@ -185,7 +190,6 @@ def _vec_binop(instruction: str, vtype: _Vec):  # noqa: ANN202
 _vand = _vec_binop("and_", _I32X16)
 _vsub = _vec_binop("sub", _I32X16)
 _vmul = _vec_binop("fmul", _F32X16)
-_vadd = _vec_binop("fadd", _F32X16)
 
 
 @intrinsic
@@ -279,10 +283,8 @@ def _vstore4(typingctx, arr, i, j, v):  # noqa: ANN001, ANN202
     if isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.float32 and v == _F32X16:
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             p = _item_ptr(context, builder, sig.args[0], args[0], sig.args[1:3], args[1:3], _LL_VF)
-            mask = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(1), 16), [1] * 4 + [0] * 12)
-            fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [_LL_VF, p.type, _LL_I32, mask.type])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
-            builder.call(fn, [args[3], p, llvm_ir.Constant(_LL_I32, 4), mask])
+            first4 = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(1), 16), [1] * 4 + [0] * 12)
+            _masked_store(builder, args[3], p, first4)
             return context.get_dummy_value()
         return types.void(arr, i, j, v), codegen
 
