@@ -8,7 +8,7 @@ activation words and sums 4 products per row lane.
 
 x86 only: _vdpbusd, the one x86 instruction, is defined here; the rest comes from vector.py's
 generic layer. The kernels compile on their first call, which happens only where
-vector.simd_available() (q40.pack_q40 packs this layout nowhere else). The prefill scratch
+vector.simd_available() is True (q40.pack_q40 packs this layout nowhere else). The prefill scratch
 comes from Q80Activations (group_nibbles, group_scales).
 
 Imports numba, llvmlite and the package's vector.py only.
