@@ -21,7 +21,7 @@ bytes it reads: decode is bound by that bandwidth, so this is the ceiling for th
 Warm-up passes come first; the two timed sides alternate, so load from other processes hits both.
 Say whether the machine was idle (the load average is printed).
 
-Owns nothing the package imports; it imports mpillama.kernels only.
+Owns nothing the package imports; it imports mpillama.kernels (and three of its files) only.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mpillama import kernels  # noqa: E402
+from mpillama.kernels import attn, portable, x86  # noqa: E402  (kernels timed or inspected alone)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def measure_attention(positions: list[int], rng: np.random.Generator) -> list[At
 
         def online() -> None:
             for k, v in zip(ks, vs):
-                kernels._attention_serial(out, q, k, v, pos, 1)
+                attn._attention_serial(out, q, k, v, pos, 1)
 
         t_att, t_read = best_pass_seconds(att, read, ARGS.min_seconds)
         _, t_online = best_pass_seconds(att, online, ARGS.min_seconds)
@@ -243,15 +244,17 @@ def asm_report() -> dict[str, str]:
         m = kernels.pack_q40(np.zeros((kernels.TILE, 18), np.uint8), layout)
         o = np.zeros((2, kernels.TILE), np.float32)
         if layout == kernels.LAYOUT_TILES:
-            fn = numba.njit(fastmath=True, error_model="numpy")(kernels._q40_tiles.py_func)
-            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.isum[0], a.wsf[0], a.wsu[0], a.acc[0])
+            fn = numba.njit(fastmath=True, error_model="numpy")(portable._q40_tiles.py_func)
+            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.tile_dots[0], a.tile_scales[0],
+               a.tile_scale_bits[0], a.tile_sums[0])
             kinds = {"tiles": fn}
         else:
-            one = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_one.py_func)
+            one = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_one.py_func)
             one(o, m.qs, a.qs32, a.d, a.corr, kernels.TILE, 0, 1)
             a8 = kernels.new_activations(8, 32)
-            eight = numba.njit(fastmath=True, error_model="numpy")(kernels._q40v_eight.py_func)
-            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.unp[0], a8.ws[0])
+            eight = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_eight.py_func)
+            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.group_nibbles[0],
+                  a8.group_scales[0])
             kinds = {"vnni decode": one, "vnni 8 tokens": eight}
         for name, fn in kinds.items():
             asm = fn.inspect_asm(fn.signatures[0])

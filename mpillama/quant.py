@@ -2,9 +2,9 @@
 
 Owns: the byte layout of GGML Q4_0 ("q40") and Q8_0 ("q80") blocks (quantize, dequantize,
 split into scale and values), and short readable float references for every kernel in
-kernels.py (matmul, rmsnorm, rope, attention, silu*mul). Nothing here is on the hot path.
+mpillama.kernels (matmul, rmsnorm, rope, attention, silu*mul). Nothing here is on the hot path.
 
-Imports numpy and mpillama.errors only: no numba, no mpi4py, nothing from kernels.py, so the
+Imports numpy and mpillama.errors only: no numba, no mpi4py, nothing from kernels/, so the
 references stay independent of the code they check.
 
 Block formats (byte-for-byte GGML):

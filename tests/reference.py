@@ -2,7 +2,7 @@
 
 Plain numpy, in the style of llama2.c: it reads the GGUF with the `gguf` package alone
 (dequantizing with gguf.quants), recomputes the whole sequence for every new token (no KV
-cache), and shares no code with mpillama's model.py, kernels.py or formats/.
+cache), and shares no code with mpillama's model.py, kernels/ or formats/.
 """
 
 from __future__ import annotations

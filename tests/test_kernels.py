@@ -1,4 +1,4 @@
-"""kernels.py against the numpy references in quant.py, on random shapes including odd sizes and block edges."""
+"""mpillama.kernels against the numpy references in quant.py, on random shapes including odd sizes and block edges."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpillama import kernels, quant
+from mpillama.kernels import attn, bits, cache
 from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
 
@@ -92,7 +93,7 @@ def test_pack_q40_rejects_unknown_or_unavailable_layout(monkeypatch):
     ggml = np.zeros((4, 18), np.uint8)
     with pytest.raises(MpillamaError, match="unknown Q40 layout"):
         kernels.pack_q40(ggml, "rows")
-    monkeypatch.setattr(kernels, "simd_available", lambda: False)
+    monkeypatch.setattr(kernels.q40, "simd_available", lambda: False)  # where pack_q40 looks it up
     assert kernels.default_layout() == kernels.LAYOUT_TILES
     with pytest.raises(MpillamaError, match="AVX-512 VNNI"):
         kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
@@ -104,10 +105,7 @@ def test_quantize_activations_is_q8_0(shape):
     x = awkward(rng, shape)
     acts = kernels.new_activations(8, shape[1])
     kernels.quantize_activations(acts, x)
-    payload = np.zeros((shape[0], shape[1] // 32 * 34), np.uint8)
-    kernels.q80_bytes_from_activations(payload, acts, shape[0])
-    assert np.array_equal(payload, quant.quantize_q80(x))
-    d, q = quant.split_q80(payload)
+    d, q = quant.split_q80(quant.quantize_q80(x))  # d: the float16 scales, exact in float32
     T = shape[0]
     assert np.array_equal(acts.d[:T], d) and np.array_equal(acts.qs[:T], q)
     assert np.array_equal(acts.corr[:T], 8 * q.astype(np.int32).sum(-1))
@@ -121,11 +119,11 @@ def test_f16_bits_round_like_numpy():
     h = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float64)
     mids = ((h[:-1] + h[1:]) / 2).astype(np.float32)  # exact in float32
     x = np.concatenate([x, mids, np.float32([0.0, 2.0**-25, 2.0**-24, 65504.0, 65520.0, 1e6])])
-    ours = np.array([kernels._f16_bits(v) for v in x])
+    ours = np.array([bits._f16_bits(v) for v in x])
     with np.errstate(over="ignore"):
         theirs = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(ours, theirs)
-    back = np.array([kernels._f16_to_f32(int(b)) for b in theirs], np.float32)
+    back = np.array([bits._f16_to_f32(int(b)) for b in theirs], np.float32)
     assert np.array_equal(back, theirs.view(np.float16).astype(np.float32))
 
 
@@ -136,7 +134,7 @@ def test_activations_from_q80_equal_quantize_activations():
     b = kernels.new_activations(6, 256)
     kernels.quantize_activations(a, x)
     kernels.activations_from_q80(b, quant.quantize_q80(x))
-    for name in ("qs", "d", "dbits", "corr"):
+    for name in ("qs", "d", "corr"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -249,29 +247,21 @@ def test_rmsnorm(alias):
 def test_exp_f32_accuracy():
     # the vectorisable exp used by silu and softmax: relative error < 5e-7 on its whole range
     x = np.linspace(-87.0, 88.0, 200001).astype(np.float32)
-    ours = np.array([kernels._exp_f32(v) for v in x[::97]], np.float64)
+    ours = np.array([bits._exp_f32(v) for v in x[::97]], np.float64)
     exact = np.exp(x[::97].astype(np.float64))
     assert np.max(np.abs(ours - exact) / exact) < 5e-7
-    assert kernels._exp_neg(np.float32(-87.5)) == 0.0 and kernels._exp_neg(np.float32(0.0)) == 1.0
-
-
-def test_silu_mul():
-    rng = np.random.default_rng(24)
-    h1 = (rng.standard_normal((2, 999)) * 5).astype(np.float32)
-    h1[0, :4] = [-100.0, 100.0, -1e30, 1e30]  # exp clamps: silu stays finite (about 0 and a)
-    h3 = rng.standard_normal((2, 999)).astype(np.float32)
-    with np.errstate(over="ignore"):  # the reference's exp(1e30) is inf, and silu then exactly 0
-        ref = quant.silu_mul_ref(h1, h3)
-    kernels.silu_mul(h1, h3)
-    np.testing.assert_allclose(h1, ref, rtol=1e-5, atol=1e-7)
+    assert attn._exp_neg(np.float32(-87.5)) == 0.0 and attn._exp_neg(np.float32(0.0)) == 1.0
 
 
 def test_swiglu_is_silu_mul_of_the_halves():
     rng = np.random.default_rng(26)
     h13 = (rng.standard_normal((3, 2 * 999)) * 5).astype(np.float32)
+    h13[0, :4] = [-100.0, 100.0, -1e30, 1e30]  # exp clamps: silu stays finite (about 0 and a)
     out = np.full((3, 999), np.nan, np.float32)
     kernels.swiglu(out, h13)
-    np.testing.assert_allclose(out, quant.silu_mul_ref(h13[:, :999], h13[:, 999:]), rtol=1e-5, atol=1e-7)
+    with np.errstate(over="ignore"):  # the reference's exp(1e30) is inf, and silu then exactly 0
+        ref = quant.silu_mul_ref(h13[:, :999], h13[:, 999:])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("halves", [False, True])
@@ -386,3 +376,16 @@ def test_configure_rejects_bad_thread_counts():
         kernels.configure(0)
     with pytest.raises(MpillamaError, match="nthreads"):
         kernels.configure(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_every_kernel_is_cached_against_all_files_of_the_package(tmp_path):
+    # numba alone re-checks only a kernel's own file, but the code it caches includes the helpers
+    # called from sibling files (bits.py's exp inside attn.py's softmax): an edit to any file must
+    # invalidate every kernel of the package
+    for kernel in (attn._att_softmax, bits._exp_f32, kernels.q40._pack_vnni_rows):
+        assert isinstance(kernel._cache._impl.locator, cache.PackageLocator)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = cache.package_stamp(tmp_path)
+    (tmp_path / "b.py").write_text("y = 20\n")  # another size: a file's stat decides when it is read again
+    assert cache.package_stamp(tmp_path) != before

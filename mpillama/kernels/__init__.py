@@ -1,0 +1,79 @@
+"""numba kernels of the forward pass, split by concern; this file only gathers their public names.
+
+    vector.py    numba's missing LLVM layer: a vector type, generic intrinsics, the CPU check
+    bits.py      float16 <-> float32 from bit patterns, C roundf, a vectorisable exp
+    threads.py   configure(nthreads): numba's threading layer and thread count
+    q80.py       Q80 activations: quantise f32 rows, Q8_0 bytes of the sync payloads
+    q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the layout's kernel)
+    portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
+    x86.py       the VNNI-layout Q40 x Q80 matmul: AVX-512 VNNI (vpdpbusd)
+    attn.py      causal grouped-query attention over the KV cache
+    dense.py     f32 matmul, rmsnorm, swiglu, rope
+    cache.py     one numba cache stamp for all these files
+
+Each kernel has a numpy twin in quant.py and a test comparing the two (tests/test_kernels.py).
+The package imports numpy, numba, llvmlite (numba's own) and mpillama.{config, errors, mpienv,
+quant} only: never mpi4py, never model.py. Importing it compiles nothing and sets nothing
+but numba registrations (the vector type, cache.py's locator): the engine calls
+configure(nthreads) once at start-up.
+
+Conventions: kernels are plain functions over whole arrays, output argument first, no
+allocation on the hot path (the matmul's per-thread scratch lives in the Q80Activations
+buffers, attention's in new_attention_scratch()), and each begins with a one-line contract
+comment. Public wrappers assert the shapes callers could get wrong. Multi-threaded variants
+run one launch per call and are used whenever more than one numba thread is set; the Q40
+matmuls hand out small chunks of rows to whichever thread is free (an atomic counter), so a
+thread that lost its core for a while (a busy host, a hypervisor) does not hold up the rest.
+Names with a leading underscore are shared between the package's files (and read by tests and
+bench/kernels.py), not part of its API.
+"""
+
+from __future__ import annotations
+
+from mpillama.kernels import cache  # noqa: F401  (first: its locator must be in place before any kernel is decorated)
+from mpillama.kernels.attn import ATT_MIN_CHUNK, AttentionScratch, attention, new_attention_scratch
+from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, swiglu
+from mpillama.kernels.portable import TILE
+from mpillama.kernels.q40 import LAYOUT_TILES, LAYOUT_VNNI, Q40Matrix, default_layout, matmul_q40, pack_q40, unpack_q40
+from mpillama.kernels.q80 import (
+    Q80Activations,
+    activations_from_q80,
+    dequantize_q80_add,
+    new_activations,
+    quantize_activations,
+    quantize_q80_into,
+)
+from mpillama.kernels.threads import configure
+from mpillama.kernels.vector import simd_available
+from mpillama.kernels.x86 import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS
+
+__all__ = [
+    "ATT_MIN_CHUNK",
+    "LAYOUT_TILES",
+    "LAYOUT_VNNI",
+    "TILE",
+    "VNNI_BLOCK_BYTES",
+    "VNNI_CHUNK",
+    "VNNI_ROWS",
+    "AttentionScratch",
+    "Q40Matrix",
+    "Q80Activations",
+    "activations_from_q80",
+    "attention",
+    "configure",
+    "default_layout",
+    "dequantize_q80_add",
+    "matmul_f32",
+    "matmul_q40",
+    "new_activations",
+    "new_attention_scratch",
+    "pack_q40",
+    "quantize_activations",
+    "quantize_q80_into",
+    "rmsnorm",
+    "rope",
+    "rope_tables",
+    "simd_available",
+    "swiglu",
+    "unpack_q40",
+]
