@@ -5,6 +5,8 @@ Expected prompts are written out by hand from each format's published layout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mpillama.chat import render_chat
