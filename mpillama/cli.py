@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
 from mpillama.config import (
@@ -19,6 +18,7 @@ from mpillama.config import (
 )
 from mpillama.errors import MpillamaError
 from mpillama.mpienv import launched_rank
+from mpillama.output import error_line, say
 
 
 def env_rank() -> int:
@@ -158,8 +158,8 @@ def _trace(fn: Callable[[Any], str]) -> int:
     from mpillama.trace import commands
 
     text = fn(commands)
-    if env_rank() == 0 and text:
-        print(text)
+    if text:
+        say(env_rank(), text, err=False)
     return 0
 
 
@@ -169,7 +169,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if env_rank() != 0:
         return 0
     path = write_synthetic(args.shape, args.out, weight_type=args.type, seed=args.seed)
-    print(f"mpillama: wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)", file=sys.stderr)
+    say(0, f"mpillama: wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
 
 
@@ -178,8 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     text = describe(args.model, args.ranks, parse_rank_weights(args.rank_weights), args.max_seq_len, args.weight_type,
                     list_tensors=args.tensors)
-    if env_rank() == 0:
-        print(text)
+    say(env_rank(), text, err=False)
     return 0
 
 
@@ -208,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except MpillamaError as e:
         # errors that reach here were agreed by every rank (or raised before MPI): say it once
         if env_rank() == 0:
-            print(f"mpillama: error: {e}", file=sys.stderr, flush=True)
+            error_line(str(e))
         return 2
     except KeyboardInterrupt:
-        print("mpillama: interrupted", file=sys.stderr)
+        say(env_rank(), "mpillama: interrupted")
         return 130
     except BrokenPipeError:
         return 0

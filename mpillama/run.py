@@ -167,7 +167,7 @@ def bench(args: argparse.Namespace, run: RunConfig) -> int:
         result = run_bench(engine, args.prompt_tokens, args.steps, args.repeat)
         result["model"] = args.synthetic or model
         if args.json:
-            print(json.dumps(result))
+            say(comm.rank, json.dumps(result), err=False)
         else:
             for key, value in result.items():
                 say(comm.rank, f"{key:>24}: {value}", err=False)

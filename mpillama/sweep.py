@@ -58,6 +58,7 @@ from typing import Any
 from mpillama.config import build_run_config, parse_rank_weights
 from mpillama.errors import MpillamaError
 from mpillama.launch import Launcher, find_launcher
+from mpillama.output import say
 from mpillama.sweep_file import PointResult, format_table, read_results, results_json, value_text, write_results
 
 INT_PARAMS = ("ranks", "nthreads", "batch", "chunk_bytes", "max_seq_len")
@@ -391,8 +392,7 @@ def run_sweep(grid: Grid, out: str | Path) -> int:
         traces.mkdir(exist_ok=True)
     env = grid.launcher.env()
     example = " ".join(grid.launcher.command_line(points[0]["ranks"], ["..."]))
-    print(f"mpillama: sweep of {len(points)} points, model {grid.model}, each as: {example}; results in {out}",
-          file=sys.stderr, flush=True)
+    say(0, f"mpillama: sweep of {len(points)} points, model {grid.model}, each as: {example}; results in {out}")
     results: list[PointResult] = []
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     signals = _Signals.install()
@@ -407,18 +407,18 @@ def run_sweep(grid: Grid, out: str | Path) -> int:
             r.trace = os.path.relpath(trace, out.parent) if trace is not None and trace.exists() else None
             results.append(r)
             _write(out, grid, results, len(points), False, created)
-            print(progress(index, len(points), r), file=sys.stderr, flush=True)
+            say(0, progress(index, len(points), r))
         _write(out, grid, results, len(points), True, created)
     except Interrupted as e:
-        print(f"mpillama: sweep interrupted ({e}) after {len(results)} of {len(points)} points; "
-              f"partial results in {out}", file=sys.stderr, flush=True)
+        say(0, f"mpillama: sweep interrupted ({e}) after {len(results)} of {len(points)} points; "
+               f"partial results in {out}")
         return 128 + e.signum
     finally:
         signals.restore()
-    print(format_table(read_results(out), str(out)))
+    say(0, format_table(read_results(out), str(out)), err=False)
     failed = sum(r.status != "ok" for r in results)
     if failed:
-        print(f"mpillama: {failed} of {len(points)} points failed; results in {out}", file=sys.stderr)
+        say(0, f"mpillama: {failed} of {len(points)} points failed; results in {out}")
     return 1 if failed else 0
 
 
@@ -428,7 +428,7 @@ def command(args: argparse.Namespace) -> int:
         if args.grid or args.out or args.launcher:
             raise MpillamaError("sweep report RESULTS.h5 takes no --grid, --out or --launcher")
         data = read_results(args.file)
-        print(json.dumps(results_json(data), indent=1) if args.json else format_table(data, args.file))
+        say(0, json.dumps(results_json(data), indent=1) if args.json else format_table(data, args.file), err=False)
         return 0
     if not args.grid or not args.out:
         raise MpillamaError("sweep needs --grid GRID.toml --out RESULTS.h5 (or: sweep report RESULTS.h5)")

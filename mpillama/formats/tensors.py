@@ -12,7 +12,6 @@ and mpillama.config/errors. Never mpi4py.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
+from mpillama.mpienv import launched_rank
+from mpillama.output import say
 from mpillama.quant import (
     Q40_BLOCK_BYTES,
     Q80_BLOCK_BYTES,
@@ -174,7 +175,7 @@ class Notice:
 
     def __call__(self) -> None:
         if not self.done:
-            print(self.text, file=sys.stderr, flush=True)
+            say(launched_rank() or 0, self.text)  # every rank reads the same file: rank 0 says it
             self.done = True
 
 

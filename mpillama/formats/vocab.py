@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mpillama.atomic import atomic_write
 from mpillama.errors import MpillamaError
+from mpillama.mpienv import launched_rank
+from mpillama.output import say
 
 SDIST = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -45,8 +47,8 @@ def fetch_vocabs() -> Path:
     """Download the sdist with pip and extract models/ggml-vocab-* into vocab_dir()."""
     target = vocab_dir()
     target.mkdir(parents=True, exist_ok=True)
-    print(f"mpillama: fetching tokenizer vocabularies ({SDIST}=={SDIST_VERSION} sdist, ~75 MB, once) into {target}",
-          file=sys.stderr)
+    say(launched_rank() or 0,
+        f"mpillama: fetching tokenizer vocabularies ({SDIST}=={SDIST_VERSION} sdist, ~75 MB, once) into {target}")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                f"{SDIST}=={SDIST_VERSION}", "-d", tmp]
