@@ -86,13 +86,13 @@ def test_top_k_1_and_tiny_top_p_equal_greedy() -> None:
 def test_draws_follow_softmax() -> None:
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 1.5], np.float32)
     for temperature in (0.7, 1.0, 1.6):
-        counts = np.bincount(draws(Sampler(temperature=temperature, seed=7), logits, 20000), minlength=6)
+        counts = np.bincount(draws(Sampler(temperature=temperature, top_p=1.0, seed=7), logits, 20000), minlength=6)
         assert chi2(counts, softmax(logits / temperature)) < CHI2_999[5]
 
 
 def test_draws_follow_top_k() -> None:
     logits = np.array([0.3, 2.0, -1.0, 1.2, 1.9, 0.0], np.float32)
-    counts = np.bincount(draws(Sampler(temperature=1.0, top_k=3, seed=8), logits, 20000), minlength=6)
+    counts = np.bincount(draws(Sampler(temperature=1.0, top_k=3, top_p=1.0, seed=8), logits, 20000), minlength=6)
     kept = [1, 3, 4]
     assert counts[[0, 2, 5]].sum() == 0
     assert chi2(counts[kept], softmax(logits[kept])) < CHI2_999[2]
@@ -122,7 +122,7 @@ def test_draws_across_blocks_of_a_large_vocabulary() -> None:
     logits = np.full(5000, -np.inf, np.float32)
     ids = np.array([5, 1023, 1024, 2047, 2048, 3500, 4998, 4999])
     logits[ids] = np.array([0.5, 1.0, 0.0, 1.5, 0.2, 0.8, 1.2, 0.3], np.float32)
-    counts = np.bincount(draws(Sampler(temperature=1.0, seed=11), logits, 20000), minlength=logits.size)
+    counts = np.bincount(draws(Sampler(temperature=1.0, top_p=1.0, seed=11), logits, 20000), minlength=logits.size)
     assert counts.sum() == counts[ids].sum()
     assert chi2(counts[ids], softmax(logits[ids])) < CHI2_999[7]
 
@@ -138,3 +138,10 @@ def test_nucleus_matches_a_full_sort(scale: float, top_p: float) -> None:
     assert (np.diff(ids) > 0).all() and np.allclose(weights, p[ids])
     if scale == 1.0 and top_p == 0.9:
         assert ids.size > TOP_P_WINDOW  # this case did take the full-sort path
+
+
+def test_default_top_p_is_run_configs() -> None:
+    """One home for defaults: a Sampler built without top_p samples like the command line's default."""
+    from mpillama.config import DEFAULTS
+
+    assert Sampler().top_p == DEFAULTS.top_p
