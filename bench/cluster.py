@@ -9,9 +9,8 @@ launch agent; the switch adds the one-way delay D (and the rate) to every link. 
 prefill and decode tok/s of `mpillama bench --json` (median of --repeat), rank 0's sync ms per
 decode token, and each figure's ratio to the first D (0 by default) at the same hosts and sync.
 First, per D, the MPI round trip of an 8-byte message between node0 and node1 (median and best
-of 2000). --hop also
-measures that round trip through a kernel bridge: half the difference is the switch's own cost
-per hop.
+of 2000), and how late the switch let delayed frames go. --hop also measures that round trip
+through a kernel bridge: half the difference is the switch's own cost per hop.
 """
 
 from __future__ import annotations
@@ -94,9 +93,13 @@ def main() -> int:
     with Cluster(max(max(host_counts), 2)) as cluster:
         for d in delays:
             cluster.set_links(d, args.rate_gbit)
+            before = cluster.switch_stats()
             median, best = mpi_rtt(cluster)
-            print(f"MPI round trip through the switch at D = {d:g} ms: median {median:.1f} us, best {best:.1f} us",
-                  flush=True)
+            after = cluster.switch_stats()
+            queued = max(after["queued"] - before["queued"], 1)
+            late_us = (after["late_ns_sum"] - before["late_ns_sum"]) / queued / 1e3
+            print(f"MPI round trip through the switch at D = {d:g} ms: median {median:.1f} us, best {best:.1f} us "
+                  f"(delayed frames left the switch {late_us:.1f} us late on average)", flush=True)
             for hosts in host_counts:
                 for sync in syncs:
                     r = bench_point(cluster, hosts, sync, args)
@@ -117,8 +120,8 @@ def main() -> int:
               f"{r['prompt_tok_s']:>14.1f} {r['prompt_tok_s'] / base['prompt_tok_s']:>6.2f} "
               f"{r['gen_tok_s']:>13.2f} {r['gen_tok_s'] / base['gen_tok_s']:>6.2f} "
               f"{r['rank0_sync_ms']:>12.2f} {r['rank0_sync_ms'] / max(base['rank0_sync_ms'], 1e-9):>6.2f}")
-    print(f"switch: {stats.get('frames', 0)} frames, {stats.get('drops', 0)} dropped, "
-          f"longest queue {stats.get('max_queue', 0)} frames")
+    print(f"switch: {stats['frames']} frames, {stats['drops']} dropped, longest queue {stats['max_queue']} frames, "
+          f"latest delayed frame {stats['late_ns_max'] / 1e3:.0f} us after its time")
     return 0
 
 

@@ -20,7 +20,8 @@ import pytest
 from tests.cluster import Cluster, unavailable
 from tests.mpi_launch import run_mpillama
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+UNAVAILABLE = unavailable()  # None, or why this machine cannot make a cluster (not root, no ip netns, ...)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 
 PROMPT = "Hello world, this prompt fills several prefill passes"
 STEPS = "12"

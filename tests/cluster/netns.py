@@ -1,8 +1,8 @@
 """The emulated cluster: N hosts as network namespaces joined by one switch, and mpirun across them.
 
-Host i is network namespace `mlc<PID>-h<i>` (PID: the process that made the cluster) with
-address 10.77.0.<i+1>/24 on its eth0 and hostname `node<i>`; the switch (switch.py) runs in
-`mlc<PID>-sw`. Each namespace's /etc/hosts (`/etc/netns/<name>/hosts`, which `ip netns exec`
+Host i is network namespace `mlc<PID>-<K>h<i>` (PID: the process that made the cluster, K its
+count of clusters) with address 10.77.0.<i+1>/24 on its eth0 and hostname `node<i>`; the switch
+(switch.py) runs in `mlc<PID>-<K>sw`. Each namespace's /etc/hosts (`/etc/netns/<name>/hosts`, which `ip netns exec`
 mounts over /etc/hosts) names every node, so the hostfile uses plain host names. The subnet
 exists only inside these namespaces: nothing reaches the machine's own interfaces.
 
@@ -19,6 +19,7 @@ next start for clusters whose owner process died.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ PREFIX = "mlc"
 SUBNET = "10.77.0.0/24"
 ETC_NETNS = Path("/etc/netns")
 ROOT = Path(__file__).resolve().parent.parent.parent
+_serial = itertools.count()  # clusters made by this process
 
 AGENT = """#!/bin/sh
 # Launch agent of an emulated cluster, in place of ssh: AGENT [options] HOST COMMAND...
@@ -94,28 +96,42 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _kill_namespace(netns: str) -> None:
-    """SIGKILL every process in netns (all were started by a cluster of ours), then delete it."""
-    pids = _ip("netns", "pids", netns, check=False).stdout.split()
-    for pid in pids:
+def _kill_processes(netns: str) -> None:
+    """SIGKILL every process in netns: all were started by a cluster of ours."""
+    for pid in _ip("netns", "pids", netns, check=False).stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _kill_namespace(netns: str) -> None:
+    """Kill what runs in netns and delete it (a namespace outlives its name while processes use it)."""
+    _kill_processes(netns)
     _ip("netns", "del", netns, check=False)
     shutil.rmtree(ETC_NETNS / netns, ignore_errors=True)
 
 
+def _owner(name: str) -> int | None:
+    m = re.fullmatch(rf"{PREFIX}(\d+)-.+", name)
+    return int(m.group(1)) if m else None
+
+
 def sweep_leftovers() -> list[str]:
-    """Delete the namespaces (and /etc/netns folders) of clusters whose owner process is gone."""
+    """Delete the namespaces, /etc/netns and temporary folders of clusters whose owner process is gone."""
     names = {line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()}
     names |= {p.name for p in ETC_NETNS.glob(f"{PREFIX}*")} if ETC_NETNS.exists() else set()
     gone = []
     for name in sorted(names):
-        m = re.fullmatch(rf"{PREFIX}(\d+)-\w+", name)
-        if m and not _pid_alive(int(m.group(1))):
+        owner = _owner(name)
+        if owner is not None and not _pid_alive(owner):
             _kill_namespace(name)
             gone.append(name)
+    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+        owner = _owner(folder.name)
+        if owner is not None and not _pid_alive(owner) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(str(folder))
     return gone
 
 
@@ -139,12 +155,14 @@ class Cluster:
                  rate_gbit: float | None | Sequence[float | None] = None, bridge: bool = False) -> None:
         if not 2 <= n_hosts <= 16:
             raise MpillamaError(f"a cluster has 2 to 16 hosts, not {n_hosts}")
+        if bridge and (any(_per_host(delay_ms, n_hosts, "delay_ms")) or any(_per_host(rate_gbit, n_hosts, "rate_gbit"))):
+            raise MpillamaError("a bridged cluster has no delay or rate: use the switch")
         self.n_hosts = n_hosts
-        self.tag = f"{PREFIX}{os.getpid()}"
+        self.tag = f"{PREFIX}{os.getpid()}-{next(_serial)}"  # the owner's pid, then this process's count
         self.hosts = [f"node{i}" for i in range(n_hosts)]
         self.addresses = [f"10.77.0.{i + 1}" for i in range(n_hosts)]
-        self.netns = [f"{self.tag}-h{i}" for i in range(n_hosts)]
-        self.switch_netns = f"{self.tag}-sw"
+        self.netns = [f"{self.tag}h{i}" for i in range(n_hosts)]
+        self.switch_netns = f"{self.tag}sw"
         self.switch: Switch | None = None
         self.folder = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.hostfile = self.folder / "hostfile"
@@ -162,8 +180,6 @@ class Cluster:
                bridge: bool) -> None:
         sweep_leftovers()
         for name in [self.switch_netns, *self.netns]:
-            if name in _ip("netns", "list").stdout.split():
-                _kill_namespace(name)  # ours from an earlier Cluster in this process that was not closed
             _ip("netns", "add", name)
         if bridge:
             self._bridge()
@@ -181,8 +197,6 @@ class Cluster:
             _ip("-n", ns, "link", "set", "lo", "up")
         if self.switch is not None:
             self.set_links(delay_ms, rate_gbit)
-        elif any(_per_host(delay_ms, self.n_hosts, "delay_ms")) or any(_per_host(rate_gbit, self.n_hosts, "rate_gbit")):
-            raise MpillamaError("a bridged cluster has no delay or rate: use the switch")
         self.hostfile.write_text("".join(f"{h} slots=1\n" for h in self.hosts))
         cases = "\n".join(f"  {h}) ns={ns} ;;" for h, ns in zip(self.hosts, self.netns))
         self.agent.write_text(AGENT.format(cases=cases, folder=self.folder))
@@ -274,11 +288,7 @@ class Cluster:
     def reap(self) -> None:
         """Kill whatever still runs in the host namespaces (a job that timed out or lost a rank)."""
         for ns in self.netns:
-            for pid in _ip("netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_processes(ns)
 
     # -- teardown -----------------------------------------------------------------------------
     def close(self) -> None:

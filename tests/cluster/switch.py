@@ -68,7 +68,8 @@ class Switch:
             raise MpillamaError(f"the cluster switch refused port {port}: {answer}")
 
     def stats(self) -> dict[str, int]:
-        """{'frames': ..., 'drops': ..., 'max_queue': ...} since the switch started."""
+        """Since the switch started: frames, drops, max_queue (longest queue, frames), queued (frames
+        that waited for their delivery time), late_ns_sum and late_ns_max (how late those left)."""
         words = self._ask("stats").split()
         return {words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)}
 
