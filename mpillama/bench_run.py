@@ -112,7 +112,7 @@ def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> di
     out: dict[str, Any] = {
         "ranks": engine.comm.size,
         "nthreads": engine.run.nthreads,
-        "sync": engine.run.sync,
+        "sync": engine.model.sync.name,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": steps,
         "prompt_tok_s": round(pp, 2),

@@ -125,6 +125,8 @@ class Comm:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.context = ""  # e.g. "step 12 layer 3 att_sync", set by the caller for error messages
+        self.hosts: list[str] = [hostname()]
+        self.hosts = self.allgather_obj(hostname())  # every rank's host, to name it when it goes missing
 
     def free(self) -> None:
         """Release the duplicate communicator (collective)."""
@@ -146,12 +148,18 @@ class Comm:
             waited = time.perf_counter() - start
             if timeout is not None and waited > timeout:
                 missing = sorted({p for r, p in zip(reqs, peers) if not r.Test()})
-                who = ", ".join(str(p) for p in missing) if missing else "unknown"
+                who = ", ".join(self.name_of(p) for p in missing) if missing else "unknown"
                 raise SyncTimeout(
                     f"rank {self.rank}: {self.context or 'collective'} did not complete in {timeout:g} s; "
                     f"ranks that never arrived: {who}. Check those ranks' hosts, or raise --sync-timeout"
                 )
             time.sleep(0 if waited < 0.005 else 0.0005)  # yield the core to ranks still computing
+
+    def name_of(self, rank: int) -> str:
+        """'3 (host rock4)', or just the number for a peer of a collective (-1: any rank)."""
+        if 0 <= rank < len(self.hosts):
+            return f"{rank} (host {self.hosts[rank]})"
+        return str(rank) if rank >= 0 else "at least one rank"
 
     def chunks(self, buf: np.ndarray) -> list[np.ndarray]:
         """Byte views of buf, each at most chunk_bytes long."""
@@ -360,7 +368,52 @@ class AllreduceSync:
 
 
 SYNCS = {"star": StarSync, "allreduce": AllreduceSync}
+STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is this much faster
+WIRE_ROUNDS = 24  # rounds of each wire pattern timed at start-up (--sync auto); the median counts
 
 
 def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync:
     return SYNCS[kind](comm)
+
+
+def time_wires(comm: Comm, payload_bytes: int, rounds: int = WIRE_ROUNDS) -> dict[str, float]:
+    """Collective. Seconds one block's sync takes under each strategy, timed on this link with a
+    decode token's payload (one Q80 row of dim): star = Bcast of the input + Gather of the partials,
+    allreduce = one Allgather of the partials. Rounds alternate between the two, so both see the
+    same state of the machine; the median of each is rank 0's figure, shared with every rank."""
+    send = np.zeros(payload_bytes, np.uint8)  # (payload,) one rank's Q80 row
+    recv = np.zeros((comm.size, payload_bytes), np.uint8)  # (n_ranks, payload)
+    gathered = list(recv) if comm.rank == 0 else None
+    star, allreduce = [], []
+    comm.barrier()
+    for _ in range(rounds):
+        t = time.perf_counter()
+        comm.bcast(send)
+        comm.gather_to_root(send, gathered)
+        star.append(time.perf_counter() - t)
+        comm.barrier()
+        t = time.perf_counter()
+        comm.allgather(send, recv)
+        allreduce.append(time.perf_counter() - t)
+        comm.barrier()
+    mine = {"star": float(np.median(star)), "allreduce": float(np.median(allreduce))}
+    return comm.bcast_obj(mine)
+
+
+def choose_sync(comm: Comm, requested: str, payload_bytes: int) -> tuple[str, str]:
+    """(strategy, why): what --sync asked for, or under 'auto' the wire that measured faster here.
+
+    Both strategies compute the same tokens; they differ in hops per block (star: a Bcast and a
+    Gather, two one-way trips; allreduce: one exchange) and in who adds the partials (rank 0 alone,
+    or every rank: a few microseconds at these sizes). So the link decides, and it is measured,
+    not guessed: on shared memory the two are close, on a network allreduce's single trip wins.
+    """
+    if requested != "auto":
+        return requested, "--sync " + requested
+    if comm.size == 1:
+        return "star", "auto: one rank, nothing crosses a wire"
+    t = time_wires(comm, payload_bytes)
+    # star only when clearly faster: within the noise, allreduce's single trip per block is the safer bet
+    kind = "star" if t["star"] < STAR_MARGIN * t["allreduce"] else "allreduce"
+    return kind, (f"auto: one block's sync measured {t['allreduce'] * 1e6:.0f} us with allreduce, "
+                  f"{t['star'] * 1e6:.0f} us with star")

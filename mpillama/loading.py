@@ -17,10 +17,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mpillama import __version__, faults, kernels, partition
-from mpillama.comm import Comm, hostname, library_version, make_sync
+from mpillama.comm import Comm, choose_sync, hostname, library_version, make_sync
 from mpillama.config import RunConfig
 from mpillama.engine import Engine
-from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, RankModel, load_weights
+from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, RankModel, load_weights, q80_row_bytes
 from mpillama.output import end_job, say
 from mpillama.rank_speed import measure_rank_speed
 from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
@@ -67,11 +67,11 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     slc = slices[comm.rank]
     max_seq_len = min(run.max_seq_len, cfg.seq_len)
     max_tokens = min(run.batch, max_seq_len)
-    sync_kind = run.sync
+    sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim))
     sync = make_sync(sync_kind, comm)
     if verbose:
         say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
-                  f"{comm.size} rank(s), sync {sync_kind}, buffers {run.buffer_float_type}, "
+                  f"{comm.size} rank(s), sync {sync_kind} ({sync_why}), buffers {run.buffer_float_type}, "
                   f"weights {run.weight_type} ({run.weight_source})")
     model, tokenizer, tokenizer_s, error = None, None, 0.0, None
     try:
@@ -85,7 +85,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
             with ThreadPoolExecutor(max_workers=1) as pool:
                 wants_tokenizer = comm.rank == 0 and need_tokenizer
                 pending = pool.submit(timed, src.tokenizer, tokenizer_path) if wants_tokenizer else None
-                tensors = load_weights(cfg, slc, src.for_rank(slc, slices), sync.owns_residual)
+                tensors = load_weights(cfg, slc, src.for_rank(slc, slices, sync_kind), sync.owns_residual)
                 model = RankModel(cfg, slices, comm.rank, tensors, max_seq_len, max_tokens, sync,
                                   run.buffer_float_type)
                 tokenizer, tokenizer_s = pending.result() if pending is not None else (None, 0.0)
@@ -107,7 +107,8 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     load_s = t_warm - t0
     meta = {
         "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
-        "sync": sync_kind, "buffer_float_type": run.buffer_float_type, "weight_type": run.weight_type,
+        "sync": sync_kind, "sync_reason": sync_why, "buffer_float_type": run.buffer_float_type,
+        "weight_type": run.weight_type,
         "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
         "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
         "load_s": load_s,

@@ -127,7 +127,9 @@ class ModelSource:
                  run: RunConfig) -> None:
         self.comm, self.mf, self.config, self.tensors, self.run = comm, mf, config, tensors, run
 
-    def for_rank(self, slc: Slice, slices: list[Slice]) -> Any:
+    def for_rank(self, slc: Slice, slices: list[Slice], sync_kind: str) -> Any:
+        """Where this rank's slices come from; under scatter rank 0 first sends every other rank its own
+        (with the norms and the embedding when sync_kind keeps the residual stream on every rank)."""
         wt = self.run.weight_type
         if self.run.weight_source == "mmap":
             assert self.mf is not None
@@ -137,7 +139,7 @@ class ModelSource:
         assert self.mf is not None
         try:  # a failure here would leave the workers waiting: end the whole job
             for other in slices[1:]:
-                owns_residual = self.run.sync == "allreduce"
+                owns_residual = sync_kind == "allreduce"
                 load_weights(self.config, other, SendingSource(self.mf, wt, self.comm, other.rank), owns_residual)
         except Exception as e:
             end_job(MpillamaError(f"sending weights failed: {e}"), self.comm.rank, self.comm.size)

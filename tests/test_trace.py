@@ -618,3 +618,9 @@ def test_idle_time_between_steps_is_not_waiting(tmp_path: Path) -> None:
     assert np.allclose(a.coll.wait[i], [0.0, 0.5]) and np.isclose(a.coll.skew[i], 0.5)  # the embed, not the 10 s
     assert np.allclose(a.times.sync[1], [0.1, 0.6]) and np.allclose(a.coverage["ratio"], 1.0)
     assert a.worst[0]["ms"] < 1000
+
+
+def test_hops_per_collective_follow_the_tree_depth() -> None:
+    from mpillama.trace.report import hops_per_collective
+
+    assert [hops_per_collective(n) for n in (1, 2, 3, 4, 5, 8)] == [0, 1, 2, 2, 3, 3]

@@ -31,6 +31,20 @@ def plain(value: Any) -> Any:
     return value
 
 
+def collectives_per_step(a: Analysis, phase: str) -> float:
+    """Collectives in a finished step of this phase (each is one wait for the slowest rank)."""
+    st = a.trace.steps
+    steps = st.step[st.phase == a.trace.phase_names.index(phase)]
+    if len(steps) == 0:
+        return 0.0
+    return float(np.isin(a.coll.step, steps).sum() / len(steps))
+
+
+def hops_per_collective(n_ranks: int) -> int:
+    """One-way trips one collective costs at most: 1 between two ranks, a tree's depth beyond."""
+    return 0 if n_ranks < 2 else max(1, math.ceil(math.log2(n_ranks)))
+
+
 def report_tables(a: Analysis) -> dict[str, Any]:
     """Everything `trace report` shows, as one JSON-ready dict."""
     t = a.trace
@@ -42,7 +56,8 @@ def report_tables(a: Analysis) -> dict[str, Any]:
         "file": t.path,
         "partial": t.partial,
         "partial_reason": t.partial_reason,
-        "run": {k: t.attrs.get(k, "") for k in ("command", "argv", "model", "sync", "buffer_float_type", "weight_type",
+        "run": {k: t.attrs.get(k, "") for k in ("command", "argv", "model", "sync", "sync_reason", "buffer_float_type",
+                                                "weight_type",
                                                 "nthreads", "profile", "created", "mpillama_version",
                                                 "mpi_library_version", "version")},
         "n_ranks": n,
@@ -50,6 +65,8 @@ def report_tables(a: Analysis) -> dict[str, Any]:
         "phases": {
             name: {
                 "steps": row["steps"], "tokens": row["tokens"], "seconds": row["seconds"], "tok_s": row["tok_s"],
+                "collectives_per_step": collectives_per_step(a, name),
+                "hops_per_step": collectives_per_step(a, name) * hops_per_collective(n),
                 "ranks": [
                     {"rank": r, "compute_ms": row["compute_ms_per_token"][r], "sync_ms": row["sync_ms_per_token"][r],
                      "wait_ms": row["wait_ms_per_token"][r], "transfer_ms": row["transfer_ms_per_token"][r]}
@@ -100,7 +117,8 @@ def format_report(tab: dict[str, Any]) -> str:
     lines = [f"trace {tab['file']}" + (f"   PARTIAL ({tab['partial_reason']})" if tab["partial"] else "")]
     run = tab["run"]
     lines.append(
-        f"{tab['n_ranks']} ranks  model {run['model'] or '-'}  sync {run['sync'] or '-'}  "
+        f"{tab['n_ranks']} ranks  model {run['model'] or '-'}  sync {run['sync'] or '-'}"
+        f"{' (' + run['sync_reason'] + ')' if run.get('sync_reason') else ''}  "
         f"buffers {run['buffer_float_type'] or '-'}  weights {run['weight_type'] or '-'}  "
         f"nthreads {run['nthreads'] or '-'}  profile {run['profile'] or '-'}"
     )
@@ -109,7 +127,8 @@ def format_report(tab: dict[str, Any]) -> str:
     lines.append("")
     for name, ph in tab["phases"].items():
         lines.append(f"{name}: {ph['tokens']} tokens in {ph['steps']} steps, "
-                     f"{_f(ph['seconds'], 3)} s = {_f(ph['tok_s'])} tok/s")
+                     f"{_f(ph['seconds'], 3)} s = {_f(ph['tok_s'])} tok/s; per step {ph['collectives_per_step']:.0f} "
+                     f"collectives, at most {ph['hops_per_step']:.0f} one-way hops")
         lines.append(f"  {'rank':>4} {'compute':>9} {'sync':>9} {'wait':>9} {'transfer':>9}   ms per token")
         for row in ph["ranks"]:
             lines.append(f"  {row['rank']:>4} {_f(row['compute_ms'], 3):>9} {_f(row['sync_ms'], 3):>9} "

@@ -43,7 +43,8 @@ ROOT_ATTRS = (
     "clock_origin", "mpillama_version", "mpi_library_version",
 )
 # Run metadata the engine is expected to pass (missing ones are written as "" so readers can rely on them).
-META_ATTRS = ("argv", "command", "model", "sync", "buffer_float_type", "weight_type", "nthreads", "profile")
+META_ATTRS = ("argv", "command", "model", "sync", "sync_reason", "buffer_float_type", "weight_type", "nthreads",
+              "profile")
 SUMMARY_PREFIX = "summary_"
 
 # name -> (dtype, default). The engine's rank_info dict may use exactly these keys.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpillama.comm import Comm, choose_sync
 from tests.mpi.common import CASES, expected, run_engine
 
 EXACT_TOLERANCE = 1e-4
@@ -63,3 +64,14 @@ def test_uneven_rank_weights() -> None:
 def test_scatter_weights_and_small_chunks() -> None:
     tokens, logits = run_engine(WORLD, "qwen3-tiny-q40", weight_source="scatter", chunk_bytes=4096, buffer_float_type="f32")
     check("qwen3-tiny-q40", tokens, logits, "f32")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_sync_is_measured_and_agreed() -> None:
+    """--sync auto times both wires on this link; every rank must take the same choice."""
+    comm = Comm(WORLD, timeout=120.0, chunk_bytes=1 << 20)
+    kind, why = choose_sync(comm, "auto", 2048 // 32 * 34)
+    kinds = WORLD.allgather(kind)
+    assert kind in ("star", "allreduce") and len(set(kinds)) == 1, kinds
+    assert why.startswith("auto: one block's sync measured") and " us with star" in why
+    assert choose_sync(comm, "star", 64) == ("star", "--sync star")
