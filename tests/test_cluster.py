@@ -74,7 +74,7 @@ def test_hosts_give_the_tokens_of_one_rank(cluster: Cluster, models: dict[str, P
     done = cluster.run_mpillama(n_hosts, *generate_args(models, buffers, "--sync", sync, "--trace", str(trace)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == one_rank[buffers]
-    assert f"{n_hosts} rank(s), sync {sync}, buffers {buffers}" in done.stderr
+    assert f"{n_hosts} rank(s), sync {sync} (--sync {sync}), buffers {buffers}" in done.stderr
     with h5py.File(trace) as f:  # each rank reports the host it ran on
         hosts = [h.decode() if isinstance(h, bytes) else str(h) for h in f["ranks"]["host"][:]]
     assert hosts == cluster.hosts[:n_hosts]
@@ -89,6 +89,24 @@ def test_weights_scatter_from_the_only_host_with_the_file(cluster: Cluster, mode
     done = cluster.run_mpillama(2, *generate_args(models, "q80", "--weights", "scatter"), hide=[model.parent])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == one_rank["q80"]
+
+
+def test_auto_sync_takes_one_trip_per_block_on_a_slow_link(cluster: Cluster, models: dict[str, Path],
+                                                            one_rank: dict[str, str], tmp_path: Path) -> None:
+    """At 0.5 ms one way, star's two trips per block cost twice allreduce's one: the measured choice
+    must see it, and the report must count 2 collectives per layer + 2 per decode token."""
+    cluster.set_links(delay_ms=0.5)
+    try:
+        trace = tmp_path / "auto.h5"
+        done = cluster.run_mpillama(2, *generate_args(models, "q80", "--trace", str(trace)))
+    finally:
+        cluster.set_links(delay_ms=0.0)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == one_rank["q80"]
+    assert "sync allreduce (auto: one block's sync measured" in done.stderr, done.stderr
+    decode = report(trace)["phases"]["decode"]
+    n_layers = 2  # the tiny test model
+    assert decode["collectives_per_step"] == 2 * n_layers + 2 and decode["hops_per_step"] == 2 * n_layers + 2
 
 
 def test_a_killed_rank_on_one_host_ends_the_job(cluster: Cluster, models: dict[str, Path]) -> None:
