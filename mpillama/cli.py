@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run bench once per point of a grid of settings; collect the results in HDF5")
     p.add_argument("--grid", help="GRID.toml: model, launcher and the settings to combine (see mpillama/sweep.py)")
     p.add_argument("--out", help="RESULTS.h5, rewritten after every point")
-    p.add_argument("--launcher", help="replaces the grid's [launcher] command and args, e.g. 'srun --cpu-bind=cores'")
+    p.add_argument("--launcher", help="replaces the grid's [launcher] command and args, e.g. 'srun --mpi=pmix --cpu-bind=cores'")
     ssub = p.add_subparsers(dest="sweep_command")
     t = ssub.add_parser("report", help="print the table of a results file again")
     t.add_argument("file")

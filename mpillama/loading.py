@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mpillama import __version__, faults, kernels, partition
+from mpillama.kernels.cache import cache_is_warm
 from mpillama.comm import Comm, choose_sync, hostname, library_version, make_sync
 from mpillama.config import RunConfig
 from mpillama.engine import Engine
@@ -147,10 +148,12 @@ def slow_load_notice(comm: Comm, seconds: float = 5.0) -> threading.Event:
     a minute), so the job does not look hung. Set the returned event when loading is done."""
     done = threading.Event()
 
+    why = ("the first run compiles numba's kernels, about a minute; later runs load them from its cache"
+           if not cache_is_warm() else "reading and packing the weights")
+
     def notice() -> None:
         if not done.wait(seconds):
-            say(comm.rank, "mpillama: still loading (the first run compiles numba's kernels, about a minute; "
-                      "later runs load them from its cache)...")
+            say(comm.rank, f"mpillama: still loading ({why})...")
 
     threading.Thread(target=notice, daemon=True).start()
     return done

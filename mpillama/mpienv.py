@@ -11,6 +11,8 @@ import os
 
 LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE")
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+# How many processes the launcher started (Slurm's per step first: SLURM_NTASKS is the allocation's)
+SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 FORCE_MPI = "MPILLAMA_MPI"  # "1": always start MPI (an unknown launcher); "0": never
 
 
@@ -21,6 +23,32 @@ def launched_rank() -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+def launched_size() -> int | None:
+    """How many processes the launcher says this job has, or None when it does not say."""
+    for key in SIZE_VARIABLES:
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def world_mismatch(mpi_size: int) -> str | None:
+    """Why this job is not one MPI job although a launcher started several processes, or None.
+
+    srun without an MPI plugin (Slurm's default MpiDefault=none) starts every task as an MPI job of
+    its own: each would be a rank 0 writing the same trace and the same output.
+    """
+    tasks = launched_size()
+    if mpi_size != 1 or tasks is None or tasks == 1:
+        return None
+    if "SLURM_STEP_NUM_TASKS" in os.environ or "SLURM_PROCID" in os.environ:
+        fix = ("srun started each task without MPI's process manager: run `srun --mpi=pmix ...` (or pmi2; "
+               "`srun --mpi=list` shows what this Slurm has), or set MpiDefault=pmix in slurm.conf")
+    else:
+        fix = "the launcher and the MPI library mpi4py was built against do not match: use that library's mpirun"
+    return f"the launcher started {tasks} processes but MPI sees a job of 1: {fix}"
 
 
 def needs_mpi() -> bool:

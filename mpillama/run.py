@@ -21,13 +21,17 @@ from mpillama.comm import Comm, world
 from mpillama.config import RunConfig
 from mpillama.engine import Engine, Generation, install_signal_handlers, save_npy_atomic
 from mpillama.loading import load_engine
+from mpillama.mpienv import world_mismatch
 from mpillama.output import describe_error, end_job, say
 from mpillama.errors import MpillamaError
 from mpillama.sampler import Sampler
 
 
 def start(run: RunConfig) -> Comm:
-    return Comm(world(), run.sync_timeout, run.chunk_bytes)
+    comm = Comm(world(), run.sync_timeout, run.chunk_bytes)
+    if problem := world_mismatch(comm.size):
+        raise MpillamaError(problem)
+    return comm
 
 
 def drive(comm: Comm, engine: Engine, body: Callable[[Engine], dict[str, Any]]) -> int:

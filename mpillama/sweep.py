@@ -1,7 +1,7 @@
 """`python -m mpillama sweep`: run `bench` once per point of a grid of settings, collect one HDF5 file.
 
     python -m mpillama sweep --grid GRID.toml --out RESULTS.h5   # run every point, print the table
-        [--launcher "srun --cpu-bind=cores"]                     # replaces [launcher] command and args
+        [--launcher "srun --mpi=pmix --cpu-bind=cores"]                     # replaces [launcher] command and args
     python -m mpillama sweep report RESULTS.h5 [--json]          # print the table of a results file again
 
 GRID.toml:
@@ -166,7 +166,7 @@ def _launcher(table: Any, where: str, override: list[str] | None) -> tuple[Launc
             raise MpillamaError(f"{where} {name} = {value!r}: give a list of strings, e.g. [\"--hostfile\", \"rocks\"]")
     if not isinstance(table.get("oversubscribe", False), bool):
         raise MpillamaError(f"{where} oversubscribe = {table['oversubscribe']!r}: give true or false")
-    if override:  # --launcher "srun --cpu-bind=cores": the same grid on another cluster
+    if override:  # --launcher "srun --mpi=pmix --cpu-bind=cores": the same grid on another cluster
         command, args = override[0], override[1:]
     launcher = Launcher(find_launcher(command), tuple(args), table.get("oversubscribe", False))
     return launcher, tuple(python)

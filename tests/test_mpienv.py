@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mpillama import mpienv
@@ -40,3 +44,39 @@ def test_mpi_starts_only_under_a_launcher(env: dict[str, str], rank: int | None,
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert (mpienv.launched_rank(), mpienv.needs_mpi()) == (rank, mpi)
+
+
+def test_threads_spin_only_when_the_host_has_room() -> None:
+    from mpillama.kernels.threads import spin_pays
+
+    assert spin_pays(2, 1, 2, 0.1)  # an idle 2-core host, one rank of 2 threads
+    assert not spin_pays(2, 1, 2, 1.5)  # another program keeps a core busy: sleep
+    assert not spin_pays(2, 2, 2, 0.0)  # two ranks' threads oversubscribe the host
+    assert not spin_pays(1, 1, 8, 0.0)  # one thread never waits for another
+
+
+def test_srun_without_an_mpi_plugin_is_named(monkeypatch) -> None:
+    from mpillama.mpienv import world_mismatch
+
+    for key in list(os.environ):
+        if key.startswith(("OMPI_", "PMI_", "PMIX_", "MV2_", "SLURM_")):
+            monkeypatch.delenv(key)
+    assert world_mismatch(1) is None  # no launcher at all
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    problem = world_mismatch(1)
+    assert problem and "2 processes" in problem and "--mpi=pmix" in problem
+    assert world_mismatch(2) is None  # srun --mpi=pmix: MPI sees the 2 tasks
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert world_mismatch(1) is None
+
+
+def test_each_task_its_own_job_stops_with_one_line(models) -> None:
+    """srun without --mpi=pmix: the task is told it is 1 of 2, MPI gives it a job of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "MV2_", "SLURM_"))}
+    env.update(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2")
+    done = subprocess.run([sys.executable, "-m", "mpillama", "generate", "--model", str(models["tiny-q40"]),
+                           "--prompt", "hi", "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--mpi=pmix" in lines[0], done.stderr

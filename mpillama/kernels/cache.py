@@ -65,3 +65,16 @@ class PackageLocator(_CacheLocator):
 
 if PackageLocator not in _LOCATORS:
     _LOCATORS.insert(0, PackageLocator)
+
+
+def cache_is_warm() -> bool:
+    """A guess, for the start-up notice only (numba itself decides what to load): True when numba's
+    cache of this package holds index files newer than every source file of the package."""
+    from mpillama.kernels.bits import _f16_value  # any kernel of the package: they share one folder
+
+    locator = PackageLocator.from_function(_f16_value.py_func, _f16_value.py_func.__code__.co_filename)
+    if locator is None:
+        return False
+    folder = Path(locator.get_cache_path())
+    newest_source = max(f.stat().st_mtime for f in PACKAGE_DIR.glob("*.py"))
+    return sum(1 for f in folder.glob("*.nbi") if f.stat().st_mtime >= newest_source) >= 10

@@ -24,6 +24,14 @@ def _omp_available() -> bool:
     return True
 
 
+def spin_pays(nthreads: int, ranks_here: int, cpus: int, load: float) -> bool:
+    """Whether this rank's threads may busy-wait between parallel regions: only with several threads,
+    and only when this host's ranks' threads and the load already running (the 1-minute load
+    average: at start-up it is other programs', ours have not run yet) fit its cores. A spinning
+    thread that shares its core with other work made a 2-thread bench 100x slower than sleeping."""
+    return nthreads > 1 and nthreads * ranks_here + round(load) <= cpus  # load in whole busy cores
+
+
 def configure(nthreads: int) -> None:
     """Pick the omp threading layer when available (before any parallel launch) and set numba's threads.
 
@@ -34,8 +42,8 @@ def configure(nthreads: int) -> None:
     regions, and threads that sleep in between take so long to wake that 2 threads decoded
     only ~1.15x faster than 1 (~1.6x spinning). The price: the threads spin on their cores
     between regions, also while the program waits for input; set OMP_WAIT_POLICY=PASSIVE to
-    trade speed for that. Ranks that share a host with more threads than cores always sleep:
-    spinning there would take the cores the other ranks compute on.
+    trade speed for that. Ranks that share a host with more threads than cores, or a host already
+    busy with other work, always sleep: spinning there would take the cores others compute on.
     """
     limit = numba.config.NUMBA_NUM_THREADS
     if nthreads < 1 or nthreads > limit:
@@ -49,7 +57,7 @@ def configure(nthreads: int) -> None:
     except ValueError:
         started = False
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not started and 1 < nthreads and nthreads * ranks_on_this_host() <= cpus:
+    if not started and spin_pays(nthreads, ranks_on_this_host(), cpus, os.getloadavg()[0]):
         os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # libgomp reads it once, as it loads (below)
     if not started and _omp_available():
         numba.config.THREADING_LAYER = "omp"

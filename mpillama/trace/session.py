@@ -46,7 +46,7 @@ from mpillama.trace.recorder import PHASES, SEG_OTHER, SEGMENTS, NullRecorder, R
 DEFAULT_CAPACITY = 1 << 16  # records per rank between flushes (~2.8 MB of columns)
 HEADROOM = 0.5  # flush when the fullest rank is expected to be half full: steps vary in length
 CHECKPOINT_S = 5.0  # flush, and rewrite the file marked partial, about this often (s)
-CHECKPOINT_BUDGET = 0.01  # at most this fraction of rank 0's time goes into checkpoints
+CHECKPOINT_BUDGET = 0.02  # at most this fraction of rank 0's time goes into checkpoints
 
 
 @dataclass
