@@ -516,6 +516,7 @@ class Handler(BaseHTTPRequestHandler):
     server: ApiServer
     server_version = "mpillama"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line back
 
     def __init__(self, request: Any, client_address: Any, server: ApiServer, accepted: float) -> None:
         self.idle_since = accepted  # a new client has read_timeout from its connection to send a request
@@ -580,7 +581,7 @@ class Handler(BaseHTTPRequestHandler):
                                     "/v1/chat/completions", "not_found")
             allowed, serve = route
             if method != allowed:
-                raise ApiError(405, f"{method[:20]} is not allowed on {path}: use {allowed}", "method_not_allowed")
+                raise ApiError(405, f"{method[:20]} is not allowed on {path[:200]}: use {allowed}", "method_not_allowed")
             detail = serve(self)
         except ApiError as e:
             self.refuse(e, allow=route[0] if e.status == 405 and route else None)
