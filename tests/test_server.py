@@ -462,6 +462,25 @@ def test_a_streaming_client_that_leaves_cancels_its_generation(server: Server, e
     assert ok_json(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": STEPS})["choices"][0]["text"] == expected
 
 
+@pytest.mark.parametrize("flags, env, words", [
+    (["--max-clients", "0"], {}, "--max-clients 0"),
+    (["--read-timeout", "nan"], {}, "--read-timeout nan"),
+    (["--port", "70000"], {}, "--port 70000"),
+    (["--api-key", ""], {}, "--api-key: the API key must be printable ASCII"),
+    (["--api-key", "two words"], {}, "--api-key: the API key must be printable ASCII"),
+    ([], {"MPILLAMA_API_KEY": "caf\u00e9"}, "MPILLAMA_API_KEY: the API key must be printable ASCII"),
+], ids=["clients", "timeout", "port", "empty-key", "spaced-key", "env-key"])
+def test_bad_serve_settings_are_one_line_before_loading(models: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                        env: dict[str, str], words: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--model", str(models["tiny-q40"]), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mpillama: error: ") and words in err[0], err
+    assert "two words" not in err[0] and "caf" not in err[0]  # a key is never echoed
+
+
 def test_a_busy_port_is_a_one_line_error(models: dict[str, Path]) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
