@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one, shown on stderr)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(default: $MPILLAMA_API_KEY, which keeps the key out of the process list; unset: no key)")
+    p.add_argument("--max-clients", type=int, default=16,
+                   help="connections served at once, a thread each (default 16); 4 times as many more wait, "
+                   "beyond that 503 with Retry-After")
+    p.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request; an idle keep-alive connection closes after it (default 10)")
     p.set_defaults(func=lambda a: _run_commands().serve(a, run_config(a)))
 
     p = sub.add_parser("bench", help="prompt-eval and generation tok/s", parents=[run])

@@ -129,15 +129,15 @@ def chat(args: argparse.Namespace, run: RunConfig) -> int:
 
 # -- serve ------------------------------------------------------------------------------------
 def serve(args: argparse.Namespace, run: RunConfig) -> int:
-    from mpillama.server import check_address, ignore_stop_signals, serve_requests
+    from mpillama.server import http_options, ignore_stop_signals, serve_requests
 
-    check_address(args.host, args.port)
+    options = http_options(args)  # checked before loading, like every flag
     comm = start(run)
     engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
     if comm.rank != 0:
         ignore_stop_signals()  # mpirun passes SIGTERM to every rank: rank 0 stops the workers itself
     name = Path(args.model).name
-    return drive(comm, engine, lambda engine: serve_requests(engine, run, name, args.host, args.port))
+    return drive(comm, engine, lambda engine: serve_requests(engine, run, name, options))
 
 
 # -- bench ------------------------------------------------------------------------------------
