@@ -28,6 +28,7 @@ from mpillama.mpienv import needs_mpi
 TAG_GATHER = 11  # gather_to_root (block partials, logits, trace records)
 TAG_WEIGHTS = 21  # --weights scatter: rank 0 sends each rank its slices
 TAG_PING = 31  # clock ping-pong of the trace
+TAG_ALLGATHER = 41  # allgather (allreduce sync's Q80 partials)
 SPIN_TESTS = 2000  # polls before a waiting rank starts yielding its core (oversubscribed runs)
 
 
@@ -213,12 +214,24 @@ class Comm:
         self.wait(reqs, [-1] * len(reqs))
 
     def allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
-        """recv[r] = send of rank r, for every rank."""
+        """recv[r] = send of rank r, for every rank (recv[r] contiguous).
+
+        Point to point, every rank to every other at once: one trip on the wire whatever the rank
+        count (a tree allgather takes log2(n)), and a rank that never sends is named by the others.
+        """
+        recv[self.rank] = send
         if self.size == 1:
-            recv[0] = send
             return
-        req = self.mpi.Iallgather(send, recv)
-        self.wait([req], [-1])
+        reqs, peers = [], []
+        for r in range(self.size):
+            if r != self.rank:
+                reqs += [self.mpi.Irecv(part, source=r, tag=TAG_ALLGATHER) for part in self.chunks(recv[r])]
+                peers += [r] * (len(reqs) - len(peers))
+        for r in range(self.size):
+            if r != self.rank:
+                reqs += [self.mpi.Isend(part, dest=r, tag=TAG_ALLGATHER) for part in self.chunks(send)]
+                peers += [r] * (len(reqs) - len(peers))
+        self.wait(reqs, peers)
 
     # -- start-up (pickle is fine here) ---------------------------------------------------
     def agree(self, error: BaseException | None) -> None:

@@ -29,6 +29,9 @@ from mpillama.trace.session import TraceSession
 from mpillama.weight_source import open_weight_source
 
 
+WARM_UP_TIMEOUT = 900.0  # s the warm-up's collectives may wait for a rank still compiling
+
+
 def load_engine(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
                 trace_path: str | None = None, argv: list[str] | None = None, verbose: bool = True,
                 need_tokenizer: bool = True) -> Engine:
@@ -136,13 +139,24 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - t
 def warm_up(comm: Comm, model: RankModel) -> None:
     """Run one 2-token and one 1-token pass on every rank (in lockstep, during loading) so that
-    numba compiles, or loads from its cache, every kernel before the first real token."""
+    numba compiles, or loads from its cache, every kernel before the first real token.
+
+    Compiling takes a minute, more on a small board, and ranks finish it at different times: the
+    warm-up's collectives wait up to WARM_UP_TIMEOUT, not --sync-timeout (a rank that dies still
+    ends the job at once)."""
     tl = Timeline(NullRecorder())
     tokens = np.zeros(2, dtype=np.int64)
     T = min(2, model.max_tokens)
-    model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
-    model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
-    comm.barrier()
+    sync_timeout, comm.timeout = comm.timeout, max(comm.timeout, WARM_UP_TIMEOUT)
+    try:
+        model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
+        model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
+        comm.barrier()
+    finally:
+        comm.timeout = sync_timeout
+
+
+
 def slow_load_notice(comm: Comm, seconds: float = 5.0) -> threading.Event:
     """Say once on stderr if loading takes a while (a first run compiles the numba kernels for about
     a minute), so the job does not look hung. Set the returned event when loading is done."""
