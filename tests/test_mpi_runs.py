@@ -92,10 +92,10 @@ def test_two_ranks_print_once(models: dict[str, Path]) -> None:
 
 def test_auto_rank_weights_give_a_throttled_rank_less(models: dict[str, Path]) -> None:
     done = run_mpillama(2, "generate", "--model", str(models["tiny-q40"]), "--prompt", "Hello", "--steps", "2",
-                        "--rank-weights", "auto", timeout=300, MPILLAMA_TEST_THROTTLE="1:4")
+                        "--rank-weights", "auto", timeout=300, MPILLAMA_TEST_THROTTLE="1:10")
     assert done.returncode == 0, done.stderr
     speeds = re.search(r"measured rank speeds \(G weights/s\): ([\d.]+), ([\d.]+)", done.stderr)
     assert speeds, done.stderr
-    assert float(speeds.group(2)) < 0.5 * float(speeds.group(1))
+    assert float(speeds.group(2)) < 0.5 * float(speeds.group(1)), done.stderr  # 10x slower: beyond a busy host's noise
     shares = [float(s) for s in re.findall(r"share ([\d.]+)", done.stderr)]
     assert len(shares) == 2 and shares[1] < shares[0], done.stderr
