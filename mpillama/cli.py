@@ -44,6 +44,9 @@ def run_flags() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len}, at most the model's)")
     p.add_argument("--batch", type=int, help=f"prompt tokens per prefill pass (default {d.batch})")
     p.add_argument("--chunk-bytes", type=int, help=f"largest single MPI transfer (default {d.chunk_bytes})")
+    p.add_argument("--prefill-chunks", type=int,
+                   help="allreduce: send a prefill block's output in N pieces, each while the next computes "
+                        "(default 0: measured at start-up)")
     p.add_argument("--sync-timeout", type=float,
                    help=f"seconds before a stuck collective ends the job (default {d.sync_timeout:g})")
     p.add_argument("--temperature", type=float, help=f"0 is greedy (default {d.temperature:g})")

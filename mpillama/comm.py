@@ -219,10 +219,15 @@ class Comm:
         Point to point, every rank to every other at once: one trip on the wire whatever the rank
         count (a tree allgather takes log2(n)), and a rank that never sends is named by the others.
         """
+        self.finish(self.start_allgather(send, recv))
+
+    def start_allgather(self, send: np.ndarray, recv: np.ndarray) -> tuple[list[Any], list[int]]:
+        """allgather's messages posted, not waited for: finish() them (compute may run meanwhile)."""
         recv[self.rank] = send
+        reqs: list[Any] = []
+        peers: list[int] = []
         if self.size == 1:
-            return
-        reqs, peers = [], []
+            return reqs, peers
         for r in range(self.size):
             if r != self.rank:
                 reqs += [self.mpi.Irecv(part, source=r, tag=TAG_ALLGATHER) for part in self.chunks(recv[r])]
@@ -231,7 +236,13 @@ class Comm:
             if r != self.rank:
                 reqs += [self.mpi.Isend(part, dest=r, tag=TAG_ALLGATHER) for part in self.chunks(send)]
                 peers += [r] * (len(reqs) - len(peers))
-        self.wait(reqs, peers)
+        return reqs, peers
+
+    def finish(self, pending: tuple[list[Any], list[int]]) -> None:
+        """Wait for messages start_allgather posted (with the timeout, naming missing peers)."""
+        reqs, peers = pending
+        if reqs:
+            self.wait(reqs, peers)
 
     # -- start-up (pickle is fine here) ---------------------------------------------------
     def agree(self, error: BaseException | None) -> None:
@@ -371,6 +382,13 @@ class AllreduceSync:
         """recv[r] = rank r's send, on every rank (Q80 partials: each rank sums them in rank order)."""
         self.comm.allgather(send, recv)
 
+    def start_exchange(self, send: np.ndarray, recv: np.ndarray) -> tuple[list[Any], list[int]]:
+        """exchange, posted only: finish() it (the next chunk of a prefill block computes meanwhile)."""
+        return self.comm.start_allgather(send, recv)
+
+    def finish(self, pending: tuple[list[Any], list[int]]) -> None:
+        self.comm.finish(pending)
+
     def sum(self, buf: np.ndarray) -> None:
         """buf = the sum over ranks of buf, in place (f32 partials)."""
         self.comm.allreduce_sum(buf)
@@ -382,7 +400,10 @@ class AllreduceSync:
 
 SYNCS = {"star": StarSync, "allreduce": AllreduceSync}
 STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is this much faster
-WIRE_ROUNDS = 24  # rounds of each wire pattern timed at start-up (--sync auto); the median counts
+WIRE_ROUNDS = 24
+OVERLAP_ROUNDS = 6  # rounds timing a full prefill block's exchange
+OVERLAP_MIN_S = 5e-4  # overlap prefill chunks only when a block's exchange takes longer than this
+OVERLAP_CHUNKS = 2  # rounds of each wire pattern timed at start-up (--sync auto); the median counts
 
 
 def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync:
@@ -411,6 +432,29 @@ def time_wires(comm: Comm, payload_bytes: int, rounds: int = WIRE_ROUNDS) -> dic
         comm.barrier()
     mine = {"star": float(np.median(star)), "allreduce": float(np.median(allreduce))}
     return comm.bcast_obj(mine)
+
+
+def choose_overlap(comm: Comm, sync_kind: str, block_bytes: int, requested: int = 0) -> tuple[int, str]:
+    """(chunks, why): in how many token chunks a prefill block's output goes on the wire, each while
+    the next chunk computes (allreduce, Q80). Chunks re-read the output matrix once each, so they
+    pay only where the wire is slow: when one full prefill block output (block_bytes per rank)
+    takes more than OVERLAP_MIN_S to exchange, measured here."""
+    if sync_kind != "allreduce" or comm.size == 1:
+        return 1, "no overlap: " + ("one rank" if comm.size == 1 else "star sync")
+    if requested:
+        return requested, f"--prefill-chunks {requested}"
+    send = np.zeros(block_bytes, np.uint8)  # (payload,) one rank's prefill block output
+    recv = np.zeros((comm.size, block_bytes), np.uint8)  # (n_ranks, payload)
+    times = []
+    comm.barrier()
+    for _ in range(OVERLAP_ROUNDS):
+        t = time.perf_counter()
+        comm.allgather(send, recv)
+        times.append(time.perf_counter() - t)
+        comm.barrier()
+    t_wire = comm.bcast_obj(float(np.median(times)))
+    chunks = OVERLAP_CHUNKS if t_wire > OVERLAP_MIN_S else 1
+    return chunks, f"a prefill block output takes {t_wire * 1e3:.2f} ms on the wire: {chunks} chunk(s)"
 
 
 def choose_sync(comm: Comm, requested: str, payload_bytes: int) -> tuple[str, str]:

@@ -102,6 +102,7 @@ class RunConfig:
     max_seq_len: int = 4096  # clamped to the model's seq_len
     batch: int = 64  # prompt tokens per prefill forward pass
     chunk_bytes: int = 256 * 1024  # largest single MPI transfer; bigger ones go in pieces
+    prefill_chunks: int = 0  # allreduce: a prefill block's output on the wire in this many pieces; 0 measures
     sync_timeout: float = 120.0  # seconds a collective may take before the job is ended
     rank_weights: tuple[float, ...] | str | None = None  # None: even; "auto": measured; or one per rank
     temperature: float = 0.0
@@ -122,6 +123,8 @@ class RunConfig:
                 flag = FLAGS.get(name, name.replace("_", "-"))
                 raise MpillamaError(f"--{flag} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         positive = ("nthreads", "max_seq_len", "batch", "chunk_bytes")
+        if self.prefill_chunks < 0:
+            raise MpillamaError(f"--prefill-chunks must be 0 (measure) or a count, not {self.prefill_chunks}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MpillamaError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from mpillama import __version__, faults, kernels, partition
 from mpillama.kernels.cache import cache_is_warm
-from mpillama.comm import Comm, choose_sync, hostname, library_version, make_sync
+from mpillama.comm import Comm, choose_overlap, choose_sync, hostname, library_version, make_sync
 from mpillama.config import RunConfig
 from mpillama.engine import Engine
 from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, RankModel, load_weights, q80_row_bytes
@@ -73,10 +73,11 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     max_tokens = min(run.batch, max_seq_len)
     sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim))
     sync = make_sync(sync_kind, comm)
+    overlap, overlap_why = choose_overlap(comm, sync_kind, max_tokens * q80_row_bytes(cfg.dim), run.prefill_chunks)
     if verbose:
         say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
                   f"{comm.size} rank(s), sync {sync_kind} ({sync_why}), buffers {run.buffer_float_type}, "
-                  f"weights {run.weight_type} ({run.weight_source})")
+                  f"weights {run.weight_type} ({run.weight_source}); prefill: {overlap_why}")
     model, tokenizer, tokenizer_s, error = None, None, 0.0, None
     try:
         faults.fail_load(comm.rank)
@@ -91,7 +92,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
                 pending = pool.submit(timed, src.tokenizer, tokenizer_path) if wants_tokenizer else None
                 tensors = load_weights(cfg, slc, src.for_rank(slc, slices, sync_kind), sync.owns_residual)
                 model = RankModel(cfg, slices, comm.rank, tensors, max_seq_len, max_tokens, sync,
-                                  run.buffer_float_type)
+                                  run.buffer_float_type, overlap)
                 tokenizer, tokenizer_s = pending.result() if pending is not None else (None, 0.0)
         finally:
             sys.setswitchinterval(interval)
@@ -111,7 +112,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     load_s = t_warm - t0
     meta = {
         "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
-        "sync": sync_kind, "sync_reason": sync_why, "buffer_float_type": run.buffer_float_type,
+        "sync": sync_kind, "sync_reason": f"{sync_why}; prefill {overlap_why}", "buffer_float_type": run.buffer_float_type,
         "weight_type": run.weight_type,
         "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
         "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,

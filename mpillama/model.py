@@ -42,6 +42,18 @@ LOGITS_ARGMAX = 1  # the greedy token: each rank sends only its best (value, ind
 LOGITS_FULL = 2  # the whole row on rank 0 (sampling, --dump-logits)
 
 
+OVERLAP_MIN_TOKENS = 8  # a prefill chunk smaller than this would read its matrix for too little work
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A block's output projection still to run: partial (T, dim) = inp (T, cols) @ w.T."""
+
+    w: Matrix
+    inp: np.ndarray  # (T, cols) f32 rows this rank computed (attention's z, the FFN's h)
+    acts: Any  # Q80 scratch for inp
+
+
 @dataclass(frozen=True)
 class Segments:
     """The trace segments of one kind of block: its compute and its collective."""
@@ -141,14 +153,16 @@ class RankModel:
     """Scratch buffers and KV cache sized once from the slice; forward() allocates nothing.
 
     slices: every rank's slice (where each rank's logits rows land on rank 0); rank, n_ranks:
-    this rank's place; buffer_type: what the sync payloads carry (q80 or f32).
+    this rank's place; buffer_type: what the sync payloads carry (q80 or f32); overlap_chunks: see
+    _overlapped_output (comm.choose_overlap measures whether it pays).
     """
 
     def __init__(self, cfg: ModelConfig, slices: list[Slice], rank: int, weights: RankWeights, max_seq_len: int,
-                 max_tokens: int, sync: Any, buffer_type: str) -> None:
+                 max_tokens: int, sync: Any, buffer_type: str, overlap_chunks: int = 1) -> None:
         slc = slices[rank]
         self.cfg, self.slc, self.w, self.sync = cfg, slc, weights, sync
         self.rank, self.n_ranks = rank, len(slices)
+        self.overlap_chunks = overlap_chunks  # prefill block outputs go on the wire in this many chunks
         self.max_seq_len, self.max_tokens = max_seq_len, max_tokens
         hd, dim = cfg.head_dim, cfg.dim
         nq, nkv, nf = slc.n_heads, slc.n_kv_heads, slc.n_ffn_rows
@@ -206,8 +220,9 @@ class RankModel:
         tl.mark(SEG_EMBED)
 
     # -- blocks -----------------------------------------------------------------------
-    def attention(self, layer: int, y: np.ndarray, acts: Any, pos0: int, T: int) -> np.ndarray:
-        """This rank's partial of Wo @ attention(y) for its query heads; appends its K/V rows."""
+    def attention(self, layer: int, y: np.ndarray, acts: Any, pos0: int, T: int) -> Projection:
+        """attention(y) for this rank's query heads, appending its K/V rows; returns the output
+        projection still to run (its partial of Wo @ z: block_output runs it, maybe in chunks)."""
         lw, cfg = self.w.layers[layer], self.cfg
         hd, qd, kvd = cfg.head_dim, self.q_dim, self.kv_dim
         qkv = self.qkv[:T]
@@ -232,19 +247,15 @@ class RankModel:
             for (kv, a, b), scratch in zip(self.groups, self.group_scratch):
                 kernels.attention(z[:, a:b], q[:, a:b], k_cache[:, kv : kv + 1], v_cache[:, kv : kv + 1], pos0, T,
                                   scratch)
-        partial = self.partial[:T]
-        quantize_and_matmul(partial, lw.wo, z.reshape(T, qd), self.z_acts, T)
-        return partial
+        return Projection(lw.wo, z.reshape(T, qd), self.z_acts)
 
-    def ffn(self, layer: int, y: np.ndarray, acts: Any, T: int) -> np.ndarray:
-        """This rank's partial of W2 @ (silu(W1 y) * W3 y) over its hidden rows."""
+    def ffn(self, layer: int, y: np.ndarray, acts: Any, T: int) -> Projection:
+        """silu(W1 y) * W3 y over this rank's hidden rows; returns the projection by W2 still to run."""
         lw = self.w.layers[layer]
         h13, h = self.h13[:T], self.h[:T]
         matmul(h13, lw.w13, y, acts, T)
         kernels.swiglu(h, h13)
-        partial = self.partial[:T]
-        quantize_and_matmul(partial, lw.w2, h, self.h_acts, T)
-        return partial
+        return Projection(lw.w2, h, self.h_acts)
 
     # -- between blocks: the residual stream and the wire ---------------------------------------
     def block_input(self, x: np.ndarray | None, norm: np.ndarray | None, T: int, tl: Timeline, layer: int,
@@ -279,9 +290,15 @@ class RankModel:
             kernels.quantize_activations(acts, y)
         return y, acts
 
-    def block_output(self, partial: np.ndarray, x: np.ndarray | None, T: int, tl: Timeline, layer: int,
+    def block_output(self, proj: Projection, x: np.ndarray | None, T: int, tl: Timeline, layer: int,
                      seg: Segments) -> None:
-        """x += the sum of every rank's partial, where x lives (rank 0 under star, every rank under allreduce)."""
+        """partial = this rank's output projection; x += the sum of every rank's partial, where x lives
+        (rank 0 under star, every rank under allreduce)."""
+        partial = self.partial[:T]
+        if self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS and self.sync.name == "allreduce" and self.q80_wire:
+            self._overlapped_output(proj, partial, x, T, tl, layer, seg)
+            return
+        quantize_and_matmul(partial, proj.w, proj.inp, proj.acts, T)
         if self.n_ranks == 1:
             x += partial
             tl.mark(seg.compute, layer)
@@ -318,6 +335,27 @@ class RankModel:
             x += total
         tl.mark(seg.compute, layer)
 
+    def _overlapped_output(self, proj: Projection, partial: np.ndarray, x: np.ndarray, T: int, tl: Timeline,
+                           layer: int, seg: Segments) -> None:
+        """block_output for a prefill batch under allreduce: the projection runs in token chunks, and
+        each chunk's Q80 rows go on the wire while the next chunk computes. The sum is the same
+        rank-ordered sum of the same bytes as unchunked: the same x, bit for bit."""
+        send, n = self.out_payload[:T], self.n_ranks
+        recv = self.recv.reshape(-1)[: n * send.size].reshape(n, *send.shape)
+        pending = []
+        bounds = np.linspace(0, T, self.overlap_chunks + 1).astype(int)
+        for c0, c1 in zip(bounds[:-1], bounds[1:]):
+            quantize_and_matmul(partial[c0:c1], proj.w, proj.inp[c0:c1], proj.acts, c1 - c0)
+            kernels.quantize_q80_into(send[c0:c1], partial[c0:c1])
+            pending.append(self.sync.start_exchange(send[c0:c1], recv[:, c0:c1]))
+        tl.mark(seg.compute, layer)
+        for p in pending:
+            self.sync.finish(p)
+        tl.mark(seg.sync, layer, send.nbytes * n)
+        for r in range(n):
+            kernels.dequantize_q80_add(x, recv[r])
+        tl.mark(seg.compute, layer)
+
     def _encode(self, payload: np.ndarray, rows: np.ndarray) -> None:
         if self.q80_wire:
             kernels.quantize_q80_into(payload, rows)
@@ -340,11 +378,9 @@ class RankModel:
             self.embed(tokens, tl)
         for layer, lw in enumerate(self.w.layers):
             y, acts = self.block_input(x, lw.attn_norm, T, tl, layer, ATT)
-            partial = self.attention(layer, y, acts, pos0, T)
-            self.block_output(partial, x, T, tl, layer, ATT)
+            self.block_output(self.attention(layer, y, acts, pos0, T), x, T, tl, layer, ATT)
             y, acts = self.block_input(x, lw.ffn_norm, T, tl, layer, FFN)
-            partial = self.ffn(layer, y, acts, T)
-            self.block_output(partial, x, T, tl, layer, FFN)
+            self.block_output(self.ffn(layer, y, acts, T), x, T, tl, layer, FFN)
         if mode == LOGITS_NONE:
             return None
         last = x[T - 1 : T] if x is not None else None  # only the last token's row needs the head

@@ -29,7 +29,8 @@ def models_dir() -> Path:
     return Path(folder)
 
 
-def run_engine(mpi_comm: Any, case: str, dump: bool = True, **fields: Any) -> tuple[list[int] | None, np.ndarray | None]:
+def run_engine(mpi_comm: Any, case: str, dump: bool = True, prompt: list[int] | None = None,
+               **fields: Any) -> tuple[list[int] | None, np.ndarray | None]:
     """Greedy tokens and logits rows on rank 0 (None elsewhere)."""
     stem, weight_type = CASES[case]
     comm = Comm(mpi_comm, timeout=120.0, chunk_bytes=fields.pop("chunk_bytes", 256 * 1024))
@@ -41,7 +42,7 @@ def run_engine(mpi_comm: Any, case: str, dump: bool = True, **fields: Any) -> tu
         return None, None
     logits = np.zeros((STEPS, engine.cfg.vocab_size), dtype=np.float32) if dump else None
     try:
-        gen = engine.generate(PROMPT_IDS, STEPS, Sampler(), dump_logits=logits, stop_on_eos=False)
+        gen = engine.generate(prompt or PROMPT_IDS, STEPS, Sampler(), dump_logits=logits, stop_on_eos=False)
     except BaseException:
         # the workers are waiting for rank 0's next command: end the job rather than hang the suite
         traceback.print_exc()

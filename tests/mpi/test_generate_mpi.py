@@ -16,7 +16,7 @@ import pytest
 from mpi4py import MPI
 
 from mpillama.comm import Comm, choose_sync
-from tests.mpi.common import CASES, expected, run_engine
+from tests.mpi.common import CASES, PROMPT_IDS, expected, run_engine
 
 EXACT_TOLERANCE = 1e-4
 Q8_TOLERANCE = 0.03
@@ -75,3 +75,14 @@ def test_auto_sync_is_measured_and_agreed() -> None:
     assert kind in ("star", "allreduce") and len(set(kinds)) == 1, kinds
     assert why.startswith("auto: one block's sync measured") and " us with star" in why
     assert choose_sync(comm, "star", 64) == ("star", "--sync star")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_prefill_overlap_gives_the_same_bits() -> None:
+    """A prefill block's output sent in chunks while the next computes is the same sum of the same bytes."""
+    prompt = PROMPT_IDS * 3  # 27 tokens: chunks of at least OVERLAP_MIN_TOKENS
+    plain_tokens, plain_logits = run_engine(WORLD, "tiny-q40", prompt=prompt, sync="allreduce", prefill_chunks=1)
+    tokens, logits = run_engine(WORLD, "tiny-q40", prompt=prompt, sync="allreduce", prefill_chunks=3)
+    if WORLD.Get_rank() == 0:
+        assert tokens == plain_tokens
+        assert np.array_equal(logits, plain_logits)
