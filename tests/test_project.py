@@ -204,15 +204,17 @@ def test_a_trace_projected_onto_its_own_configuration_is_itself(tmp_path: Path, 
         assert projected["straggler"]["rank"] == measured["straggler"]["rank"]
 
 
-@pytest.mark.parametrize("n, sync, weights", [(4, "star", None), (3, "allreduce", None), (2, "star", (1.0, 3.0)),
-                                              (1, "star", None)])
-def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig], n: int, sync: str,
+@pytest.mark.parametrize("measured, n, sync, weights", [
+    ("star", 4, "star", None), ("star", 3, "allreduce", None), ("star", 2, "star", (1.0, 3.0)), ("star", 1, "star", None),
+    ("allreduce", 2, "allreduce", (1.0, 3.0)), ("allreduce", 4, "allreduce", None), ("allreduce", 3, "star", None),
+])
+def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig], measured: str, n: int, sync: str,
                                    weights: tuple[float, ...] | None) -> None:
     """Calibrated on 1 and 2 ranks whose compute is C_W x weights x T + C_F, a projection onto other rank
     counts, strategies and shares gives the run built for them, to the last bit of arithmetic."""
     model, cfg = tiny
     one = write(tmp_path / "one.h5", model, cfg, 1, "star", model_cost(cfg, 1))
-    two = write(tmp_path / "two.h5", model, cfg, 2, "star", model_cost(cfg, 2))
+    two = write(tmp_path / "two.h5", model, cfg, 2, measured, model_cost(cfg, 2))
     cal = calibrate(two, [one])
     assert cal.coefs.coef[:, 1:3, 0] == pytest.approx(C_W, rel=1e-6)  # att and ffn, both phases: s per weight
     assert cal.coefs.coef[:, 1:3, 2] == pytest.approx(C_F, rel=1e-6)  # s per call

@@ -218,7 +218,9 @@ class Measured:
     buffer: str  # q80 | f32
     shares: list[Share]
     steps: Steps
-    comp: np.ndarray  # (n_steps, n_ranks, n_layers + 1, 4 blocks, 3 pieces) s; layer index 0: outside the layers
+    # (n_steps, n_ranks, n_layers + 1, 4 blocks, 3 pieces) s; layer index 0: outside the layers. Pieces: PRE
+    # star's rmsnorm before the bcast (rank 0), MID the block itself, POST the adds after the last collective
+    comp: np.ndarray
     colls: Colls
     rtt: float | None  # s, median start-up ping-pong round trip to rank 0 (None with one rank)
     logits: str  # "argmax": each rank sends its best | "full": the whole row to rank 0
@@ -339,6 +341,11 @@ def measure(trace: Trace, cfg: ModelConfig) -> Measured:
         raise MpillamaError(f"{trace.path} ran sync {sync!r}: trace project knows star and allreduce")
     buffer = str(trace.attrs.get("buffer_float_type") or "q80")
     comp = _compute_pieces(trace, steps, cfg.n_layers)
+    if sync != "star" or trace.n_ranks == 1:
+        # one collective per block (or none): the block's own compute, rmsnorm included, comes before it;
+        # the pieces mean the same under every scheme: pre = star's rmsnorm on the root, mid = the block
+        comp[..., MID] += comp[..., PRE]
+        comp[..., PRE] = 0.0
     s = trace.segments
     names = trace.segment_names
     ctrl = s.seg == names.index("ctrl_sync") if "ctrl_sync" in names else np.zeros(len(s), bool)

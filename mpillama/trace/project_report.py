@@ -65,9 +65,10 @@ def targets(cal: Calibrated, ranks: str | None, delay: str | None, bandwidth: st
     if weights == "auto":
         raise MpillamaError("--rank-weights auto measures the ranks at start-up; to project, give one weight per rank")
     out = []
-    grid = itertools.product(parse_values(ranks, int, "--ranks"), parse_values(delay, float, "--delay"),
-                             parse_values(bandwidth, float, "--bandwidth"), parse_values(sync, str, "--sync"))
-    for n, d, b, s in grid:
+    # ranks innermost: the grid reads as one line of the plot after another
+    grid = itertools.product(parse_values(sync, str, "--sync"), parse_values(delay, float, "--delay"),
+                             parse_values(bandwidth, float, "--bandwidth"), parse_values(ranks, int, "--ranks"))
+    for s, d, b, n in grid:
         n = m.n_ranks if n is None else n
         if weights is not None and len(weights) != n:
             raise MpillamaError(f"--rank-weights has {len(weights)} values for {n} ranks: give one weight per rank")
