@@ -156,9 +156,14 @@ def format_projection(tab: dict[str, Any]) -> str:
     for name, row in tab["compute_model"]["terms"].items():
         v = list(row.values())
         lines.append(f"  {name:<14} {v[0]:>10.4f} {v[1]:>9.4f} {v[2]:>9.1f} {v[3]:>9.3f} {_pct(row['fit_error']):>7}")
-    for name, lost in tab["compute_model"]["not_separable"].items():
-        lines.append(f"  {name}: {', '.join(lost)} not separable in the calibration traces (taken as 0; "
-                     "--calibrate a trace at another rank count separates it)")
+    lost: dict[str, list[str]] = {}
+    for name, terms in tab["compute_model"]["not_separable"].items():
+        for term in terms:
+            lost.setdefault(term, []).append(name)
+    if lost:
+        lines.append("  left out, the calibration cannot tell them from the other terms: "
+                     + "; ".join(f"{term} in {', '.join(where)}" for term, where in lost.items())
+                     + " (--calibrate with a trace at another rank count)")
     bw = link["bandwidth_gbit"]
     lines.append(f"link: latency {link['latency_us']:.1f} us one way per hop ({link['source'].get('latency', '-')}); "
                  f"bandwidth {'unlimited' if bw is None else f'{bw:.2f} Gbit/s'} "
