@@ -205,7 +205,8 @@ def test_a_trace_projected_onto_its_own_configuration_is_itself(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("measured, n, sync, weights", [
-    ("star", 4, "star", None), ("star", 3, "allreduce", None), ("star", 2, "star", (1.0, 3.0)), ("star", 1, "star", None),
+    ("star", 4, "star", None), ("star", 3, "allreduce", None), ("star", 2, "star", (1.0, 3.0)),
+    ("star", 1, "star", None),
     ("allreduce", 2, "allreduce", (1.0, 3.0)), ("allreduce", 4, "allreduce", None), ("allreduce", 3, "star", None),
 ])
 def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig], measured: str, n: int, sync: str,
