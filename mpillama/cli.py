@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("trace", help="report, plot, export or compare HDF5 traces")
+    p = sub.add_parser("trace", help="report, plot, export, compare or project HDF5 traces")
     tsub = p.add_subparsers(dest="trace_command", required=True)
     t = tsub.add_parser("report")
     t.add_argument("file")
@@ -154,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("b")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=lambda a: _trace(lambda m: m.trace_compare(a.a, a.b, a.json)))
+    t = tsub.add_parser("project", help="predict tok/s, waits and the straggler of another configuration")
+    t.add_argument("file")
+    t.add_argument("--ranks", help="rank count (default the trace's); a comma list makes a grid")
+    t.add_argument("--delay", help="the link's one-way latency in ms (default: the trace's ping-pong); list: grid")
+    t.add_argument("--bandwidth", help="the link's rate in Gbit/s (default: fitted to the trace); list: grid")
+    t.add_argument("--sync", help="star, allreduce or auto (both, the faster kept); default the trace's; list: grid")
+    t.add_argument("--rank-weights", help="one weight per rank, e.g. 1,1,0.5 (default: the trace's, or even)")
+    t.add_argument("--speed", action="append", metavar="RANK=FACTOR",
+                   help="that rank runs FACTOR times as fast as the trace's fastest rank (repeatable)")
+    t.add_argument("--calibrate", action="append", metavar="FILE.h5",
+                   help="another trace of the same model (another rank count) to fit the compute model on")
+    t.add_argument("--model", help="the model file, when the one the trace names is gone")
+    t.add_argument("--grid", metavar="PNG", help="plot decode tok/s against ranks for the values given")
+    t.add_argument("--out", metavar="FILE.h5", help="write the projected run as a trace (for trace compare)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=lambda a: _trace(lambda m: m.trace_project(
+        a.file, a.ranks, a.delay, a.bandwidth, a.sync, a.rank_weights, a.speed, a.calibrate, a.model, a.json,
+        a.grid, a.out)))
     return parser
 
 

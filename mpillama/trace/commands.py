@@ -9,9 +9,10 @@ from pathlib import Path
 
 from mpillama.trace.compare import trace_compare
 from mpillama.trace.export import trace_export
+from mpillama.trace.project_report import trace_project
 from mpillama.trace.report import trace_report
 
-__all__ = ["trace_report", "trace_plot", "trace_export", "trace_compare"]
+__all__ = ["trace_report", "trace_plot", "trace_export", "trace_compare", "trace_project"]
 
 
 def trace_plot(path: str | Path, out_dir: str | Path) -> list[Path]:

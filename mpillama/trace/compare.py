@@ -1,7 +1,9 @@
 """`trace compare A.h5 B.h5`: the report's figures of two runs side by side, with B / A ratios.
 
 Owns the list of compared metrics (flattened from report.report_tables) and their
-rendering; the figures themselves come from analysis.py through report.py.
+rendering; the figures themselves come from analysis.py through report.py. Either file may
+be a projection written by `trace project --out` (it is a trace): it is labelled as one, so a
+projection sits beside the run measured in its configuration.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mpillama.trace.analysis import analyze, load_trace
+from mpillama.trace.analysis import Trace, analyze, load_trace
 from mpillama.trace.report import plain, report_tables
 
 
@@ -34,7 +36,13 @@ def metrics(tab: dict[str, Any]) -> dict[str, float | int | str | None]:
     return out
 
 
-def compare_tables(tab_a: dict[str, Any], tab_b: dict[str, Any]) -> dict[str, Any]:
+def label(trace: Trace) -> str:
+    """'' for a measured run; what it projects for a file written by trace project --out."""
+    source = trace.attrs.get("projected_from")
+    return f"projection of {source} onto {trace.attrs.get('projection', '?')}" if source else ""
+
+
+def compare_tables(tab_a: dict[str, Any], tab_b: dict[str, Any], labels: tuple[str, str] = ("", "")) -> dict[str, Any]:
     """Rows of (metric, a, b, b/a); metrics present in only one run show None on the other side."""
     ma, mb = metrics(tab_a), metrics(tab_b)
     names = list(ma) + [k for k in mb if k not in ma]
@@ -45,7 +53,7 @@ def compare_tables(tab_a: dict[str, Any], tab_b: dict[str, Any]) -> dict[str, An
         ratio = (b / a) if numeric and a not in (0, None) else None
         rows.append({"metric": name, "a": a, "b": b, "ratio": ratio})
     partial = [tab_a["partial"], tab_b["partial"]]
-    return plain({"a": tab_a["file"], "b": tab_b["file"], "partial": partial, "rows": rows})
+    return plain({"a": tab_a["file"], "b": tab_b["file"], "partial": partial, "labels": list(labels), "rows": rows})
 
 
 def format_compare(cmp: dict[str, Any]) -> str:
@@ -55,8 +63,10 @@ def format_compare(cmp: dict[str, Any]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     width = max([len(r["metric"]) for r in cmp["rows"]] + [6])
-    lines = [f"A = {cmp['a']}" + ("  (partial)" if cmp["partial"][0] else ""),
-             f"B = {cmp['b']}" + ("  (partial)" if cmp["partial"][1] else ""),
+    labels = cmp.get("labels") or ["", ""]
+    names = [f"{side} = {cmp[side.lower()]}" + ("  (partial)" if cmp["partial"][i] else "")
+             + (f"  ({labels[i]})" if labels[i] else "") for i, side in enumerate("AB")]
+    lines = [*names,
              f"{'metric':<{width}} {'A':>12} {'B':>12} {'B/A':>8}"]
     for r in cmp["rows"]:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
@@ -66,5 +76,6 @@ def format_compare(cmp: dict[str, Any]) -> str:
 
 def trace_compare(path_a: str | Path, path_b: str | Path, as_json: bool = False) -> str:
     """What `python -m mpillama trace compare A.h5 B.h5 [--json]` prints."""
-    cmp = compare_tables(report_tables(analyze(load_trace(path_a))), report_tables(analyze(load_trace(path_b))))
+    a, b = load_trace(path_a), load_trace(path_b)
+    cmp = compare_tables(report_tables(analyze(a)), report_tables(analyze(b)), (label(a), label(b)))
     return json.dumps(cmp, indent=1) + "\n" if as_json else format_compare(cmp)

@@ -104,6 +104,33 @@ def plot_skew_hist(a: Analysis, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_projection_grid(rows: list[dict], measured: dict, path: Path) -> Path:
+    """`trace project --grid PNG`: projected decode tok/s against ranks, one line per link and sync; the
+    measured run as a point."""
+    if path.parent and not path.parent.is_dir():
+        raise MpillamaError(f"--grid {path}: directory {path.parent} does not exist")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    lines: dict[tuple, list[dict]] = {}
+    for r in rows:
+        lines.setdefault((r["latency_us"], r["bandwidth_gbit"], r["sync"]), []).append(r)
+    for (latency, bw, sync), pts in lines.items():
+        pts = sorted(pts, key=lambda r: r["ranks"])
+        label = f"{latency / 1e3:g} ms one way, {sync}" + ("" if bw is None else f", {bw:g} Gbit/s")
+        ax.plot([r["ranks"] for r in pts], [r["decode_tok_s"] or 0.0 for r in pts], marker="o", label=label)
+    if measured.get("decode_tok_s"):
+        ax.plot([measured["ranks"]], [measured["decode_tok_s"]], marker="*", markersize=14, linestyle="none",
+                color="black", label=f"measured ({measured['sync']})")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("projected decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def trace_plot(path: str | Path, out_dir: str | Path) -> list[Path]:
     """What `python -m mpillama trace plot FILE.h5 --out DIR` does. Returns the PNGs written."""
     out = Path(out_dir)
