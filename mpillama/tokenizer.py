@@ -605,7 +605,13 @@ def load_tokenizer(model_file: Any, tokenizer_path: str | None) -> Tokenizer:
     """
     if tokenizer_path:
         with reading(tokenizer_path, TOKENIZER_ADVICE):
-            return _tokenizer_from_path(Path(tokenizer_path))
+            tok = _tokenizer_from_path(Path(tokenizer_path))
+        rows = getattr(getattr(model_file, "config", None), "vocab_size", None)
+        if rows is not None and tok.vocab_size > rows:  # fewer is fine: models pad their tables
+            raise MpillamaError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens but the model "
+                                f"{model_file.path} only {rows}: its ids would run past the embedding table; "
+                                "pass the model's own tokenizer")
+        return tok
     fmt = getattr(model_file, "format", None)
     if fmt == "gguf":
         meta = model_file.tokenizer_metadata()

@@ -217,9 +217,9 @@ class DllamaModel(MappedTensors):
         layers = self.config.n_layers * layer_bytes(self.config, kind)
         if layers > size - header_size:  # said before the layout is built (a damaged n_layers can be 2^31)
             raise MpillamaError(
-                f"{self.path}: the header describes {self.config.n_layers} layers of {layer_bytes(self.config, kind)} "
-                f"bytes but the file has {size - header_size} bytes after its header: the header is damaged or the "
-                "file incomplete; convert or download it again"
+                f"{self.path}: the header describes {self.config.n_layers} layers (n_layers, key 4) of "
+                f"{layer_bytes(self.config, kind)} bytes but the file has {size - header_size} bytes after its header: "
+                "the header is damaged or the file incomplete; convert or download it again"
             )
         for info in dllama_layout(self.config, kind):
             n = _nbytes(info)

@@ -461,7 +461,7 @@ class GGUFModel(MappedTensors):
         self._data = gguf_tensors(self.path, header, self._buf)
         self.config = gguf_config(self.path, self._kv, self._data)
         self.tensors = {name: d.info for name, d in self._data.items()}
-        check_tensors(self.path, self.config, self.tensors)
+        check_tensors(self.path, self.config, self.tensors, layers_key=f"{self.config.arch}.block_count")
         check_vectors(self.path, self._data)
         self.metadata: dict[str, object] = {"GGUF.version": header.version}
         self.metadata.update({k: _summary(v) for k, v in self._kv.items()})

@@ -276,7 +276,8 @@ class HFModel(MappedTensors):
                 self._data[d.info.name] = d
         self.config = hf_config(self.path / "config.json", raw, "output" in self._data)
         self.tensors = {name: d.info for name, d in self._data.items()}
-        check_tensors(self.path, self.config, self.tensors, hint=" (or download the missing shard)")
+        check_tensors(self.path, self.config, self.tensors, hint=" (or download the missing shard)",
+                      layers_key="num_hidden_layers in config.json")
         check_vectors(self.path, self._data)
         self.metadata: dict[str, object] = dict(raw)
 

@@ -92,19 +92,21 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo], hint: str = "") -> None:
+def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo], hint: str = "",
+                  layers_key: str = "n_layers") -> None:
     """The header's numbers are usable, the file holds exactly its layers, and every tensor the
     config needs exists with its shape; raise on the first that does not.
 
     The layers are counted before any per-layer work, so a damaged layer count (10^9) fails at
-    once, and a count smaller than the file's (1 of 2 layers) is not silently half a model."""
+    once, and a count smaller than the file's (1 of 2 layers) is not silently half a model.
+    layers_key: the header field that gave n_layers, for the message."""
     check_numbers(path, cfg)
     layers = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()})
     if len(layers) != cfg.n_layers or layers != list(range(len(layers))):  # exactly blk.0 .. blk.{n_layers-1}
         held = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
         raise MpillamaError(
-            f"{path}: the header says {cfg.n_layers} layers but the file holds tensors for {held} "
-            f"({len(layers)} distinct): header and tensors disagree; re-convert the model{hint}"
+            f"{path}: {layers_key} is {cfg.n_layers} but the file holds tensors for {held} ({len(layers)} layers): "
+            f"header and tensors disagree; re-convert the model{hint}"
         )
     for name, shape in expected_tensors(cfg).items():
         info = tensors.get(name)
