@@ -17,7 +17,8 @@ are the tests):
   .t            see tokenizer_from_dllama.
 Control (type 3), unknown (2) and user-defined (4) tokens are added tokens, so their text written
 in a prompt (e.g. <|start_header_id|>) becomes their id.
-Imports nothing from the package but errors, and lazily the readers of the files it is given:
+Imports nothing from the package but errors and files (one line for a file that cannot be read),
+and lazily the readers of the files it is given:
 formats.dllama (.t magic numbers and layout) and formats.gguf (a .gguf's header); never mpi4py.
 """
 
@@ -364,12 +365,11 @@ def _gguf_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> toke
         )
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     vocab = _vocab_dict(tokens)
-    for i, m in enumerate(merges):
-        if len(m) != 2 or not (m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab):
-            what = "has no space" if len(m) != 2 else "joins tokens that are not all in the vocabulary"
-            raise MpillamaError(f"GGUF tokenizer.ggml.merges entry {i} {shown(' '.join(m))} {what}: the vocabulary "
-                                "is damaged; re-convert the model or pass --tokenizer with its tokenizer.json")
-    hf = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+    try:
+        hf = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+    except Exception as e:  # noqa: BLE001 - the library raises a plain Exception ("Error while initializing BPE")
+        raise _bad_merges(merges, vocab) or MpillamaError(f"the tokenizers library refuses the vocabulary ({e}): "
+                                                          "re-convert the model") from None
     if pre.nfc:
         hf.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -377,6 +377,17 @@ def _gguf_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> toke
                                                                                  use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+def _bad_merges(merges: list[tuple[str, ...]], vocab: dict[str, int]) -> MpillamaError | None:
+    """The first merge the library cannot take, named (looked for only once it has refused them:
+    checking 280k merges up front would cost half a second on every load)."""
+    for i, m in enumerate(merges):
+        if len(m) != 2 or not (m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab):
+            what = "has no space" if len(m) != 2 else "joins tokens that are not all in the vocabulary"
+            return MpillamaError(f"GGUF tokenizer.ggml.merges entry {i} {shown(' '.join(m))} {what}: the vocabulary "
+                                 "is damaged; re-convert the model or pass --tokenizer with its tokenizer.json")
+    return None
 
 
 def _gguf_spm(meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import struct
 import subprocess
@@ -668,6 +669,20 @@ def test_there_are_enough_variants() -> None:
 
 
 @contextmanager
+def memory_guard(extra: int = 4 << 30) -> Iterator[None]:
+    """At most `extra` more bytes of address space in the block: a reader that allocates from a damaged
+    header value raises MemoryError (a test failure) instead of taking the shared machine down."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:"))) * 1024
+    limit = used + extra if hard == resource.RLIM_INFINITY else min(hard, used + extra)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextmanager
 def hang_guard(seconds: int) -> Iterator[None]:
     """Turn a hang into a failure (SIGALRM interrupts even a blocking open of a FIFO)."""
 
@@ -702,7 +717,7 @@ def check_outcome(v: Variant, code: Any, err: str) -> None:
 def test_damaged_input_in_process(v: Variant, bases: Bases, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     args = v.make(bases, tmp_path, np.random.default_rng([SEED, VARIANTS.index(v)]))
     capfd.readouterr()
-    with hang_guard(HANG_SECONDS):
+    with hang_guard(HANG_SECONDS), memory_guard():
         try:
             code: Any = main(["generate", *args])
         except SystemExit as e:  # end_job's exit after the first forward pass

@@ -10,7 +10,7 @@ Why not gguf.GGUFReader: it builds one numpy view per string, so a file with a 1
 vocabulary takes ~9 s to open, and a damaged file fails with an IndexError or a reshape error
 instead of the offset where it breaks. The `gguf` package is still used for its type tables,
 its dequantizers, and (in synth.py) its writer. Imports nothing from mpillama but config,
-errors, quant and formats.tensors.
+errors, files, quant and formats.tensors.
 """
 
 from __future__ import annotations

