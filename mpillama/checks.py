@@ -7,7 +7,7 @@ Only rank 0 writes them, so only rank 0 probes; every rank then agrees on the ou
 path stops the whole job at once with one line.
 
 Imports comm (for the agreement), config, errors, tokenizer (check_text) and formats.tensors
-(MIN_CONTEXT); never mpi4py itself.
+(check_max_seq_len); never mpi4py itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from mpillama.comm import Comm
 from mpillama.config import RunConfig
 from mpillama.errors import MpillamaError
-from mpillama.formats.tensors import MIN_CONTEXT
+from mpillama.formats.tensors import check_max_seq_len
 from mpillama.tokenizer import check_text
 
 
@@ -28,9 +28,7 @@ def before_loading(comm: Comm, run: RunConfig, trace: str | None = None, dump_lo
     """Collective: raise the first problem (the same MpillamaError on every rank), or return."""
     error = None
     try:
-        if run.max_seq_len < MIN_CONTEXT:
-            raise MpillamaError(f"--max-seq-len {run.max_seq_len} is too short: the smallest context mpillama "
-                                f"runs is {MIN_CONTEXT} positions")
+        check_max_seq_len(run.max_seq_len)
         if prompt is not None:
             check_text(prompt, "--prompt")
         if comm.rank == 0:

@@ -138,6 +138,11 @@ def test_item4_max_seq_len_below_3_is_one_line_before_loading(n: str, base: Path
     assert LOADED not in err
 
 
+def test_item4_inspect_checks_max_seq_len_too(base: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, err = run(capfd, "inspect", str(base), "--max-seq-len", "-5")  # before: a plan with a negative KV cache
+    one_error(code, err, "--max-seq-len -5")
+
+
 def test_item4_a_model_context_of_2_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     path = with_meta(tmp_path, llama__context_length=(V.UINT32, 2))
     code, err = run(capfd, "generate", "--model", str(path), *RUN)

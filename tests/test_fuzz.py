@@ -673,7 +673,8 @@ def memory_guard(extra: int = 4 << 30) -> Iterator[None]:
     """At most `extra` more bytes of address space in the block: a reader that allocates from a damaged
     header value raises MemoryError (a test failure) instead of taking the shared machine down."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    used = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:"))) * 1024
+    status = Path("/proc/self/status").read_text().splitlines()
+    used = int(next(line.split()[1] for line in status if line.startswith("VmSize:"))) * 1024
     limit = used + extra if hard == resource.RLIM_INFINITY else min(hard, used + extra)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:

@@ -128,6 +128,13 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo], 
 MIN_CONTEXT = 3
 
 
+def check_max_seq_len(n: int) -> None:
+    """--max-seq-len (from the flag or a profile) is a context the warm-up can run."""
+    if n < MIN_CONTEXT:
+        raise MpillamaError(f"--max-seq-len {n} is too short: the smallest context mpillama runs is {MIN_CONTEXT} "
+                            "positions")
+
+
 def check_numbers(path: Path, cfg: ModelConfig) -> None:
     """The header's float settings are finite and positive and its context can run at all."""
     values = {"norm epsilon": cfg.norm_eps, "rope theta": cfg.rope_theta}
