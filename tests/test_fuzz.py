@@ -67,7 +67,7 @@ class Bases:
     hf: Path  # folder: config.json + model.safetensors
     m: Path
     t: Path
-    profile_text: str
+    tokenizer_json: Path  # the GGUF's vocabulary as the tokenizers library writes it
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> Bases:
     from mpillama.formats import open_model
     from mpillama.formats.dllama import DllamaVocab, write_dllama, write_dllama_tokenizer
     from mpillama.formats.hf import write_hf
+    from mpillama.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("fuzz-bases")
     gguf = write_gguf(folder / "base.gguf")
@@ -87,8 +88,11 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> Bases:
     t = write_dllama_tokenizer(DllamaVocab(tokens=regular + [s.encode() for s in SPECIALS],
                                            scores=[-float(i) for i in range(len(tokens))], bos_id=len(regular),
                                            eos_ids=[len(regular) + 1], chat_template="{{ x }}"), folder / "base.t")
+    tokenizer_json = folder / "tok" / "tokenizer.json"
+    tokenizer_json.parent.mkdir()
+    tokenizer_json.write_text(load_tokenizer(model, None).hf.to_str())
     model.close()
-    return Bases(gguf, gguf.read_bytes(), gguf_layout(gguf), hf, m, t, 'nthreads = 1\nsync = "star"\nbatch = 8\n')
+    return Bases(gguf, gguf.read_bytes(), gguf_layout(gguf), hf, m, t, tokenizer_json)
 
 
 # ---------------------------------------------------------------- variants
@@ -590,6 +594,41 @@ def m_norm_nan(data: bytearray, r: np.random.Generator) -> None:
     put(data, at + 4 * int(r.integers(0, dim)), "<f", math.nan)
 
 
+# ---- tokenizer.json (a Hugging Face tokenizer given with --tokenizer)
+
+
+def tokenizer_files(change: Callable[[bytearray, Rng], bytes | None], name: str = "tokenizer.json") -> Make:
+    """A folder holding the base tokenizer.json, with `name` in it replaced by what change returns
+    (or its bytes changed in place)."""
+    def make(b: Bases, tmp: Path, rng: Rng) -> list[str]:
+        folder = tmp / "tok"
+        folder.mkdir()
+        (folder / "tokenizer.json").write_bytes(b.tokenizer_json.read_bytes())
+        data = bytearray((folder / name).read_bytes()) if (folder / name).exists() else bytearray()
+        out = change(data, rng)
+        (folder / name).write_bytes(bytes(data) if out is None else out)
+        return ["--model", str(b.gguf), "--tokenizer", str(folder), *RUN_ARGS]
+
+    return make
+
+
+def tokenizer_json_variants(rng: Rng) -> Iterator[Variant]:
+    for i in range(8):
+        def flip(data: bytearray, r: Rng) -> None:
+            data[int(r.integers(0, len(data)))] ^= int(r.integers(1, 256))
+
+        yield Variant(f"tokenizer-json-flip-{i}", tokenizer_files(flip), False)
+    yield Variant("tokenizer-json-not-utf8", tokenizer_files(lambda d, r: b"\xff" + bytes(d)), True)
+    yield Variant("tokenizer-json-truncated", tokenizer_files(lambda d, r: bytes(d[: len(d) // 2])), True)
+    yield Variant("tokenizer-json-model-number", tokenizer_files(lambda d, r: b'{"model": 5}'), True)
+    yield Variant("tokenizer-json-list", tokenizer_files(lambda d, r: b"[1, 2]"), True)
+    for label, text in [("bos-number", b'{"bos_token": 5}'), ("template-list", b'{"chat_template": [1, {"x": 2}]}'),
+                        ("add-bos-string", b'{"add_bos_token": "yes"}'), ("list", b"[1]")]:
+        yield Variant(f"tokenizer-config-{label}", tokenizer_files(lambda d, r, text=text: text, "tokenizer_config.json"),
+                      False)
+    yield Variant("tokenizer-config-not-json", tokenizer_files(lambda d, r: b"{nope", "tokenizer_config.json"), True)
+
+
 # ---- profiles and paths
 
 
@@ -650,7 +689,7 @@ def write(path: Path, data: bytes) -> Path:
 
 def all_variants() -> list[Variant]:
     rng = np.random.default_rng(SEED)
-    out = [*gguf_variants(rng), *hf_variants(rng), *dllama_variants(rng), *path_variants()]
+    out = [*gguf_variants(rng), *hf_variants(rng), *dllama_variants(rng), *tokenizer_json_variants(rng), *path_variants()]
     out += [Variant(f"profile-{label}", profile(text), True) for label, text in PROFILES]
     ids = [v.id for v in out]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
