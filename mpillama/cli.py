@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _run_commands().bench(a, run_config(a)))
 
     p = sub.add_parser("synth", help="write a random-weight GGUF model with a real shape and vocabulary")
-    p.add_argument("--shape", required=True)
+    p.add_argument("--shape", required=True, choices=SynthShapes(),
+                   help="the shape of a real model, or a test shape (the tiny ones: two layers, but a real "
+                        "vocabulary makes them 26-28 MB as q40)")
     p.add_argument("--out", required=True)
     p.add_argument("--type", choices=["q40", "f32"], default="q40")
     p.add_argument("--seed", type=int, default=0)
@@ -173,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
         a.file, a.ranks, a.delay, a.bandwidth, a.sync, a.rank_weights, a.speed, a.calibrate, a.model, a.json,
         a.grid, a.out)))
     return parser
+
+
+class SynthShapes:
+    """The synth shape names as argparse choices, read from formats.synth only when argparse needs
+    them (help, or checking --shape): every other command starts without importing it."""
+
+    def _names(self) -> list[str]:
+        from mpillama.formats.synth import SHAPES
+
+        return list(SHAPES)
+
+    def __iter__(self) -> Any:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def _run_commands() -> Any:

@@ -2,18 +2,20 @@
 
 Readers in formats/ build a ModelConfig from a file header; the CLI builds a RunConfig
 from flags and an optional profile. Both are frozen: nothing downstream edits them.
-Imports nothing from the rest of the package but errors.
+Imports nothing from the rest of the package but errors and files (for reading profiles).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mpillama.errors import MpillamaError
+from mpillama.files import kind_of, reading, shown
 
 ARCHS = ("llama", "qwen3")
 # How the two halves of a rotated pair sit in a head: "pairs" rotates (2i, 2i+1), the layout
@@ -172,26 +174,56 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     """A TOML profile: a flat table of RunConfig fields (plus free-text 'description' and 'hardware').
 
     A name is looked up in profiles/NAME.toml; anything with a slash or a .toml suffix is a path.
-    Unknown keys are errors, so a typo cannot silently fall back to a default.
+    Unknown keys are errors, so a typo cannot silently fall back to a default, and so is a value
+    of the wrong kind (a string for a number, a float for an integer, NaN). Any error while
+    reading the file is one line naming it.
     """
     path = Path(name_or_path)
     if not (name_or_path.endswith(".toml") or "/" in name_or_path):
         path = PROFILE_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
+    if not path.exists():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml")) if PROFILE_DIR.is_dir() else []
-        raise MpillamaError(f"profile {name_or_path!r} not found ({path}); known profiles: {', '.join(known) or 'none'}")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise MpillamaError(f"profile {path} is not valid TOML: {e}") from None
-    table.pop("description", None)
-    table.pop("hardware", None)
-    unknown = set(table) - RUN_FIELDS
-    if unknown:
-        raise MpillamaError(f"profile {path} has unknown keys {sorted(unknown)}; known: {sorted(RUN_FIELDS)}")
-    if "rank_weights" in table and isinstance(table["rank_weights"], list):
-        table["rank_weights"] = tuple(float(w) for w in table["rank_weights"])
+        raise MpillamaError(f"profile {name_or_path!r} not found ({path}); "
+                            f"known profiles: {', '.join(known) or 'none'}")
+    if kind_of(path, "profile", "give a TOML file") != "file":
+        raise MpillamaError(f"profile {path} is a folder: give a TOML file")
+    with reading(path, "fix the profile or give another"):
+        try:
+            table = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MpillamaError(f"profile {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                f"{e.start}): give a TOML file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise MpillamaError(f"profile {path} is not valid TOML: {e}") from None
+        table.pop("description", None)
+        table.pop("hardware", None)
+        unknown = set(table) - RUN_FIELDS
+        if unknown:
+            raise MpillamaError(f"profile {path} has unknown keys {sorted(unknown)}; known: {sorted(RUN_FIELDS)}")
+        for key, value in table.items():
+            _check_profile_value(path, key, value)
+        if isinstance(table.get("rank_weights"), list):
+            table["rank_weights"] = tuple(float(w) for w in table["rank_weights"])
     return table
+
+
+def _check_profile_value(path: Path, key: str, value: Any) -> None:
+    """The kind of value the RunConfig field takes (its default's type); rank_weights a list of numbers or 'auto'."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    default = getattr(DEFAULTS, key)
+    if key == "rank_weights":
+        ok = value == "auto" or (isinstance(value, list) and all(number(w) for w in value))
+        kind = "'auto' or a list of numbers"
+    elif key == "seed" or isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = number(value), "a finite number"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise MpillamaError(f"profile {path}: {key} = {shown(value)}, where it takes {kind}")
 
 
 def build_run_config(profile: str | None = None, **flags: Any) -> RunConfig:

@@ -7,6 +7,7 @@ import dataclasses
 from mpillama import partition
 from mpillama.config import DEFAULTS
 from mpillama.formats import open_model
+from mpillama.formats.tensors import check_max_seq_len
 
 
 def mib(n: int) -> str:
@@ -15,6 +16,8 @@ def mib(n: int) -> str:
 
 def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None, max_seq_len: int | None,
              weight_type: str, list_tensors: bool = False) -> str:
+    if max_seq_len is not None:
+        check_max_seq_len(max_seq_len)
     mf = open_model(path)
     cfg = mf.config
     lines = [f"{path} ({mf.format})"]

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mpillama.checks import before_loading
 from mpillama.comm import Comm, world
 from mpillama.config import RunConfig
 from mpillama.engine import Engine, Generation, install_signal_handlers, save_npy_atomic
@@ -90,11 +91,13 @@ def generate(args: argparse.Namespace, run: RunConfig) -> int:
     if args.steps < 1:
         raise MpillamaError(f"--steps {args.steps}: generate at least one token")
     comm = start(run)
+    before_loading(comm, run, args.trace, args.dump_logits, args.prompt)
     engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
 
     def body(engine: Engine) -> dict[str, Any]:
         ids = engine.tokenizer.encode(args.prompt, add_bos=False if args.no_bos else None)
-        dump = np.zeros((args.steps, engine.cfg.vocab_size), dtype=np.float32) if args.dump_logits else None
+        rows = min(args.steps, engine.max_seq_len)  # generation stops when the context is full
+        dump = np.zeros((rows, engine.cfg.vocab_size), dtype=np.float32) if args.dump_logits else None
         gen = engine.generate(ids, args.steps, sampler_of(run), on_text=write_text, dump_logits=dump,
                               stop_on_eos=not args.ignore_eos)
         write_text("\n")
@@ -111,6 +114,7 @@ def chat(args: argparse.Namespace, run: RunConfig) -> int:
     from mpillama.chat import CHAT_HELP, chat_loop
 
     comm = start(run)
+    before_loading(comm, run, args.trace)
     engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -133,6 +137,7 @@ def serve(args: argparse.Namespace, run: RunConfig) -> int:
 
     options = http_options(args)  # checked before loading, like every flag
     comm = start(run)
+    before_loading(comm, run, args.trace)
     engine = load_engine(comm, args.model, args.tokenizer, run, trace_path=args.trace, argv=sys.argv)
     if comm.rank != 0:
         ignore_stop_signals()  # mpirun passes SIGTERM to every rank: rank 0 stops the workers itself
@@ -163,6 +168,7 @@ def bench(args: argparse.Namespace, run: RunConfig) -> int:
     from mpillama.bench_run import run_bench
 
     comm = start(run)
+    before_loading(comm, run, args.trace)
     model = args.model or str(synthetic_model(comm, args.synthetic, "q40" if run.weight_type == "q40" else "f32"))
     engine = load_engine(comm, model, None, run, trace_path=args.trace, argv=sys.argv, verbose=not args.json,
                          need_tokenizer=False)

@@ -17,7 +17,8 @@ are the tests):
   .t            see tokenizer_from_dllama.
 Control (type 3), unknown (2) and user-defined (4) tokens are added tokens, so their text written
 in a prompt (e.g. <|start_header_id|>) becomes their id.
-Imports nothing from the package but errors, and lazily the readers of the files it is given:
+Imports nothing from the package but errors and files (one line for a file that cannot be read),
+and lazily the readers of the files it is given:
 formats.dllama (.t magic numbers and layout) and formats.gguf (a .gguf's header); never mpi4py.
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import codecs
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from mpillama.errors import MpillamaError
+from mpillama.files import kind_of, reading, shown
 
 # GGUF tokenizer.ggml.token_type values
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -156,6 +158,7 @@ class Tokenizer:
         BOS is added when add_bos (default: the tokenizer's add_bos) and the text does not already
         start with it, so a chat template that writes bos_token itself does not get two.
         """
+        check_text(text)
         self.hf.encode_special_tokens = not parse_special
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_bos is None:
@@ -196,6 +199,19 @@ class Tokenizer:
                     f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1}): "
                     "the model and tokenizer do not match; pass the model's own tokenizer"
                 )
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse a str that cannot be UTF-8: bytes that were not UTF-8 in a command-line argument arrive
+    as lone surrogates (U+DC80..U+DCFF, PEP 383), and JSON can spell surrogates too. Replacing them
+    would run a prompt the user did not write, so the first one is named instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f" (the byte {code - 0xDC00:#04x}, which is not UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
+        raise MpillamaError(f"{what} holds U+{code:04X} at character {e.start}{byte}: it is not valid Unicode "
+                            "text; pass it as UTF-8") from None
 
 
 def _special_ids(types: Sequence[int]) -> frozenset[int]:
@@ -247,6 +263,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     ('tokens', 'bos_token_id', 'chat_template', ...), as formats.gguf's gguf_tokenizer_metadata gives them.
     """
     meta = _prefixed(meta)
+    _check_meta_types(meta)
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is None or len(tokens) == 0:
@@ -264,7 +281,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         add_bos_default, bos_default, eos_default = True, 1, 2
     else:
         raise MpillamaError(
-            f"tokenizer.ggml.model {model!r} is not supported (mpillama reads 'gpt2' byte-level BPE and "
+            f"tokenizer.ggml.model {shown(model)} is not supported (mpillama reads 'gpt2' byte-level BPE and "
             "'llama' SentencePiece); pass --tokenizer with the model's tokenizer.json"
         )
     _add_special_tokens(hf, tokens, types)
@@ -291,13 +308,50 @@ def _prefixed(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_list_of(test: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda x: isinstance(x, list) and all(test(e) for e in x)
+
+
+# the tokenizer.* keys read here, and what each must hold (a damaged file can hold anything)
+_META_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "tokenizer.ggml.model": ("a string", lambda x: isinstance(x, str)),
+    "tokenizer.ggml.pre": ("a string", lambda x: isinstance(x, str)),
+    "tokenizer.ggml.tokens": ("a list of strings", _is_list_of(lambda x: isinstance(x, str))),
+    "tokenizer.ggml.token_type": ("a list of integers", _is_list_of(_is_int)),
+    "tokenizer.ggml.merges": ("a list of strings", _is_list_of(lambda x: isinstance(x, str))),
+    "tokenizer.ggml.scores": ("a list of numbers",
+                              _is_list_of(lambda x: isinstance(x, (int, float)) and not isinstance(x, bool))),
+    "tokenizer.ggml.bos_token_id": ("an integer", _is_int),
+    "tokenizer.ggml.eos_token_id": ("an integer", _is_int),
+    "tokenizer.ggml.eot_token_id": ("an integer", _is_int),
+    "tokenizer.ggml.eom_token_id": ("an integer", _is_int),
+    "tokenizer.ggml.add_bos_token": ("true or false", lambda x: isinstance(x, bool)),
+    "tokenizer.ggml.add_space_prefix": ("true or false", lambda x: isinstance(x, bool)),
+    "tokenizer.chat_template": ("a string", lambda x: isinstance(x, str)),
+}
+
+
+def _check_meta_types(meta: dict[str, Any]) -> None:
+    """Every tokenizer key mpillama reads holds the kind of value GGUF files store there."""
+    for key, (kind, test) in _META_TYPES.items():
+        if key in meta and not test(meta[key]):
+            value = meta[key]
+            found = f"a list of {len(value)}" if isinstance(value, list) else f"{type(value).__name__} {shown(value)}"
+            raise MpillamaError(f"GGUF {key} is {found}, where llama.cpp writes {kind}: the vocabulary is damaged; "
+                                "re-convert the model or pass --tokenizer with its tokenizer.json")
+
+
 def _token_id(meta: dict[str, Any], key: str, n_vocab: int, default: int | None) -> int | None:
     value = meta.get(key, default)
     if value is None:
         return None
-    if not 0 <= int(value) < n_vocab:
+    if not 0 <= value < n_vocab:
         raise MpillamaError(f"GGUF {key} = {value} is outside the vocabulary of {n_vocab}: re-convert the model")
-    return int(value)
+    return value
 
 
 def _gguf_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
@@ -310,9 +364,12 @@ def _gguf_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> toke
             "pass --tokenizer with the model's tokenizer.json"
         )
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    if any(len(m) != 2 for m in merges):
-        raise MpillamaError("GGUF tokenizer.ggml.merges has an entry without a space: re-convert the model")
-    hf = tokenizers.Tokenizer(models.BPE(_vocab_dict(tokens), merges, ignore_merges=pre.ignore_merges))
+    vocab = _vocab_dict(tokens)
+    try:
+        hf = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+    except Exception as e:  # noqa: BLE001 - the library raises a plain Exception ("Error while initializing BPE")
+        raise _bad_merges(merges, vocab) or MpillamaError(f"the tokenizers library refuses the vocabulary ({e}): "
+                                                          "re-convert the model") from None
     if pre.nfc:
         hf.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -320,6 +377,17 @@ def _gguf_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]) -> toke
                                                                                  use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+def _bad_merges(merges: list[tuple[str, ...]], vocab: dict[str, int]) -> MpillamaError | None:
+    """The first merge the library cannot take, named (looked for only once it has refused them:
+    checking 280k merges up front would cost half a second on every load)."""
+    for i, m in enumerate(merges):
+        if len(m) != 2 or not (m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab):
+            what = "has no space" if len(m) != 2 else "joins tokens that are not all in the vocabulary"
+            return MpillamaError(f"GGUF tokenizer.ggml.merges entry {i} {shown(' '.join(m))} {what}: the vocabulary "
+                                 "is damaged; re-convert the model or pass --tokenizer with its tokenizer.json")
+    return None
 
 
 def _gguf_spm(meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
@@ -392,7 +460,11 @@ def _tokenizer_from_json(path: Path, folder: Path) -> Tokenizer:
     if not path.is_file():
         raise MpillamaError(f"{path} not found: pass --tokenizer with a tokenizer.json, a folder holding one, "
                             "or a .t file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MpillamaError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                            "it is damaged or not a tokenizer.json; pass the model's own tokenizer.json") from None
     try:
         spec = json.loads(text)
         hf = tokenizers.Tokenizer.from_str(text)
@@ -533,22 +605,36 @@ def _byte_level_table() -> dict[int, str]:
 # Choosing a source
 
 
+TOKENIZER_ADVICE = "the tokenizer is damaged or not one mpillama reads; pass the model's own tokenizer with --tokenizer"
+
+
 def load_tokenizer(model_file: Any, tokenizer_path: str | None) -> Tokenizer:
     """The tokenizer for a run: --tokenizer if given (.t, tokenizer.json, a folder, or a .gguf), else the model's own.
 
     model_file has .format ('gguf' | 'dllama' | 'hf'), .path and .tokenizer_metadata() -> dict | None.
+    Any error while reading it is one line naming the file (mpillama.files.reading).
     """
     if tokenizer_path:
-        return _tokenizer_from_path(Path(tokenizer_path))
+        with reading(tokenizer_path, TOKENIZER_ADVICE):
+            tok = _tokenizer_from_path(Path(tokenizer_path))
+        rows = getattr(getattr(model_file, "config", None), "vocab_size", None)
+        if rows is not None and tok.vocab_size > rows:  # fewer is fine: models pad their tables
+            raise MpillamaError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens but the model "
+                                f"{model_file.path} only {rows}: its ids would run past the embedding table; "
+                                "pass the model's own tokenizer")
+        return tok
     fmt = getattr(model_file, "format", None)
     if fmt == "gguf":
         meta = model_file.tokenizer_metadata()
         if not meta:
             raise MpillamaError(f"{model_file.path} has no tokenizer metadata: pass --tokenizer tokenizer.json")
-        return tokenizer_from_gguf_metadata(meta)
+        with reading(model_file.path, TOKENIZER_ADVICE):
+            return tokenizer_from_gguf_metadata(meta)
     if fmt == "hf":
         path = Path(model_file.path)
-        return tokenizer_from_hf(path if path.is_dir() else path.parent)
+        folder = path if path.is_dir() else path.parent
+        with reading(folder / "tokenizer.json", TOKENIZER_ADVICE):
+            return tokenizer_from_hf(folder)
     if fmt == "dllama":
         raise MpillamaError(f"{model_file.path} is a distributed-llama model, which holds no tokenizer: "
                             "pass --tokenizer FILE.t")
@@ -556,10 +642,9 @@ def load_tokenizer(model_file: Any, tokenizer_path: str | None) -> Tokenizer:
 
 
 def _tokenizer_from_path(path: Path) -> Tokenizer:
-    if path.is_dir():
+    advice = "pass a .t file, a tokenizer.json or a folder holding one"
+    if kind_of(path, "tokenizer", advice) == "dir":
         return tokenizer_from_hf(path)
-    if not path.is_file():
-        raise MpillamaError(f"tokenizer {path} not found: pass a .t file, a tokenizer.json or a folder holding one")
     from mpillama.formats import dllama, gguf  # the readers own the magic numbers and layouts
 
     with path.open("rb") as f:
@@ -572,4 +657,3 @@ def _tokenizer_from_path(path: Path) -> Tokenizer:
         return _tokenizer_from_json(path, path.parent)
     raise MpillamaError(f"{path} is not a tokenizer mpillama knows (first bytes {head!r}): "
                         f"pass a .t file (magic {dllama.TOKENIZER_MAGIC:#x}), a tokenizer.json or a .gguf")
-

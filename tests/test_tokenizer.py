@@ -380,7 +380,7 @@ def test_load_tokenizer_sources(tmp_path: Path) -> None:
 def test_load_tokenizer_errors(tmp_path: Path) -> None:
     with pytest.raises(MpillamaError, match="--tokenizer FILE.t"):
         load_tokenizer(SimpleNamespace(format="dllama", path="model.m"), None)
-    with pytest.raises(MpillamaError, match="not found"):
+    with pytest.raises(MpillamaError, match="does not exist"):
         load_tokenizer(SimpleNamespace(format="dllama", path="model.m"), str(tmp_path / "missing.t"))
     if importlib.util.find_spec("mpillama.formats.dllama"):
         cut = tmp_path / "cut.t"

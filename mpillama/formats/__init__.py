@@ -3,7 +3,8 @@
 Owns: the ModelFile protocol every reader implements (gguf.GGUFModel, dllama.DllamaModel,
 hf.HFModel), and format detection. Readers check magic, version, types and every tensor's
 extent against the file length before anything is allocated, and check that every tensor the
-ModelConfig needs exists with its shape. Tensors use canonical (GGUF) names without '.weight':
+ModelConfig needs exists with its shape; any error while opening becomes one line naming the file
+(mpillama.files.reading). Tensors use canonical (GGUF) names without '.weight':
 token_embd, output_norm, output (absent when tied), blk.{i}.attn_norm/attn_q/attn_k/attn_v/
 attn_output[/attn_q_norm/attn_k_norm]/ffn_norm/ffn_gate/ffn_up/ffn_down; 2-D shapes are
 (rows=out_features, cols=in_features).
@@ -21,6 +22,7 @@ import numpy as np
 
 from mpillama.config import ModelConfig
 from mpillama.errors import MpillamaError
+from mpillama.files import kind_of, reading
 from mpillama.formats.tensors import TensorInfo, expected_tensors
 
 __all__ = ["ModelFile", "TensorInfo", "expected_tensors", "open_model", "detect_format", "ACCEPTED"]
@@ -54,10 +56,10 @@ class ModelFile(Protocol):
 
 
 def detect_format(path: Path) -> str:
-    """'gguf' | 'dllama' | 'hf' from the content (never the name), or an error saying what was found."""
-    if not path.exists():
-        raise MpillamaError(f"model {path} does not exist: give the path of a {ACCEPTED}")
-    if path.is_dir():
+    """'gguf' | 'dllama' | 'hf' from the content (never the name), or an error saying what was found.
+
+    What the path is comes first, from os.stat: a FIFO or a device is refused without opening it."""
+    if kind_of(path, "model", f"give the path of a {ACCEPTED}") == "dir":
         if (path / "config.json").is_file():
             return "hf"
         raise MpillamaError(f"model {path} is a folder without config.json: give a {ACCEPTED}")
@@ -78,15 +80,16 @@ def detect_format(path: Path) -> str:
 def open_model(path: str | Path) -> ModelFile:
     """Open a model file or folder with the reader its content calls for."""
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "gguf":
-        from mpillama.formats.gguf import GGUFModel
+    with reading(path, "the file is damaged or not a model mpillama reads; download or convert it again"):
+        fmt = detect_format(path)
+        if fmt == "gguf":
+            from mpillama.formats.gguf import GGUFModel
 
-        return GGUFModel(path)
-    if fmt == "dllama":
-        from mpillama.formats.dllama import DllamaModel
+            return GGUFModel(path)
+        if fmt == "dllama":
+            from mpillama.formats.dllama import DllamaModel
 
-        return DllamaModel(path)
-    from mpillama.formats.hf import HFModel
+            return DllamaModel(path)
+        from mpillama.formats.hf import HFModel
 
-    return HFModel(path)
+        return HFModel(path)

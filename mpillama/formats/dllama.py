@@ -46,6 +46,7 @@ from mpillama.formats.tensors import (
     TensorData,
     TensorInfo,
     check_tensors,
+    check_vectors,
     config_error,
     halves_to_pairs_rows,
     map_file,
@@ -97,6 +98,13 @@ def dllama_layout(cfg: ModelConfig, weight_kind: str) -> list[TensorInfo]:
         out += [TensorInfo(b + "attn_norm", f, (cfg.dim,)), TensorInfo(b + "ffn_norm", f, (cfg.dim,))]
     out += [TensorInfo("output_norm", f, (cfg.dim,)), TensorInfo("output", w, (cfg.vocab_size, cfg.dim))]
     return out
+
+
+def layer_bytes(cfg: ModelConfig, weight_kind: str) -> int:
+    """Bytes of one layer's tensors in a .m file, from the config alone."""
+    matrices = 2 * cfg.q_dim * cfg.dim + 2 * cfg.kv_dim * cfg.dim + 3 * cfg.hidden_dim * cfg.dim
+    vectors = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    return row_bytes(weight_kind, matrices) + 4 * vectors
 
 
 def _nbytes(info: TensorInfo) -> int:
@@ -206,6 +214,13 @@ class DllamaModel(MappedTensors):
         self.metadata: dict[str, object] = {"header_size": header_size, **values}
         self._data: dict[str, TensorData] = {}
         offset, size = header_size, len(self._buf)
+        layers = self.config.n_layers * layer_bytes(self.config, kind)
+        if layers > size - header_size:  # said before the layout is built (a damaged n_layers can be 2^31)
+            raise MpillamaError(
+                f"{self.path}: the header describes {self.config.n_layers} layers (n_layers, key 4) of "
+                f"{layer_bytes(self.config, kind)} bytes but the file has {size - header_size} bytes after its header: "
+                "the header is damaged or the file incomplete; convert or download it again"
+            )
         for info in dllama_layout(self.config, kind):
             n = _nbytes(info)
             if offset + n > size:
@@ -220,6 +235,7 @@ class DllamaModel(MappedTensors):
                                 f"(offset {offset}): the header does not describe this file; re-convert it")
         self.tensors = {name: d.info for name, d in self._data.items()}
         check_tensors(self.path, self.config, self.tensors)
+        check_vectors(self.path, self._data)
         self._notice = Notice(f"mpillama: {self.path}: requantizing Q80 tensors to Q40 at load")
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
@@ -398,6 +414,8 @@ def read_dllama_tokenizer(path: str | Path) -> DllamaVocab:
         if h.get("chat_template", 0) > 0:
             template = r.take(h["chat_template"], "the chat template").decode("utf-8", errors="replace")
         n_eos = h.get("n_eos_tokens", 0)
+        if n_eos < 0:
+            raise MpillamaError(f"{path}: the header gives {n_eos} eos tokens (key 9): the file is damaged")
         eos += list(r.unpack(f"<{n_eos}i", "the eos token ids"))
         add_bos = h.get("add_bos", 1) == 1
     else:
@@ -415,6 +433,9 @@ def read_dllama_tokenizer(path: str | Path) -> DllamaVocab:
         raise MpillamaError(f"{path}: {len(r.data) - r.pos} unexpected bytes after token {vocab_size - 1} "
                             f"(offset {r.pos}): the header's vocab_size does not match the file; "
                             "regenerate the tokenizer")
+    if not 0 <= bos < vocab_size:
+        raise MpillamaError(f"{path}: bos_id {bos} is outside the vocabulary of {vocab_size} tokens: "
+                            "the file is damaged; regenerate the tokenizer")
     return DllamaVocab(tokens, scores, bos, eos, template, add_bos, max_len)
 
 

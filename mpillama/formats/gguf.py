@@ -10,11 +10,12 @@ Why not gguf.GGUFReader: it builds one numpy view per string, so a file with a 1
 vocabulary takes ~9 s to open, and a damaged file fails with an IndexError or a reshape error
 instead of the offset where it breaks. The `gguf` package is still used for its type tables,
 its dequantizers, and (in synth.py) its writer. Imports nothing from mpillama but config,
-errors, quant and formats.tensors.
+errors, files, quant and formats.tensors.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,16 @@ from gguf.quants import dequantize
 
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
+from mpillama.files import shown
 from mpillama.formats.tensors import (
     MappedTensors,
     Notice,
     TensorData,
     TensorInfo,
+    check_disjoint,
     check_extent,
     check_tensors,
+    check_vectors,
     config_error,
     fit_llama3_scaling,
     map_file,
@@ -63,6 +67,13 @@ _KIND_OF_TYPE = {
 }
 ARCH_ROPE_STYLE = {"llama": "pairs", "qwen3": "halves"}  # GGUF llama rows are permuted for pairs
 SMALL_ARRAY = 64  # longer arrays are summarised in `metadata` (the tokenizer tables)
+MAX_KEY_BYTES = 65535  # the GGUF specification's limit on a metadata key
+MAX_NAME_BYTES = 63  # llama.cpp's limit on a tensor name (GGML_MAX_NAME 64, with its terminating zero)
+INT_TYPES = frozenset({T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_UINT64, T_INT64})
+FLOAT_TYPES = frozenset({T_FLOAT32, T_FLOAT64})
+TYPE_NAMES = {T_UINT8: "uint8", T_INT8: "int8", T_UINT16: "uint16", T_INT16: "int16", T_UINT32: "uint32",
+              T_INT32: "int32", T_FLOAT32: "float32", T_BOOL: "bool", T_STRING: "string", T_ARRAY: "array",
+              T_UINT64: "uint64", T_INT64: "int64", T_FLOAT64: "float64"}  # fmt: skip
 
 
 @dataclass
@@ -146,39 +157,44 @@ class _Cursor:
         start = self.need(struct.calcsize(fmt), what)
         return struct.unpack_from(fmt, self.mv, start)[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str:
+        at = self.pos
         n = self.scalar(T_UINT64, what + " length")
+        if limit is not None and n > limit:
+            raise MpillamaError(f"{self.path}: {what} at offset {at} is {n} bytes long; at most {limit} are allowed: "
+                                "the file is damaged; download or convert it again")
         start = self.need(n, what)
         return bytes(self.mv[start : start + n]).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str) -> GGUFValue:
+        key = shown(key)
         if vtype in _SCALAR_FMT:
-            return GGUFValue(vtype, self.scalar(vtype, f"value of {key!r}"))
+            return GGUFValue(vtype, self.scalar(vtype, f"value of {key}"))
         if vtype == T_STRING:
-            return GGUFValue(vtype, self.string(f"value of {key!r}"))
+            return GGUFValue(vtype, self.string(f"value of {key}"))
         if vtype == T_ARRAY:
             at = self.pos
-            sub = self.scalar(T_UINT32, f"element type of {key!r}")
-            count = self.scalar(T_UINT64, f"length of {key!r}")
+            sub = self.scalar(T_UINT32, f"element type of {key}")
+            count = self.scalar(T_UINT64, f"length of {key}")
             if sub in _NP_DTYPE:
                 dt = np.dtype(_NP_DTYPE[sub])
-                start = self.need(count * dt.itemsize, f"{count} elements of {key!r}")
+                start = self.need(count * dt.itemsize, f"{count} elements of {key}")
                 return GGUFValue(vtype, np.frombuffer(self.buf, dt, count, start).copy(), sub)
             if sub == T_STRING:
                 return GGUFValue(vtype, self._strings(key, count), sub)
             raise MpillamaError(
-                f"{self.path}: metadata {key!r} at offset {at} is an array of type {sub}, which mpillama cannot "
+                f"{self.path}: metadata {key} at offset {at} is an array of type {sub}, which mpillama cannot "
                 "read (nested arrays): the file is damaged or from a newer GGUF writer"
             )
         raise MpillamaError(
-            f"{self.path}: metadata {key!r} has unknown value type {vtype} at offset {self.pos - 4}: "
+            f"{self.path}: metadata {key} has unknown value type {vtype} at offset {self.pos - 4}: "
             "the file is damaged or not a GGUF file mpillama understands"
         )
 
     def _strings(self, key: str, count: int) -> LazyStrings | list[str]:
-        """Walk over `count` strings (checking lengths); keep long arrays lazy."""
+        """Walk over `count` strings (checking lengths); keep long arrays lazy. key: quoted already."""
         if count * 8 > self.size - self.pos:  # each string has an 8-byte length: say so before walking them
-            self.need(count * 8, f"{count} strings of {key!r}")
+            self.need(count * 8, f"{count} strings of {key}")
         start, pos, size, mv = self.pos, self.pos, self.size, self.mv
         unpack = struct.Struct("<Q").unpack_from
         for i in range(count):
@@ -191,7 +207,7 @@ class _Cursor:
                 lazy = LazyStrings(self.buf, start, count)
                 return lazy if count > SMALL_ARRAY else lazy.decode()
         raise MpillamaError(
-            f"{self.path}: truncated at offset {min(pos, size)}: string {i} of {key!r} runs past the end of the "
+            f"{self.path}: truncated at offset {min(pos, size)}: string {i} of {key} runs past the end of the "
             f"file ({size} bytes): the file is incomplete or damaged; download or convert it again"
         )
 
@@ -219,22 +235,29 @@ def read_gguf_header(path: Path, buf: np.ndarray | None = None) -> GGUFHeader:
                             f"{cur.size} bytes can hold: the file is damaged")
     kv: dict[str, GGUFValue] = {}
     for _ in range(n_kv):
-        key = cur.string("a metadata key")
-        kv[key] = cur.value(cur.scalar(T_UINT32, f"the type of {key!r}"), key)
+        at = cur.pos
+        key = cur.string("a metadata key", MAX_KEY_BYTES)
+        if key in kv:
+            raise MpillamaError(f"{path}: metadata key {shown(key)} at offset {at} appears twice: the file is damaged")
+        kv[key] = cur.value(cur.scalar(T_UINT32, f"the type of {shown(key)}"), key)
     entries = []
     for _ in range(n_tensors):
         at = cur.pos
-        name = cur.string("a tensor name")
+        name = cur.string("a tensor name", MAX_NAME_BYTES)
         n_dims = cur.scalar(T_UINT32, f"the rank of tensor {name!r}")
         if not 1 <= n_dims <= 4:
             raise MpillamaError(f"{path}: tensor {name!r} (info at offset {at}) has {n_dims} dimensions: "
                                 "GGUF allows 1 to 4; the file is damaged")
         ne = tuple(cur.scalar(T_UINT64, f"dimensions of {name!r}") for _ in range(n_dims))
+        if min(ne) == 0 or int(np.prod(ne, dtype=object)) >= 2**63:
+            raise MpillamaError(f"{path}: tensor {name!r} (info at offset {at}) has dimensions {ne}: "
+                                "the file is damaged; download or convert it again")
         gtype = cur.scalar(T_UINT32, f"the type of {name!r}")
         rel = cur.scalar(T_UINT64, f"the data offset of {name!r}")
         entries.append((name, gtype, ne, rel, at))
-    align_v = kv.get("general.alignment")
-    alignment = int(align_v.value) if align_v is not None else DEFAULT_ALIGNMENT
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in kv:
+        alignment = int_value(path, "general.alignment", kv["general.alignment"])
     if alignment <= 0 or alignment & (alignment - 1):
         raise MpillamaError(f"{path}: general.alignment is {alignment}, not a power of two: the file is damaged")
     data_start = -(-cur.pos // alignment) * alignment
@@ -286,27 +309,61 @@ def gguf_tensors(path: Path, header: GGUFHeader, buf: np.ndarray) -> dict[str, T
         if len(shape) > 2:  # stored rows are what matter; fold the outer dimensions together
             shape = (int(np.prod(shape[:-1])), shape[-1])
         info = TensorInfo(_canonical(e.name), kind, shape)
+        if info.name in out:
+            raise MpillamaError(f"{path}: tensor {e.name!r} (info at offset {e.info_offset}) appears twice: "
+                                "the file is damaged")
         data = TensorData(info, buf, e.offset, None if kind in _KIND_OF_TYPE.values() else e.ggml_type, block)
         check_extent(path, e.name, e.offset, data.nbytes, len(buf))
         out[info.name] = data
+    check_disjoint(path, {e.name: (d.offset, d.nbytes) for e, d in zip(header.tensors, out.values())})
     return out
 
 
 # ---------------------------------------------------------------- config
 
 
-def _get(path: Path, kv: dict[str, GGUFValue], key: str, default: Any = None, required: bool = True) -> Any:
+def _describe(v: GGUFValue) -> str:
+    """A metadata value as a message shows it: its GGUF type and (shortened) value."""
+    if v.vtype == T_ARRAY:
+        return f"an array of {v.count()} {TYPE_NAMES.get(v.sub_type or -1, '?')}"
+    return f"{TYPE_NAMES[v.vtype]} {shown(v.get())}"
+
+
+def int_value(path: Path, key: str, v: GGUFValue) -> int:
+    """An integer-typed metadata value (any GGUF integer width; not bool, float or string)."""
+    if v.vtype not in INT_TYPES:
+        raise MpillamaError(f"{path}: metadata {key!r} is {_describe(v)}, where GGUF stores an integer: "
+                            "the file is damaged or not written by llama.cpp; re-convert it")
+    return int(v.value)
+
+
+def float_value(path: Path, key: str, v: GGUFValue) -> float:
+    """A finite number (float or integer typed)."""
+    if v.vtype not in FLOAT_TYPES | INT_TYPES or not math.isfinite(v.value):
+        raise MpillamaError(f"{path}: metadata {key!r} is {_describe(v)}, where GGUF stores a finite number: "
+                            "the file is damaged; re-convert it")
+    return float(v.value)
+
+
+def _get(path: Path, kv: dict[str, GGUFValue], key: str, kind: type, default: Any = None) -> Any:
+    """Metadata `key` as `kind` (int, float or str); `default` when missing (None: required)."""
     v = kv.get(key)
     if v is None:
-        if required and default is None:
+        if default is None:
             raise MpillamaError(f"{path}: metadata key {key!r} is missing: the file is not a complete "
                                 "llama.cpp model; re-convert it with convert_hf_to_gguf.py")
         return default
-    value = v.get()
-    if isinstance(value, list):
+    if v.vtype == T_ARRAY and v.sub_type in INT_TYPES | FLOAT_TYPES:
         raise MpillamaError(f"{path}: metadata {key!r} is a per-layer list, which mpillama does not run; "
                             "use a model with the same value in every layer")
-    return value
+    if kind is int:
+        return int_value(path, key, v)
+    if kind is float:
+        return float_value(path, key, v)
+    if v.vtype != T_STRING:
+        raise MpillamaError(f"{path}: metadata {key!r} is {_describe(v)}, where GGUF stores a string: "
+                            "the file is damaged; re-convert it")
+    return v.value
 
 
 def _tidy(x: float) -> float:
@@ -315,18 +372,18 @@ def _tidy(x: float) -> float:
 
 
 def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorData]) -> ModelConfig:
-    arch = _get(path, kv, "general.architecture")
+    arch = _get(path, kv, "general.architecture", str)
     if arch not in ARCH_ROPE_STYLE:
-        raise MpillamaError(f"{path}: architecture {arch!r}: mpillama runs llama and qwen3 models")
+        raise MpillamaError(f"{path}: architecture {shown(arch)}: mpillama runs llama and qwen3 models")
 
-    def key(name: str, default: Any = None) -> Any:
-        return _get(path, kv, f"{arch}.{name}", default)
+    def key(name: str, default: Any = None, kind: type = int) -> Any:
+        return _get(path, kv, f"{arch}.{name}", kind, default)
 
-    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", dim // max(1, n_heads)))
-    if int(key("attention.value_length", head_dim)) != head_dim:
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", dim // max(1, n_heads))
+    if key("attention.value_length", head_dim) != head_dim:
         raise MpillamaError(f"{path}: key_length {head_dim} differs from value_length: mpillama needs them equal")
-    if int(key("rope.dimension_count", head_dim)) != head_dim:
+    if key("rope.dimension_count", head_dim) != head_dim:
         raise MpillamaError(f"{path}: rope.dimension_count differs from the head size {head_dim} (partial rope): "
                             "mpillama rotates whole heads only")
     embd = tensors.get("token_embd")
@@ -334,19 +391,19 @@ def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorD
         raise MpillamaError(f"{path}: tensor 'token_embd' is missing: the file is incomplete or not a {arch} model; "
                             "re-convert it")
     vocab = embd.info.shape[0]  # the table is what the forward pass indexes (vocabularies may be padded)
-    theta = _tidy(key("rope.freq_base", 10000.0))
+    theta = _tidy(key("rope.freq_base", 10000.0, float))
     try:
         return ModelConfig(
             arch=arch,
             dim=dim,
-            hidden_dim=int(key("feed_forward_length")),
-            n_layers=int(key("block_count")),
+            hidden_dim=key("feed_forward_length"),
+            n_layers=key("block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+            n_kv_heads=key("attention.head_count_kv", n_heads),
             head_dim=head_dim,
             vocab_size=vocab,
-            seq_len=int(key("context_length")),
-            norm_eps=_tidy(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            seq_len=key("context_length"),
+            norm_eps=_tidy(key("attention.layer_norm_rms_epsilon", 1e-5, float)),
             rope_theta=theta,
             rope_style=ARCH_ROPE_STYLE[arch],
             rope_scaling=_rope_scaling(path, arch, kv, tensors, head_dim, theta),
@@ -360,15 +417,22 @@ def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorD
 def _rope_scaling(
     path: Path, arch: str, kv: dict[str, GGUFValue], tensors: dict[str, TensorData], head_dim: int, theta: float
 ) -> RopeScaling | None:
-    """Llama 3.1 scaling from {arch}.rope.scaling.* keys (type 'llama3'), else from a rope_freqs tensor."""
+    """Llama 3.1 scaling from {arch}.rope.scaling.* keys (type 'llama3'), else from a rope_freqs tensor.
+
+    Other scaling types change the positions the model was trained on; running them unscaled would
+    give wrong text, so they are refused (a 'linear' factor of 1 scales nothing and is accepted)."""
     p = f"{arch}.rope.scaling."
-    if _get(path, kv, p + "type", "", required=False) == "llama3":
+    kind = _get(path, kv, p + "type", str, "none")
+    if kind == "llama3":
         return RopeScaling(
-            factor=_tidy(_get(path, kv, p + "factor")),
-            low_freq_factor=_tidy(_get(path, kv, p + "low_freq_factor")),
-            high_freq_factor=_tidy(_get(path, kv, p + "high_freq_factor")),
-            original_max_position=int(_get(path, kv, p + "original_context_length")),
+            factor=_tidy(_get(path, kv, p + "factor", float)),
+            low_freq_factor=_tidy(_get(path, kv, p + "low_freq_factor", float)),
+            high_freq_factor=_tidy(_get(path, kv, p + "high_freq_factor", float)),
+            original_max_position=_get(path, kv, p + "original_context_length", int),
         )
+    if kind not in ("none", "linear") or (kind == "linear" and _get(path, kv, p + "factor", float, 1.0) != 1.0):
+        raise MpillamaError(f"{path}: rope scaling type {shown(kind)}{' with a factor' * (kind == 'linear')}: "
+                            "mpillama runs Llama 3.1 ('llama3') rope scaling or none; use another model")
     if "rope_freqs" in tensors:
         return fit_llama3_scaling(path, tensors["rope_freqs"].read_f32(), head_dim, theta)
     return None
@@ -397,7 +461,8 @@ class GGUFModel(MappedTensors):
         self._data = gguf_tensors(self.path, header, self._buf)
         self.config = gguf_config(self.path, self._kv, self._data)
         self.tensors = {name: d.info for name, d in self._data.items()}
-        check_tensors(self.path, self.config, self.tensors)
+        check_tensors(self.path, self.config, self.tensors, layers_key=f"{self.config.arch}.block_count")
+        check_vectors(self.path, self._data)
         self.metadata: dict[str, object] = {"GGUF.version": header.version}
         self.metadata.update({k: _summary(v) for k, v in self._kv.items()})
         foreign = sorted({_type_name(d) for d in self._data.values() if requantizes(d.info.kind)})

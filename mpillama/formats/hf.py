@@ -10,12 +10,13 @@ Hugging Face llama q/k rows are in the 'halves' rope layout (llama.cpp permutes 
 'pairs' when it converts to GGUF); qwen3 is 'halves' everywhere. The tokenizer (tokenizer.json)
 is not read here: tokenizer_metadata() returns None.
 
-Imports numpy and mpillama atomic/config/errors/formats.tensors. Never mpi4py.
+Imports numpy and mpillama atomic/config/errors/files/formats.tensors. Never mpi4py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ import numpy as np
 from mpillama.atomic import atomic_write
 from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
+from mpillama.files import shown
 from mpillama.formats.tensors import (
     MappedTensors,
     TensorData,
     TensorInfo,
+    check_disjoint,
     check_tensors,
+    check_vectors,
     config_error,
     expected_tensors,
     map_file,
@@ -88,48 +92,83 @@ def _json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise MpillamaError(f"{path}: cannot read it as JSON ({e}): fix or re-download the file") from None
+        raise MpillamaError(f"{path}: cannot read it as JSON ({shown(str(e))}): fix or re-download the file") from None
     if not isinstance(data, dict):
         raise MpillamaError(f"{path}: expected a JSON object: fix or re-download the file")
     return data
 
 
+class _Settings:
+    """config.json values by the kind of JSON value they must be, with the key named when one is not."""
+
+    def __init__(self, path: Path, c: dict[str, Any]) -> None:
+        self.path, self.c = path, c
+
+    def _bad(self, key: str, kind: str) -> MpillamaError:
+        return MpillamaError(f"{self.path}: {key!r} is {shown(self.c[key])}, where config.json holds {kind}: "
+                             "the file is damaged; fix or re-download it")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value, or default when missing or null (None: required)."""
+        if self.c.get(key) is None:
+            if default is None:
+                raise MpillamaError(f"{self.path}: {key!r} is missing: the folder's config.json is incomplete; "
+                                    "re-download it")
+            return default
+        return self.c[key]
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(key, "an integer")
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise self._bad(key, "a finite number")
+        return float(value)
+
+    def typed(self, key: str, kind: type, default: Any) -> Any:
+        value = self.get(key, default)
+        if not isinstance(value, kind):
+            raise self._bad(key, {list: "a list", dict: "an object", str: "a string", bool: "true or false"}[kind])
+        return value
+
+
 def hf_config(path: Path, c: dict[str, Any], has_lm_head: bool) -> ModelConfig:
     """ModelConfig from a parsed config.json (path: the file, for messages)."""
-    by_type = MODEL_TYPES.get(c.get("model_type", ""))
-    arch = next((ARCHS[a] for a in c.get("architectures") or [] if a in ARCHS), by_type)
+    cs = _Settings(path, c)
+    architectures = cs.typed("architectures", list, [])
+    model_type = c.get("model_type")
+    by_type = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    arch = next((ARCHS[a] for a in architectures if isinstance(a, str) and a in ARCHS), by_type)
     if arch is None:
-        raise MpillamaError(f"{path}: architecture {c.get('architectures') or c.get('model_type')}: mpillama runs "
+        raise MpillamaError(f"{path}: architecture {shown(architectures or model_type)}: mpillama runs "
                             "LlamaForCausalLM and Qwen3ForCausalLM models")
     if c.get("hidden_act", "silu") != "silu":
-        raise MpillamaError(f"{path}: hidden_act {c['hidden_act']!r}: mpillama runs silu models only")
+        raise MpillamaError(f"{path}: hidden_act {shown(c['hidden_act'])}: mpillama runs silu models only")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise MpillamaError(f"{path}: the model has attention/mlp biases, which mpillama does not run")
-
-    def need(key: str) -> Any:
-        if key not in c:
-            raise MpillamaError(f"{path}: {key!r} is missing: the folder's config.json is incomplete; re-download it")
-        return c[key]
-
-    rope_params = c.get("rope_parameters") or {}  # newer transformers keep rope settings here
-    dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    rope_params = _Settings(path, cs.typed("rope_parameters", dict, {}))  # newer transformers keep rope settings here
+    dim, n_heads = cs.int("hidden_size"), cs.int("num_attention_heads")
     try:
         return ModelConfig(
             arch=arch,
             dim=dim,
-            hidden_dim=int(need("intermediate_size")),
-            n_layers=int(need("num_hidden_layers")),
+            hidden_dim=cs.int("intermediate_size"),
+            n_layers=cs.int("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+            n_kv_heads=cs.int("num_key_value_heads", n_heads),
             # Qwen3's head_dim is its own setting (128 with dim 1024 and 16 heads), not dim / n_heads
-            head_dim=int(c.get("head_dim") or dim // n_heads),
-            vocab_size=int(need("vocab_size")),
-            seq_len=int(need("max_position_embeddings")),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            head_dim=cs.int("head_dim", dim // n_heads if n_heads > 0 else 0),
+            vocab_size=cs.int("vocab_size"),
+            seq_len=cs.int("max_position_embeddings"),
+            norm_eps=cs.number("rms_norm_eps", 1e-6),
+            rope_theta=cs.number("rope_theta", rope_params.number("rope_theta", 10000.0)),
             rope_style="halves",
-            rope_scaling=_rope_scaling(path, c.get("rope_scaling") or rope_params),
-            tied_embeddings=bool(c.get("tie_word_embeddings", False)) and not has_lm_head,
+            rope_scaling=_rope_scaling(path, cs.typed("rope_scaling", dict, {}) or rope_params.c),
+            tied_embeddings=cs.typed("tie_word_embeddings", bool, False) and not has_lm_head,
             qk_norm=arch == "qwen3",
         )
     except MpillamaError as e:
@@ -141,20 +180,27 @@ def _rope_scaling(path: Path, s: dict[str, Any]) -> RopeScaling | None:
     if kind in (None, "default"):
         return None
     if kind != "llama3":
-        raise MpillamaError(f"{path}: rope scaling type {kind!r}: mpillama runs 'llama3' scaling or none")
+        raise MpillamaError(f"{path}: rope scaling type {shown(kind)}: mpillama runs 'llama3' scaling or none")
+    rs = _Settings(path, s)
     return RopeScaling(
-        factor=float(s["factor"]),
-        low_freq_factor=float(s["low_freq_factor"]),
-        high_freq_factor=float(s["high_freq_factor"]),
-        original_max_position=int(s["original_max_position_embeddings"]),
+        factor=rs.number("factor"),
+        low_freq_factor=rs.number("low_freq_factor"),
+        high_freq_factor=rs.number("high_freq_factor"),
+        original_max_position=rs.int("original_max_position_embeddings"),
     )
 
 
 # ---------------------------------------------------------------- safetensors
 
 
+def _is_ints(x: object, n: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of length n if given)."""
+    return (isinstance(x, list) and (n is None or len(x) == n)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x))  # fmt: skip
+
+
 def safetensors_entries(path: Path, buf: np.ndarray) -> dict[str, TensorData]:
-    """HF name -> TensorData for one .safetensors file, every dtype and extent checked."""
+    """HF name -> TensorData for one .safetensors file, every dtype, shape and extent checked."""
     size = len(buf)
     if size < 8:
         raise MpillamaError(f"{path}: truncated at offset 0: a safetensors file needs an 8-byte header length")
@@ -164,27 +210,38 @@ def safetensors_entries(path: Path, buf: np.ndarray) -> dict[str, TensorData]:
                             "the file is incomplete; download it again")
     try:
         header = json.loads(bytes(buf[8 : 8 + n]))
-    except ValueError as e:
-        raise MpillamaError(f"{path}: the safetensors header (offsets 8..{8 + n}) is not JSON ({e}): "
+    except ValueError as e:  # UnicodeDecodeError included
+        raise MpillamaError(f"{path}: the safetensors header (offsets 8..{8 + n}) is not JSON ({shown(str(e))}): "
                             "the file is damaged or not safetensors") from None
+    if not isinstance(header, dict):
+        raise MpillamaError(f"{path}: the safetensors header (offsets 8..{8 + n}) is not a JSON object: "
+                            "the file is damaged or not safetensors")
     out: dict[str, TensorData] = {}
+    extents: dict[str, tuple[int, int]] = {}
     for name, e in header.items():
         if name == "__metadata__":
             continue
-        if e.get("dtype") not in DTYPES:
-            raise MpillamaError(f"{path}: tensor {name!r} has dtype {e.get('dtype')!r}: mpillama reads F32, F16 and "
+        if not (isinstance(e, dict) and _is_ints(e.get("shape")) and _is_ints(e.get("data_offsets"), 2)):
+            raise MpillamaError(f"{path}: tensor {shown(name)} is described by {shown(e)}, not a dtype, a shape and "
+                                "two data offsets: the file is damaged; download it again")
+        dtype = e.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise MpillamaError(f"{path}: tensor {shown(name)} has dtype {shown(dtype)}: mpillama reads F32, F16 and "
                                 "BF16 safetensors; convert the checkpoint to one of those")
-        kind, item = DTYPES[e["dtype"]]
-        shape = tuple(int(d) for d in e["shape"])
-        begin, end = (int(x) for x in e["data_offsets"])
-        if end - begin != int(np.prod(shape)) * item:
-            raise MpillamaError(f"{path}: tensor {name!r} spans {end - begin} bytes but its shape {shape} needs "
-                                f"{int(np.prod(shape)) * item}: the file is damaged")
+        kind, item = DTYPES[dtype]
+        shape = tuple(e["shape"])
+        begin, end = e["data_offsets"]
+        needs = math.prod(shape) * item
+        if end - begin != needs:
+            raise MpillamaError(f"{path}: tensor {shown(name)} spans bytes [{begin}, {end}) of the data but its shape "
+                                f"{shape} needs {needs}: the file is damaged")
         if 8 + n + end > size:
-            raise MpillamaError(f"{path}: truncated: tensor {name!r} needs bytes [{8 + n + begin}, {8 + n + end}) "
+            raise MpillamaError(f"{path}: truncated: tensor {shown(name)} needs bytes [{8 + n + begin}, {8 + n + end}) "
                                 f"but the file ends at {size}: the file is incomplete; download it again")
+        extents[name] = (8 + n + begin, needs)
         if len(shape) == 2 or len(shape) == 1:
             out[name] = TensorData(TensorInfo(canonical_name(name), kind, shape), buf, 8 + n + begin)
+    check_disjoint(path, extents)
     return out
 
 
@@ -192,7 +249,7 @@ def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = _json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise MpillamaError(f"{index}: no weight_map: the index is damaged; re-download it")
         files = [folder / f for f in sorted(set(weight_map.values()))]
         missing = [f for f in files if not f.is_file()]
@@ -219,7 +276,9 @@ class HFModel(MappedTensors):
                 self._data[d.info.name] = d
         self.config = hf_config(self.path / "config.json", raw, "output" in self._data)
         self.tensors = {name: d.info for name, d in self._data.items()}
-        check_tensors(self.path, self.config, self.tensors, hint=" (or download the missing shard)")
+        check_tensors(self.path, self.config, self.tensors, hint=" (or download the missing shard)",
+                      layers_key="num_hidden_layers in config.json")
+        check_vectors(self.path, self._data)
         self.metadata: dict[str, object] = dict(raw)
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
