@@ -148,7 +148,12 @@ def chat_loop(engine: Any, system: str | None, steps: int, sampler: Any, lines: 
         messages.append({"role": "user", "content": line.rstrip("\n")})
         rendered = render_chat(tok.chat_template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
                                add_generation_prompt=True, arch_hint=engine.cfg.arch)
-        ids = tok.encode(rendered)  # adds BOS only if the template did not write it
+        try:
+            ids = tok.encode(rendered)  # adds BOS only if the template did not write it
+        except MpillamaError as e:  # e.g. bytes that are not UTF-8: refuse this line, keep the chat
+            say(0, f"mpillama: {e}")
+            messages.pop()
+            continue
         try:
             last = engine.generate(ids, steps, sampler, on_text=write)
         except ContextFull as e:

@@ -130,7 +130,7 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MpillamaError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
-        if self.sync_timeout <= 0:
+        if not 0 < self.sync_timeout < float("inf"):
             raise MpillamaError(f"--sync-timeout must be positive seconds, not {self.sync_timeout}")
         check_sampling(self.temperature, self.top_p, self.top_k)
         if isinstance(self.rank_weights, tuple) and not all(0 < w < float("inf") for w in self.rank_weights):

@@ -119,6 +119,7 @@ def chat(args: argparse.Namespace, run: RunConfig) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         say(comm.rank, f"mpillama: {CHAT_HELP}")
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused by the tokenizer, not fatal
 
     def prompt() -> None:
         if interactive:

@@ -142,3 +142,17 @@ def test_chat_commands_end_and_reset_without_end_of_input(models: dict[str, Path
     answers = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(answers) == 2 and answers[0] == answers[1], done.stdout  # a reset conversation answers alike
     assert "new conversation" in done.stderr and "/exit or /quit" in done.stderr
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(models: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    script = b"Hello\n\xff\xfe not text\nHello\n/exit\n"
+    done = subprocess.run([sys.executable, "-m", "mpillama", "chat", "--model", str(models["tiny-q40"]), "--steps", "5"],
+                          input=script, capture_output=True, timeout=300)
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, stderr
+    answers = [line for line in done.stdout.decode(errors="replace").splitlines() if line.strip()]
+    assert len(answers) == 2, answers
+    assert "UTF-8" in stderr and "Traceback" not in stderr, stderr
