@@ -8,8 +8,8 @@ Root only. One rank per host, one thread per rank, mpirun by hostfile through th
 launch agent; the switch adds the one-way delay D (and the rate) to every link. Per point:
 prefill and decode tok/s of `mpillama bench --json` (median of --repeat inside one run), rank 0's
 sync ms per decode token, and each figure's ratio to the first D (0 by default) at the same hosts
-and sync. --rounds R runs every system R times per point, interleaved (star, allreduce, auto,
-distributed-llama, then again), and takes the median of each figure over the rounds.
+and sync. --rounds R runs the whole grid R times, interleaved (every D and system once per round),
+and takes the median of each figure over the rounds.
 First, per D, the MPI round trip of an 8-byte message between node0 and node1 (median and best
 of 2000), and how late the switch let delayed frames go. --hop also measures that round trip
 through a kernel bridge: half the difference is the switch's own cost per hop.
@@ -65,6 +65,18 @@ def mpi_rtt(cluster: Cluster, rounds: int = 2000) -> tuple[float, float]:
         raise SystemExit(f"ping-pong failed: {done.stderr[-2000:]}")
     median, best = (float(x) for x in done.stdout.split()[-2:])
     return median, best
+
+
+def link_report(cluster: Cluster, d: float) -> float:
+    """Print the MPI round trip at this D and how late the switch let delayed frames go; the median, us."""
+    before = cluster.switch_stats()
+    med, best = mpi_rtt(cluster)
+    after = cluster.switch_stats()
+    queued = max(after["queued"] - before["queued"], 1)
+    late_us = (after["late_ns_sum"] - before["late_ns_sum"]) / queued / 1e3
+    print(f"MPI round trip through the switch at D = {d:g} ms: median {med:.1f} us, best {best:.1f} us "
+          f"(delayed frames left the switch {late_us:.1f} us late on average)", flush=True)
+    return med
 
 
 def bench_point(cluster: Cluster, hosts: int, sync: str, args: argparse.Namespace) -> dict:
@@ -150,7 +162,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=1, help="mpillama bench's --repeat inside each run")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved runs of every system per point (median)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the grid (median per point)")
     p.add_argument("--dllama", type=Path, help="distributed-llama's `dllama` binary: adds it beside mpillama")
     p.add_argument("--hop", action="store_true", help="also measure the switch's own cost per hop")
     args = p.parse_args()
@@ -166,29 +178,26 @@ def main() -> int:
         with Cluster(2, bridge=True) as bridged:
             med, best = mpi_rtt(bridged)
         print(f"MPI round trip through a kernel bridge: median {med:.1f} us, best {best:.1f} us")
-    rows = []
+    rtts: dict[float, float] = {}
+    runs: dict[tuple[int, float, str], list[dict]] = {}
     with Cluster(max(max(host_counts), 2)) as cluster:
-        for d in delays:
-            cluster.set_links(d, args.rate_gbit)
-            before = cluster.switch_stats()
-            med, best = mpi_rtt(cluster)
-            after = cluster.switch_stats()
-            queued = max(after["queued"] - before["queued"], 1)
-            late_us = (after["late_ns_sum"] - before["late_ns_sum"]) / queued / 1e3
-            print(f"MPI round trip through the switch at D = {d:g} ms: median {med:.1f} us, best {best:.1f} us "
-                  f"(delayed frames left the switch {late_us:.1f} us late on average)", flush=True)
-            for hosts in host_counts:
-                systems = syncs + ([DLLAMA] if peer and not hosts & (hosts - 1) else [])
-                runs: dict[str, list[dict]] = {s: [] for s in systems}
-                for k in range(args.rounds):
-                    for s in systems:
+        # rounds outermost: every D and system once per round, so a host whose load drifts
+        # over the minutes shifts all points of a round alike rather than one D
+        for k in range(args.rounds):
+            for d in delays:
+                cluster.set_links(d, args.rate_gbit)
+                if d not in rtts:
+                    rtts[d] = link_report(cluster, d)
+                for hosts in host_counts:
+                    for s in syncs + ([DLLAMA] if peer and not hosts & (hosts - 1) else []):
                         r = dllama_point(cluster, hosts, peer, args) if s == DLLAMA else bench_point(cluster, hosts, s, args)
-                        runs[s].append(r)
-                        print(f"  {hosts} hosts, D {d:g} ms, round {k + 1}, {s if s == r['sync'] else s + ' -> ' + r['sync']}: "
+                        runs.setdefault((hosts, d, s), []).append(r)
+                        print(f"  round {k + 1}, {hosts} hosts, D {d:g} ms, {s if s == r['sync'] else s + ' -> ' + r['sync']}: "
                               f"prefill {r['prompt_tok_s']:.1f} tok/s, decode {r['gen_tok_s']:.2f} tok/s, "
                               f"rank 0 sync {r['rank0_sync_ms']:.2f} ms/token, load {os.getloadavg()[0]:.1f}", flush=True)
-                rows += [{"hosts": hosts, "delay_ms": d, "sync": s, "rtt_us": med, **median_row(runs[s])} for s in systems]
         stats = cluster.switch_stats()
+    rows = [{"hosts": h, "delay_ms": d, "sync": s, "rtt_us": rtts[d], **median_row(r)}
+            for (h, d, s), r in sorted(runs.items(), key=lambda kv: (kv[0][0], delays.index(kv[0][1])))]
     print_tables(rows, args)
     print(f"switch: {stats['frames']} frames, {stats['drops']} dropped, longest queue {stats['max_queue']} frames, "
           f"latest delayed frame {stats['late_ns_max'] / 1e3:.0f} us after its time")
