@@ -17,8 +17,9 @@ from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
-# every Q40 layout this machine runs (vnni needs AVX-512 VNNI; tiles runs anywhere)
-LAYOUTS = [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES] if kernels.simd_available() else [kernels.LAYOUT_TILES]
+# every Q40 layout this machine runs: vnni on a dot-product path (x86 AVX-512 VNNI, or ARM sdot
+# under tests/aarch64's emulation), tiles anywhere
+LAYOUTS = [kernels.LAYOUT_TILES] if kernels.kernel_path() == "portable" else [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES]
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
@@ -75,7 +76,7 @@ def test_pack_stacks_strided_parts_like_their_concatenation(layout):
 def test_vnni_layout_bytes():
     # Group 0, block 1: row r's byte 4k+i at k*64 + r*4 + i, its f16 scale at 256 + 2r (independent of the kernels)
     if kernels.LAYOUT_VNNI not in LAYOUTS:
-        pytest.skip("no AVX-512 VNNI here")
+        pytest.skip("the portable kernel path runs here")
     rows, nb = 20, 2
     ggml = np.arange(rows * nb * 18, dtype=np.int64).astype(np.uint8).reshape(rows, nb * 18)
     m = kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
@@ -93,9 +94,9 @@ def test_pack_q40_rejects_unknown_or_unavailable_layout(monkeypatch):
     ggml = np.zeros((4, 18), np.uint8)
     with pytest.raises(MpillamaError, match="unknown Q40 layout"):
         kernels.pack_q40(ggml, "rows")
-    monkeypatch.setattr(kernels.q40, "simd_available", lambda: False)  # where pack_q40 looks it up
+    monkeypatch.setattr(kernels.q40, "kernel_path", lambda: "portable")  # where pack_q40 looks it up
     assert kernels.default_layout() == kernels.LAYOUT_TILES
-    with pytest.raises(MpillamaError, match="AVX-512 VNNI"):
+    with pytest.raises(MpillamaError, match="dot-product kernel path"):
         kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
 
 
