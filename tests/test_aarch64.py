@@ -79,6 +79,7 @@ X86_LOOP = """
 fn:
 .LBB0_7:
 \tvmovdqu64\t(%rdi,%rax), %zmm0
+\tvpmovzxbw\t(%rbp,%rcx), %ymm2          # rbp is a general register here, not the stack
 \tvpdpbusd\t128(%rsp), %zmm0, %zmm1     # a stack operand: a load
 \tvpmaddwd\t%ymm2, %ymm3, %ymm4
 \tvfmadd231ps\t%zmm5, %zmm6, %zmm7
@@ -102,7 +103,7 @@ def test_hot_loop_aarch64_is_the_innermost_loop_with_the_most_products():
 
 def test_hot_loop_x86():
     m = asm.hot_loop(X86_LOOP)
-    assert m is not None and (m.arch, m.header, m.instructions) == ("x86_64", ".LBB0_7", 8)
+    assert m is not None and (m.arch, m.header, m.instructions) == ("x86_64", ".LBB0_7", 9)
     assert m.multiply_adds == 64 + 16 + 16  # vpdpbusd zmm: 16 x 4; vpmaddwd ymm: 8 x 2; vfmadd zmm ps: 16
     assert (m.stack_loads, m.stack_stores) == (1, 1)
 

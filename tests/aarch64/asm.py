@@ -67,7 +67,7 @@ class Mix:
     header: str
     instructions: int
     multiply_adds: int  # products computed by vector multiply(-add) instructions
-    stack_loads: int  # loads from [sp/x29 ...] or (%rsp/%rbp): spilled values read back
+    stack_loads: int  # loads from [sp ...] or (%rsp): spilled values read back
     stack_stores: int
     mnemonics: dict[str, int] = field(default_factory=dict)
 
@@ -166,10 +166,10 @@ def products(ins: Instruction, arch: str) -> int:
 def _stack_access(ins: Instruction, arch: str) -> str | None:
     """'load' or 'store' when the instruction reads or writes the stack, else None."""
     if arch == "aarch64":
-        if any(re.match(r"^\[(sp|x29)\b", o) for o in ins.operands):
+        if any(o.startswith("[sp") for o in ins.operands):  # x29 too is a general register in numba's code
             return "load" if ins.mnemonic.startswith("ld") else "store" if ins.mnemonic.startswith("st") else None
         return None
-    stack = [i for i, o in enumerate(ins.operands) if re.search(r"\(%(rsp|rbp)\b", o)]
+    stack = [i for i, o in enumerate(ins.operands) if "(%rsp" in o]  # rbp is a general register in numba's code
     if not stack:
         return None
     return "store" if stack[-1] == len(ins.operands) - 1 and len(ins.operands) > 1 else "load"
@@ -258,8 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", help="write the whole assembly of each kernel to SAVE.NAME.s")
     args = parser.parse_args(argv)
     names = args.kernel or ["_q40_tiles"]
+    from mpillama.errors import MpillamaError  # an unknown layout
     report: dict[str, Any] = {**target(), "layout": args.layout, "T": args.T, "kernels": {}}
-    for name, asm in decode_asm(names, args.layout, args.T).items():
+    try:
+        compiled = decode_asm(names, args.layout, args.T)
+    except (LookupError, MpillamaError) as e:
+        print(f"asm.py: error: {e}", file=sys.stderr)
+        return 2
+    for name, asm in compiled.items():
         if args.save:
             with open(f"{args.save}.{name}.s", "w") as f:
                 f.write(asm)

@@ -206,7 +206,7 @@ def _install(root: Path, log: Log) -> None:
     stamp.unlink(missing_ok=True)
     started = time.monotonic()
     apt = _Apt(log)
-    if "arm64" not in _run(["dpkg", "--print-foreign-architectures"]).split():
+    if "arm64" not in _run(["dpkg", "--print-foreign-architectures"]).stdout.split():
         _run(["dpkg", "--add-architecture", "arm64"])
     known = subprocess.run(["apt-cache", "show", DEB_ROOTS[0]], capture_output=True, check=False).returncode == 0
     if shutil.which(QEMU) is None or not known:
@@ -231,19 +231,20 @@ class _Apt:
 
     def update(self) -> None:
         self.log("aarch64 setup: apt-get update")
-        self.update_output = self.run(["apt-get", "update", "-q"])
+        done = self.run(["apt-get", "update", "-q"])
+        self.update_output = done.stdout + done.stderr  # its warnings: lists it could not fetch
 
-    def run(self, cmd: list[str], cwd: Path | None = None) -> str:
+    def run(self, cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         return _run(cmd, cwd=cwd, env=env, fetch=True, earlier=self.update_output)
 
 
 def _run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, fetch: bool = False,
-         earlier: str = "") -> str:
-    """Run cmd and return its output; raise Unavailable for a registry out of reach, else SetupError."""
+         earlier: str = "") -> subprocess.CompletedProcess:
+    """Run cmd; raise Unavailable when it failed for a registry out of reach, SetupError for any other failure."""
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode == 0:
-        return done.stdout
+        return done
     text = (done.stdout + done.stderr).strip()
     last = text.splitlines()[-1] if text else f"exit code {done.returncode}"
     # apt-get update exits 0 when it could not fetch, so its output counts for the command after it
@@ -256,7 +257,7 @@ def _download_debs(folder: Path, apt: _Apt, log: Log) -> list[Path]:
     """apt-get download the arm64 closure of DEB_ROOTS (recommends and maintainer tooling left out)."""
     flags = ["--recurse", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
              "--no-enhances"]
-    tree = _run(["apt-cache", "depends", *flags, *DEB_ROOTS])
+    tree = _run(["apt-cache", "depends", *flags, *DEB_ROOTS]).stdout
     names = sorted({line for line in tree.splitlines() if line.endswith(":arm64") and not line.startswith(" ")}
                    - {f"{name}:arm64" for name in DEB_SKIP})
     shutil.rmtree(folder, ignore_errors=True)  # only the current versions, nothing left from older runs
