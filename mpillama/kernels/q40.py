@@ -162,24 +162,31 @@ def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> N
     assert out.dtype == np.float32 and out.shape == (T, m.rows) and out.flags.c_contiguous, (
         f"out {out.dtype} {out.shape} (contiguous={out.flags.c_contiguous}), expected f32 ({T}, {m.rows})"
     )
-    n_threads = numba.get_num_threads()
+    kernel, args = _kernel_call(out, m, acts, T, numba.get_num_threads())
+    kernel(*args)
+
+
+def _kernel_call(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int, n_threads: int) -> tuple:
+    """(the kernel, its arguments) that compute matmul_q40(out, m, acts, T) with n_threads numba threads.
+
+    The kernel is the layout's and, for the row-group layout, the kernel path's: only the kernels
+    of the path this process runs are ever compiled (target.py). bench/kernels.py --asm compiles
+    a fresh copy of the kernel to read the assembly of what it calls.
+    """
     if m.layout == LAYOUT_VNNI:
         assert acts.group_nibbles.shape[1] > 0, "these activations were made without the row-group scratch (portable)"
-        # only the kernels of the path this process runs are ever compiled (target.py)
         run, parallel = (_q40s_run, _q40s_parallel) if kernel_path() == ARM_SDOT else (_q40v_run, _q40v_parallel)
         if n_threads > 1:
-            parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.group_nibbles,
-                     acts.group_scales, acts.next_chunk)
-        else:
-            run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.group_nibbles[0],
-                acts.group_scales[0])
-    elif n_threads > 1:
-        _q40_parallel(
+            return parallel, (out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.group_nibbles,
+                              acts.group_scales, acts.next_chunk)
+        return run, (out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.group_nibbles[0],
+                     acts.group_scales[0])
+    if n_threads > 1:
+        return _q40_parallel, (
             out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, n_threads,
             acts.tile_dots, acts.tile_scales, acts.tile_scale_bits, acts.tile_sums, acts.next_chunk,
         )  # fmt: skip
-    else:
-        _q40_tiles(
-            out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0],
-            acts.tile_dots[0], acts.tile_scales[0], acts.tile_scale_bits[0], acts.tile_sums[0],
-        )  # fmt: skip
+    return _q40_tiles, (
+        out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0],
+        acts.tile_dots[0], acts.tile_scales[0], acts.tile_scale_bits[0], acts.tile_sums[0],
+    )  # fmt: skip
