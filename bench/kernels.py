@@ -301,8 +301,9 @@ def print_asm(report: dict[str, dict[str, dict | None]]) -> None:
                 print(f"  {layout:>5} {name:<13} no loop")
                 continue
             top = ", ".join(f"{n} {op}" for op, n in sorted(mix["mnemonics"].items(), key=lambda kv: (-kv[1], kv[0])))
-            print(f"  {layout:>5} {name:<13} {mix['instructions']:4} instructions, {mix['multiply_adds']:5} "
-                  f"multiply-adds ({mix['per_instruction']:.2f} per instruction), {mix['stack_loads']} stack loads: {top}")
+            count = f"{mix['instructions']:4} instructions, {mix['multiply_adds']:5} multiply-adds"
+            print(f"  {layout:>5} {name:<13} {count} ({mix['per_instruction']:.2f} per instruction), "
+                  f"{mix['stack_loads']} stack loads: {top}")
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -406,6 +407,8 @@ def main() -> None:
         "threading_layer": numba.threading_layer() if results or att or scaling else None,
         "layouts": layouts,
         "kernel_path": kernels.kernel_path(),
+        "machine": platform.machine(),
+        "cpu": numba.config.CPU_NAME or llvm_binding.get_host_cpu_name(),
         "stream_mb": ARGS.stream_mb,
         "l3_bytes": l3,
         "numba": numba.__version__,

@@ -1,11 +1,11 @@
-"""aarch64 under emulation (tests/aarch64): kernel tests, a tiny-model generate equal to x86, the hot loop's assembly.
+"""aarch64 under emulation (tests/aarch64): kernel tests, a tiny-model generate equal to x86, the hot loops' assembly.
 
 The emulated tests are marked slow: the first setup downloads ~100 MB (Debian arm64 packages, aarch64
 wheels) and qemu runs Python 50-100x slower than the host. They are skipped only where the emulation
 cannot be set up: not root (and no ready root), or the package registries out of reach. They run a
-subset of the kernel tests; MPILLAMA_AARCH64_FULL=1 runs all of tests/test_kernels.py and
-tests/test_quant.py instead (tests/aarch64/README.md). The assembly parser's own tests use fixed
-snippets and run anywhere, fast.
+subset of the kernel tests and read the hot loops on cortex-a76 only; MPILLAMA_AARCH64_FULL=1 runs
+all of tests/test_kernels.py and tests/test_quant.py instead, and reads the hot loops on cortex-a72
+too (tests/aarch64/README.md). The assembly parser's own tests use fixed snippets and run anywhere, fast.
 """
 
 from __future__ import annotations
@@ -27,17 +27,26 @@ from tests.aarch64.setup import BOARDS, Unavailable, ensure
 REPO = Path(__file__).resolve().parents[1]
 HANG = 3600  # seconds before a stuck emulated run is killed (a guard against hangs, not a timing check)
 
-# Kernel tests run under emulation in CI: every kernel the portable Q40 path compiles (pack,
-# Q80 activations, decode and prefill matmul, the threaded matmul), on small shapes.
+# Kernel tests run under emulation (cortex-a76) in CI: every kernel both Q40 paths compile there
+# (SDOT on the vnni layout, portable on tiles: pack, Q80 activations, decode and prefill matmul,
+# the threaded matmul), on small shapes, and the kernel path's own checks.
 KERNEL_SUBSET = [
     "tests/test_kernels.py::test_pack_unpack_roundtrip[96-257-tiles]",
+    "tests/test_kernels.py::test_pack_unpack_roundtrip[96-257-vnni]",
     "tests/test_kernels.py::test_pack_stacks_strided_parts_like_their_concatenation[tiles]",
+    "tests/test_kernels.py::test_pack_stacks_strided_parts_like_their_concatenation[vnni]",
+    "tests/test_kernels.py::test_vnni_layout_bytes",
+    "tests/test_kernels.py::test_kernel_path_of_this_process_and_forcing_it",
     "tests/test_kernels.py::test_quantize_activations_is_q8_0[shape1]",
     "tests/test_kernels.py::test_activations_from_q80_equal_quantize_activations",
     "tests/test_kernels.py::test_matmul_q40_equals_reference[1thr-1-32-1-tiles]",
     "tests/test_kernels.py::test_matmul_q40_equals_reference[1thr-600-160-5-tiles]",
     "tests/test_kernels.py::test_matmul_q40_equals_reference[2thr-513-64-17-tiles]",
+    "tests/test_kernels.py::test_matmul_q40_equals_reference[1thr-40-2048-1-vnni]",
+    "tests/test_kernels.py::test_matmul_q40_equals_reference[1thr-600-160-5-vnni]",
+    "tests/test_kernels.py::test_matmul_q40_equals_reference[2thr-513-64-17-vnni]",
     "tests/test_kernels.py::test_matmul_q40_int16_extremes[1thr-tiles]",
+    "tests/test_kernels.py::test_matmul_q40_int16_extremes[1thr-vnni]",
     "tests/test_quant.py",
 ]
 FULL = ["tests/test_kernels.py", "tests/test_quant.py"]
@@ -137,15 +146,23 @@ import ctypes, json, platform
 from llvmlite import binding
 libc = ctypes.CDLL(None)
 libc.getauxval.restype = ctypes.c_ulong
-print(json.dumps([platform.machine(), binding.get_host_cpu_name(), bool(libc.getauxval(16) >> 20 & 1)]))
+from mpillama import kernels
+from numba.core import registry
+features = registry.cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+print(json.dumps([platform.machine(), binding.get_host_cpu_name(), bool(libc.getauxval(16) >> 20 & 1),
+                  kernels.kernel_path(), "+dotprod" in features, "-dotprod" in features]))
 """  # AT_HWCAP = 16, HWCAP_ASIMDDP = bit 20
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])
-def test_emulated_cpu_is_the_board(emu, cpu):
-    # LLVM reads the board from the fake cpuinfo, the kernel's HWCAP comes from qemu's CPU model
-    assert json.loads(emulated(emu, ["-c", PROBE], cpu).stdout) == ["aarch64", cpu, BOARDS[cpu].dotprod]
+def test_emulated_cpu_is_the_board_and_picks_its_kernel_path(emu, cpu):
+    # LLVM reads the board from the fake cpuinfo, the kernel's HWCAP comes from qemu's CPU model;
+    # HWCAP picks the kernel path, and numba's target features (part of its cache key) say the same
+    dotprod = BOARDS[cpu].dotprod
+    path = "arm-sdot" if dotprod else "portable"
+    found = json.loads(emulated(emu, ["-c", PROBE], cpu).stdout)
+    assert found == ["aarch64", cpu, dotprod, path, dotprod, not dotprod]
 
 
 @pytest.mark.slow
@@ -162,11 +179,11 @@ GENERATE = ["-m", "mpillama", "generate", "--prompt", "The quick brown fox jumps
 
 @pytest.fixture(scope="module")
 def x86_runs(models, tmp_path_factory) -> dict[str, tuple[str, np.ndarray]]:
-    """{name: (generated text, logits)} on this host: its default Q40 layout (VNNI where the CPU has
-    it) and the portable one (a named CPU without a feature list makes simd_available() False)."""
+    """{name: (generated text, logits)} on this host: its own kernel path (x86-vnni where the CPU has
+    AVX-512 VNNI) and the portable one."""
     folder = tmp_path_factory.mktemp("x86")
     runs = {}
-    for name, extra in (("x86", {}), ("x86-portable", {"NUMBA_CPU_NAME": "host"})):
+    for name, extra in (("x86", {}), ("x86-portable", {"MPILLAMA_KERNELS": "portable"})):
         env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
         out = folder / f"{name}.npy"
         cmd = [sys.executable, *GENERATE, "--model", str(models["tiny-q40"]), "--dump-logits", str(out)]
@@ -185,11 +202,14 @@ def test_x86_layouts_generate_the_same(x86_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])  # with dotprod, and without (the portable path)
+@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])  # with dotprod (SDOT), and without (portable)
 def test_generate_on_aarch64_equals_x86(emu, models, x86_runs, cpu, tmp_path):
-    # Greedy tokens (the text) and every logit bitwise equal to x86's (which equal each other)
+    # Greedy tokens (the text) and every logit bitwise equal to x86's (which equal each other): each
+    # output is the same exact integer block sums, then the same float operations in the same order
     out = tmp_path / "logits.npy"
     done = emulated(emu, [*GENERATE, "--model", str(models["tiny-q40"]), "--dump-logits", str(out)], cpu)
+    path = "arm-sdot" if BOARDS[cpu].dotprod else "portable"
+    assert f"kernels {path}\n" in done.stderr, done.stderr[-2000:]  # the start-up line
     text, logits = x86_runs["x86"]
     assert done.stdout == text, f"{cpu} generated {done.stdout!r}, x86 {text!r}"
     arm = np.load(out)
@@ -197,12 +217,28 @@ def test_generate_on_aarch64_equals_x86(emu, models, x86_runs, cpu, tmp_path):
     assert np.array_equal(arm, logits), f"{cpu}: logits differ by up to {np.abs(arm - logits).max()}"
 
 
+ASM_CPUS = ["cortex-a76", "cortex-a72"] if os.environ.get("MPILLAMA_AARCH64_FULL") else ["cortex-a76"]
+
+
 @pytest.mark.slow
-def test_portable_decode_hot_loop_is_vectorised_on_cortex_a76(emu):
-    # The instruction mix of _q40_tiles's hot loop as compiled for cortex-a76 (printed with -s).
-    report = json.loads(emulated(emu, ["tests/aarch64/asm.py", "--json"]).stdout)
-    assert (report["machine"], report["cpu"]) == ("aarch64", "cortex-a76")
-    entry = report["kernels"]["_q40_tiles"]
-    assert entry is not None, "no loop found in _q40_tiles"
-    print(f"_q40_tiles on cortex-a76: {json.dumps(entry)}")
-    assert entry["arch"] == "aarch64" and entry["per_instruction"] > 1, entry  # NEON lanes, not scalar madd
+@pytest.mark.parametrize("cpu", ASM_CPUS)
+def test_hot_loops_on_aarch64(emu, cpu):
+    # bench/kernels.py --asm (each kernel compiled afresh, printed with -s): every hot loop of the kernel
+    # path this board runs keeps its values in registers (no stack reloads), and the SDOT decode loop
+    # uses sdot at >= 4.5 multiply-adds per instruction (the portable loop on cortex-a76 had 2.2)
+    cmd = ["bench/kernels.py", "--asm", "--json", "--shapes", ""]
+    doc = json.loads(emulated(emu, cmd, cpu).stdout)
+    assert (doc["meta"]["machine"], doc["meta"]["cpu"]) == ("aarch64", cpu)
+    loops = {name: mix for found in doc["asm"].values() for name, mix in found.items()}
+    for name, mix in loops.items():
+        print(f"{cpu} {name}: {json.dumps(mix)}")
+    expected = ["_q40s_one", "_q40v_split", "_q40s_pair", "_q40s_single", "_q40_tiles"] if BOARDS[cpu].dotprod \
+        else ["_q40_tiles"]
+    assert sorted(loops) == sorted(expected) and all(mix is not None for mix in loops.values()), loops
+    assert {name: mix["stack_loads"] for name, mix in loops.items()} == dict.fromkeys(expected, 0)
+    assert all(mix["arch"] == "aarch64" for mix in loops.values())
+    if BOARDS[cpu].dotprod:
+        decode = loops["_q40s_one"]
+        assert decode["mnemonics"].get("sdot", 0) >= 8 and decode["per_instruction"] >= 4.5, decode
+        assert loops["_q40s_pair"]["mnemonics"].get("sdot", 0) >= 8
+    assert loops["_q40_tiles"]["per_instruction"] > 2.5, loops["_q40_tiles"]  # 2.2 with spilled coefficients

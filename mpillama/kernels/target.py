@@ -65,7 +65,9 @@ class Decision:
 
 
 def hwcap_dotprod() -> bool | None:
-    """The kernel's HWCAP_ASIMDDP bit (aarch64 Linux), None where getauxval cannot be called."""
+    """The kernel's HWCAP_ASIMDDP bit on aarch64 Linux; None elsewhere or where getauxval cannot be called."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        return None
     try:
         getauxval = ctypes.CDLL(None).getauxval
     except (OSError, AttributeError):
@@ -106,13 +108,13 @@ def decide(machine: str, forced: str, *, vnni: bool, hwcap: bool | None, cpu: st
     if not arm:
         return Decision(X86_VNNI if x86 and vnni and want is None else want or PORTABLE)
     # aarch64: the target numba compiles for must agree with the hardware (module docstring)
-    features_to_set = None
-    if fixed or hwcap is None:
-        compiles = names_dotprod(cpu, features)
-    else:
-        features_to_set = ",".join(f for f in (features if features is not None else host_features,
-                                                "+dotprod" if hwcap else "-dotprod") if f)
-        compiles = hwcap
+    features_to_set, compiles = None, names_dotprod(cpu, features)
+    # what numba's target must say: HWCAP's answer, or, without HWCAP, dotprod where sdot is forced
+    says = hwcap if hwcap is not None else (True if want == ARM_SDOT and not compiles else None)
+    if says is not None and not fixed:
+        base = features if features is not None else host_features
+        features_to_set = ",".join(f for f in (base, "+dotprod" if says else "-dotprod") if f)
+        compiles = says
     has = hwcap if hwcap is not None else compiles  # what the hardware runs (HWCAP, else the CPU name)
     if want == ARM_SDOT:
         if hwcap is False:
@@ -135,7 +137,7 @@ def _decide_here() -> Decision:
         features = registry.cpu_target.target_context.codegen()._tm_features  # what it actually uses
     arm = machine.lower() in ("aarch64", "arm64")
     decision = decide(
-        machine, os.environ.get(ENV, ""), vnni=simd_available(), hwcap=hwcap_dotprod() if arm else None,
+        machine, os.environ.get(ENV, ""), vnni=simd_available(), hwcap=hwcap_dotprod(),
         cpu=numba.config.CPU_NAME or llvm_binding.get_host_cpu_name(), features=features,
         fixed=user_target or started,
         host_features=llvm_binding.get_host_cpu_features().flatten() if arm else "",
