@@ -249,16 +249,14 @@ ASM_KERNELS = {
 
 
 def without_cache() -> None:
-    """Every kernel of the package compiles in this process instead of loading from numba's cache
-    (cached code has no assembly to read, and a cached caller never asks for its callees)."""
-    import importlib
-    import pkgutil
-
+    """The Q40 matmul kernels compile in this process instead of loading from numba's cache (cached
+    code has no assembly to read, and a cached caller never asks for its callees)."""
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
 
-    names = [m.name for m in pkgutil.iter_modules(kernels.__path__, "mpillama.kernels.")]
-    for module in map(importlib.import_module, names):
+    from mpillama.kernels import arm, groups, portable, x86
+
+    for module in (arm, groups, portable, q40, x86):
         for obj in vars(module).values():
             if isinstance(obj, Dispatcher):
                 obj._cache = NullCache()

@@ -3,9 +3,10 @@
 The emulated tests are marked slow: the first setup downloads ~100 MB (Debian arm64 packages, aarch64
 wheels) and qemu runs Python 50-100x slower than the host. They are skipped only where the emulation
 cannot be set up: not root (and no ready root), or the package registries out of reach. They run a
-subset of the kernel tests and read the hot loops on cortex-a76 only; MPILLAMA_AARCH64_FULL=1 runs
-all of tests/test_kernels.py and tests/test_quant.py instead, and reads the hot loops on cortex-a72
-too (tests/aarch64/README.md). The assembly parser's own tests use fixed snippets and run anywhere, fast.
+subset of the kernel tests, generate and read the hot loops on cortex-a76 only; MPILLAMA_AARCH64_FULL=1
+runs all of tests/test_kernels.py and tests/test_quant.py instead, and generates and reads the hot
+loops on cortex-a72 too (tests/aarch64/README.md). The assembly parser's own tests use fixed
+snippets and run anywhere, fast.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ KERNEL_SUBSET = [
     "tests/test_quant.py",
 ]
 FULL = ["tests/test_kernels.py", "tests/test_quant.py"]
+FULL_RUN = bool(os.environ.get("MPILLAMA_AARCH64_FULL"))  # everything, not the CI subset
 
 
 # ---------------------------------------------------------------- the assembly parser (any machine)
@@ -167,7 +169,7 @@ def test_emulated_cpu_is_the_board_and_picks_its_kernel_path(emu, cpu):
 
 @pytest.mark.slow
 def test_kernel_tests_pass_on_aarch64(emu):
-    selection = FULL if os.environ.get("MPILLAMA_AARCH64_FULL") else KERNEL_SUBSET
+    selection = FULL if FULL_RUN else KERNEL_SUBSET
     done = emulated(emu, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *selection])
     passed = re.search(r"(\d+) passed", done.stdout)  # exit code 0 already: nothing failed, every id found
     assert passed and int(passed.group(1)) >= len(selection), done.stdout[-2000:]
@@ -201,8 +203,12 @@ def test_x86_layouts_generate_the_same(x86_runs):
     assert np.array_equal(x86_runs["x86-portable"][1], logits)
 
 
+# with dotprod (SDOT) and, in the full run, without (portable: its kernels are tested on cortex-a76 too)
+GENERATE_CPUS = ["cortex-a76", "cortex-a72"] if FULL_RUN else ["cortex-a76"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cpu", ["cortex-a76", "cortex-a72"])  # with dotprod (SDOT), and without (portable)
+@pytest.mark.parametrize("cpu", GENERATE_CPUS)
 def test_generate_on_aarch64_equals_x86(emu, models, x86_runs, cpu, tmp_path):
     # Greedy tokens (the text) and every logit bitwise equal to x86's (which equal each other): each
     # output is the same exact integer block sums, then the same float operations in the same order
@@ -217,7 +223,7 @@ def test_generate_on_aarch64_equals_x86(emu, models, x86_runs, cpu, tmp_path):
     assert np.array_equal(arm, logits), f"{cpu}: logits differ by up to {np.abs(arm - logits).max()}"
 
 
-ASM_CPUS = ["cortex-a76", "cortex-a72"] if os.environ.get("MPILLAMA_AARCH64_FULL") else ["cortex-a76"]
+ASM_CPUS = ["cortex-a76", "cortex-a72"] if FULL_RUN else ["cortex-a76"]
 
 
 @pytest.mark.slow
