@@ -8,8 +8,12 @@ are the same as vpdpbusd's (unsigned x signed) and the 8*sum(acts) correction st
 
 Blocking differs from x86.py for the register budget (32 NEON registers of 128 bits, where x86 has
 32 of 512): prefill runs two tokens per pass (8 int32 sums and 8 float32 accumulators in 16
-registers, the split nibbles in 4 more) instead of eight. The arithmetic of each output, in the
-order it is done, is x86.py's: the results are bitwise the same.
+registers, their activations and the split nibbles in about 8 more) instead of eight. The
+activations are multiplied by lane (`sdot v.4s, v.16b, v.4b[k]`: one 16-byte load serves four
+byte groups), a block's integer sums start at minus its correction instead of subtracting it
+after, and a block's four byte groups are unrolled by hand (bench/kernels.py --asm shows the
+loops). The integer sums are exact and the float arithmetic after them is x86.py's, in the same
+order: the results are bitwise the same.
 
 aarch64 only: the kernels compile on their first call, which happens only where
 target.kernel_path() is arm-sdot (q40.matmul_q40 dispatches on it); compiling sdot for a CPU
