@@ -18,10 +18,15 @@ Scaling (--scaling, with --threads N > 1): for 1..N threads, the machine's memor
 bandwidth (a numba sum over --stream-mb * 4 of floats, rows split over the threads) and the
 decode kernel on the output-head shape from memory, as G weights/s and as the GB/s of Q40
 bytes it reads: decode is bound by that bandwidth, so this is the ceiling for threads.
+Assembly (--asm; --shapes '' for nothing else): per layout this CPU runs, the hot loop of each Q40
+kernel of its kernel path, compiled afresh (tests/aarch64/asm.py finds and counts it): instructions
+per iteration, multiply-adds (vector products, weights and scales), per instruction, and stack
+reloads. For aarch64, under emulation: python tests/aarch64/run.py -- bench/kernels.py --asm --shapes ''
 Warm-up passes come first; the two timed sides alternate, so load from other processes hits both.
 Say whether the machine was idle (the load average is printed).
 
-Owns nothing the package imports; it imports mpillama.kernels (and three of its files) only.
+Owns nothing the package imports; it imports mpillama.kernels (and its attn.py and q40.py) and, for
+--asm, tests/aarch64/asm.py only.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", action="store_true", help="also time decode attention at long contexts")
     p.add_argument("--scaling", action="store_true", help="memory bandwidth and decode speed at 1..--threads threads")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    p.add_argument("--asm", action="store_true", help="also compile the kernels uncached and count their vector ops")
+    p.add_argument("--asm", action="store_true", help="also read the hot loops of the Q40 kernels in their assembly")
     return p.parse_args()
 
 
@@ -57,11 +62,14 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import platform  # noqa: E402
+
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from llvmlite import binding as llvm_binding  # noqa: E402
 
 from mpillama import kernels  # noqa: E402
-from mpillama.kernels import attn, portable, x86  # noqa: E402  (kernels timed or inspected alone)
+from mpillama.kernels import attn, q40  # noqa: E402  (kernels timed or inspected alone)
 
 
 @dataclass
@@ -232,35 +240,68 @@ def measure_attention(positions: list[int], rng: np.random.Generator) -> list[At
     return rows
 
 
-def asm_report() -> dict[str, str]:
-    """Compile the kernels afresh (cached code cannot be inspected) and count their key vector ops."""
-    import re
-    from collections import Counter
+# the kernels whose hot loops --asm reads, per kernel path and layout (decode, then prefill)
+ASM_KERNELS = {
+    ("x86-vnni", "vnni"): ["_q40v_one", "_q40v_split", "_q40v_eight", "_q40v_four", "_q40v_single"],
+    ("arm-sdot", "vnni"): ["_q40s_one", "_q40v_split", "_q40s_pair", "_q40s_single"],
+    ("any", "tiles"): ["_q40_tiles"],  # decode and prefill: one kernel
+}
 
-    wanted = r"vpdpbusd|vpmullw|vpmaddwd|vpmaddubsw|vpaddw|vcvtph2ps|vfmadd\w*ps"
-    out: dict[str, str] = {}
-    a = kernels.new_activations(2, 32)
+
+def without_cache() -> None:
+    """The Q40 matmul kernels compile in this process instead of loading from numba's cache (cached
+    code has no assembly to read, and a cached caller never asks for its callees)."""
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    from mpillama.kernels import arm, groups, portable, x86
+
+    for module in (arm, groups, portable, q40, x86):
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher):
+                obj._cache = NullCache()
+
+
+def asm_report() -> dict[str, dict[str, dict | None]]:
+    """{layout: {kernel: its hot loop's mix (tests/aarch64/asm.py) or None}} for this CPU (needs without_cache()).
+
+    A single-thread matmul of T = 1 and T = 15 (every prefill pass) compiles every kernel of the
+    layout's path; each one's assembly is then read.
+    """
+    from tests.aarch64 import asm
+
+    path = kernels.kernel_path()
+    out: dict[str, dict[str, dict | None]] = {}
+    rng = np.random.default_rng(0)
     for layout in available_layouts():
-        m = kernels.pack_q40(np.zeros((kernels.TILE, 18), np.uint8), layout)
-        o = np.zeros((2, kernels.TILE), np.float32)
-        if layout == kernels.LAYOUT_TILES:
-            fn = numba.njit(fastmath=True, error_model="numpy")(portable._q40_tiles.py_func)
-            fn(o, m.qs, m.d, a.qs, a.d, a.corr, 1, kernels.TILE, 0, 1, a.tile_dots[0], a.tile_scales[0],
-               a.tile_scale_bits[0], a.tile_sums[0])
-            kinds = {"tiles": fn}
-        else:
-            one = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_one.py_func)
-            one(o, m.qs, a.qs32, a.d, a.corr, kernels.TILE, 0, 1)
-            a8 = kernels.new_activations(8, 32)
-            eight = numba.njit(fastmath=True, error_model="numpy")(x86._q40v_eight.py_func)
-            eight(np.zeros((8, 16), np.float32), a8.qs32, a8.d, a8.corr, 0, 16, 0, a8.group_nibbles[0],
-                  a8.group_scales[0])
-            kinds = {"vnni decode": one, "vnni 8 tokens": eight}
-        for name, fn in kinds.items():
-            asm = fn.inspect_asm(fn.signatures[0])
-            ops = Counter(re.findall(rf"^\s+({wanted})\s+[^\n]*?(zmm|ymm|xmm)", asm, re.M))
-            out[name] = ", ".join(f"{op} {reg}: {n}" for (op, reg), n in sorted(ops.items())) or "none of the expected"
+        m = kernels.pack_q40(random_q40(48, 64, rng), layout)
+        acts = kernels.new_activations(15, 64)
+        kernels.quantize_activations(acts, rng.standard_normal((15, 64)).astype(np.float32))
+        for T in (1, 15):
+            kernel, args = q40._kernel_call(np.zeros((T, 48), np.float32), m, acts, T, 1)
+            kernel(*args)
+        names = ASM_KERNELS.get((path, layout)) or ASM_KERNELS[("any", layout)]
+        out[layout] = {}
+        for name in names:
+            dispatcher = asm.find_kernel(name)
+            found = asm.hot_loop(dispatcher.inspect_asm(dispatcher.signatures[0]))
+            out[layout][name] = found.as_dict() if found else None
     return out
+
+
+def print_asm(report: dict[str, dict[str, dict | None]]) -> None:
+    """One line per kernel: where its hot loop's instructions go (multiply-adds: vector products per iteration)."""
+    print(f"hot loops on {platform.machine()} {numba.config.CPU_NAME or llvm_binding.get_host_cpu_name()}, "
+          f"kernel path {kernels.kernel_path()}:")
+    for layout, found in report.items():
+        for name, mix in found.items():
+            if mix is None:
+                print(f"  {layout:>5} {name:<13} no loop")
+                continue
+            top = ", ".join(f"{n} {op}" for op, n in sorted(mix["mnemonics"].items(), key=lambda kv: (-kv[1], kv[0])))
+            count = f"{mix['instructions']:4} instructions, {mix['multiply_adds']:5} multiply-adds"
+            print(f"  {layout:>5} {name:<13} {count} ({mix['per_instruction']:.2f} per instruction), "
+                  f"{mix['stack_loads']} stack loads: {top}")
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -309,11 +350,15 @@ def measure_scaling(max_threads: int, rng: np.random.Generator) -> list[ScalingR
 def available_layouts() -> list[str]:
     if ARGS.layouts:
         return ARGS.layouts.split(",")
-    return [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES] if kernels.simd_available() else [kernels.LAYOUT_TILES]
+    if kernels.kernel_path() == "portable":
+        return [kernels.LAYOUT_TILES]
+    return [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES]
 
 
 def main() -> None:
     kernels.configure(ARGS.threads)
+    if ARGS.asm:
+        without_cache()
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in ARGS.tokens.split(",") if t]
     shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.shapes.split(",") if s]
@@ -359,6 +404,9 @@ def main() -> None:
         "threads": ARGS.threads,
         "threading_layer": numba.threading_layer() if results or att or scaling else None,
         "layouts": layouts,
+        "kernel_path": kernels.kernel_path(),
+        "machine": platform.machine(),
+        "cpu": numba.config.CPU_NAME or llvm_binding.get_host_cpu_name(),
         "stream_mb": ARGS.stream_mb,
         "l3_bytes": l3,
         "numba": numba.__version__,
@@ -379,8 +427,8 @@ def main() -> None:
         f"load average {meta['load_average'][0]} -> {meta['load_average'][1]} (2 cores: > 0.5 means another "
         f"process ran); {meta['seconds']} s"
     )
-    for name, text in (asm or {}).items():
-        print(f"{name} kernel asm: {text}")
+    if asm:
+        print_asm(asm)
 
 
 if __name__ == "__main__":

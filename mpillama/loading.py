@@ -47,14 +47,16 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
           trace_path: str | None, argv: list[str] | None, verbose: bool, need_tokenizer: bool) -> Engine:
     t0 = time.perf_counter()
     kernels.configure(run.nthreads)
-    src, cfg, error = None, None, None
+    src, cfg, path, error = None, None, None, None
     try:
+        path = kernels.kernel_path()  # x86-vnni, arm-sdot or portable: a cluster may mix them
         src = open_weight_source(comm, model_path, run)
         cfg = src.config
     except Exception as e:  # any rank's failure, bug or bad input, must reach every rank
         error = e
     comm.agree(error)
     assert src is not None and cfg is not None
+    paths = comm.allgather_obj(path)
     t_open = time.perf_counter()
 
     shares: tuple[float, ...] | None = None  # each rank's relative share of the work (None: even)
@@ -77,7 +79,9 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     if verbose:
         say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
                   f"{comm.size} rank(s), sync {sync_kind} ({sync_why}), buffers {run.buffer_float_type}, "
-                  f"weights {run.weight_type} ({run.weight_source}); prefill: {overlap_why}")
+                  f"weights {run.weight_type} ({run.weight_source}), kernels "
+                  + (paths[0] if len(set(paths)) == 1 else ", ".join(f"rank {r} {p}" for r, p in enumerate(paths)))
+                  + f"; prefill: {overlap_why}")
     model, tokenizer, tokenizer_s, error = None, None, 0.0, None
     try:
         faults.fail_load(comm.rank)

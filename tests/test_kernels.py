@@ -10,15 +10,17 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
+from numba.core import registry
 
 from mpillama import kernels, quant
-from mpillama.kernels import attn, bits, cache
+from mpillama.kernels import attn, bits, cache, target
 from mpillama.config import RopeScaling
 from mpillama.errors import MpillamaError
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
-# every Q40 layout this machine runs (vnni needs AVX-512 VNNI; tiles runs anywhere)
-LAYOUTS = [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES] if kernels.simd_available() else [kernels.LAYOUT_TILES]
+# every Q40 layout this machine runs: vnni on a dot-product path (x86 AVX-512 VNNI, or ARM sdot
+# under tests/aarch64's emulation), tiles anywhere
+LAYOUTS = [kernels.LAYOUT_TILES] if kernels.kernel_path() == "portable" else [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES]
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
@@ -75,7 +77,7 @@ def test_pack_stacks_strided_parts_like_their_concatenation(layout):
 def test_vnni_layout_bytes():
     # Group 0, block 1: row r's byte 4k+i at k*64 + r*4 + i, its f16 scale at 256 + 2r (independent of the kernels)
     if kernels.LAYOUT_VNNI not in LAYOUTS:
-        pytest.skip("no AVX-512 VNNI here")
+        pytest.skip("the portable kernel path runs here")
     rows, nb = 20, 2
     ggml = np.arange(rows * nb * 18, dtype=np.int64).astype(np.uint8).reshape(rows, nb * 18)
     m = kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
@@ -93,9 +95,9 @@ def test_pack_q40_rejects_unknown_or_unavailable_layout(monkeypatch):
     ggml = np.zeros((4, 18), np.uint8)
     with pytest.raises(MpillamaError, match="unknown Q40 layout"):
         kernels.pack_q40(ggml, "rows")
-    monkeypatch.setattr(kernels.q40, "simd_available", lambda: False)  # where pack_q40 looks it up
+    monkeypatch.setattr(kernels.q40, "kernel_path", lambda: "portable")  # where pack_q40 looks it up
     assert kernels.default_layout() == kernels.LAYOUT_TILES
-    with pytest.raises(MpillamaError, match="AVX-512 VNNI"):
+    with pytest.raises(MpillamaError, match="dot-product kernel path"):
         kernels.pack_q40(ggml, kernels.LAYOUT_VNNI)
 
 
@@ -153,6 +155,75 @@ def test_quantize_q80_into_and_dequantize_add(shape):
 
 # ---------------------------------------------------------------- Q40 matmul
 
+
+
+# ---------------------------------------------------------------- kernel path (target.py)
+
+X86 = dict(machine="x86_64", hwcap=None, cpu="icelake-server", features=None, fixed=False)
+ARM = dict(machine="aarch64", vnni=False, features=None, fixed=False, host_features="+neon,-sve")
+
+
+@pytest.mark.parametrize(("facts", "forced", "path", "features"), [
+    ({**X86, "vnni": True}, "", "x86-vnni", None),
+    ({**X86, "vnni": False}, "auto", "portable", None),
+    ({**X86, "vnni": True}, "portable", "portable", None),
+    ({**X86, "vnni": True}, " VNNI ", "x86-vnni", None),
+    # aarch64: HWCAP decides, and numba's target features are made to say the same
+    ({**ARM, "hwcap": True, "cpu": "cortex-a76"}, "", "arm-sdot", "+neon,-sve,+dotprod"),
+    ({**ARM, "hwcap": True, "cpu": "generic"}, "", "arm-sdot", "+neon,-sve,+dotprod"),  # a core LLVM does not know
+    ({**ARM, "hwcap": False, "cpu": "cortex-a72"}, "", "portable", "+neon,-sve,-dotprod"),
+    ({**ARM, "hwcap": False, "cpu": "cortex-a76"}, "", "portable", "+neon,-sve,-dotprod"),  # a VM hiding dotprod
+    ({**ARM, "hwcap": True, "cpu": "cortex-a76"}, "portable", "portable", "+neon,-sve,+dotprod"),
+    # no HWCAP (no getauxval): the CPU name decides, the target is left alone
+    ({**ARM, "hwcap": None, "cpu": "cortex-a55"}, "", "arm-sdot", None),
+    ({**ARM, "hwcap": None, "cpu": "cortex-a72"}, "", "portable", None),
+    ({**ARM, "hwcap": None, "cpu": "generic"}, "sdot", "arm-sdot", "+neon,-sve,+dotprod"),  # forced: trusted
+    # a target the user set (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) is obeyed, never changed
+    ({**ARM, "hwcap": True, "cpu": "generic", "features": "", "fixed": True}, "", "portable", None),
+    ({**ARM, "hwcap": True, "cpu": "generic", "features": "+neon,+dotprod", "fixed": True}, "", "arm-sdot", None),
+    ({**ARM, "hwcap": True, "cpu": "cortex-a76", "features": "-dotprod", "fixed": True}, "", "portable", None),
+    ({**X86, "machine": "ppc64le", "vnni": False, "cpu": "pwr9"}, "", "portable", None),
+])  # fmt: skip
+def test_kernel_path_decision(facts, forced, path, features):
+    d = target.decide(facts.pop("machine"), forced, **facts)
+    assert (d.path, d.features, d.error) == (path, features, None)
+
+
+@pytest.mark.parametrize(("facts", "forced", "error"), [
+    ({**X86, "vnni": True}, "avx", "MPILLAMA_KERNELS='avx': choose auto, vnni, sdot, portable"),
+    ({**X86, "vnni": False}, "vnni", "has no AVX-512 VNNI"),
+    ({**X86, "vnni": True}, "sdot", "the SDOT kernels are aarch64 code and this machine is x86_64"),
+    ({**ARM, "hwcap": True, "cpu": "cortex-a76"}, "vnni", "the VNNI kernels are x86 code and this machine is aarch64"),
+    ({**ARM, "hwcap": False, "cpu": "cortex-a76"}, "sdot", "no dot-product extension (HWCAP_ASIMDDP is not set)"),
+    ({**ARM, "hwcap": True, "cpu": "generic", "features": "", "fixed": True}, "sdot", "without dotprod"),
+])  # fmt: skip
+def test_kernel_path_decision_refuses_what_cannot_run(facts, forced, error):
+    d = target.decide(facts.pop("machine"), forced, **facts)
+    assert d.path is None and error in d.error
+
+
+def test_kernel_path_of_this_process_and_forcing_it(monkeypatch):
+    # this process: what decide() says for its facts; its numba target agrees with the path
+    path = kernels.kernel_path()
+    assert path in ("x86-vnni", "arm-sdot", "portable")
+    features = registry.cpu_target.target_context.codegen().magic_tuple()[2]  # part of numba's cache key
+    if path == "arm-sdot":
+        assert "+dotprod" in features.split(",") or target.names_dotprod(numba.config.CPU_NAME or "", features)
+    if target.hwcap_dotprod() is False:
+        assert "-dotprod" in features.split(",")  # a cache made here never serves dotprod code, nor takes it
+    monkeypatch.setattr(target, "_DECISION", target.Decision(None, "MPILLAMA_KERNELS='x': choose ..."))
+    with pytest.raises(MpillamaError, match="MPILLAMA_KERNELS='x'"):
+        kernels.kernel_path()
+    monkeypatch.setattr(target, "_DECISION", target.Decision("portable"))
+    assert kernels.default_layout() == kernels.LAYOUT_TILES and kernels.new_activations(1, 32).group_nibbles.size == 0
+
+
+def test_forced_portable_path_in_a_new_process():
+    # MPILLAMA_KERNELS is read once, at import, before anything compiles
+    code = "from mpillama import kernels; print(kernels.kernel_path(), kernels.default_layout())"
+    env = {**os.environ, "MPILLAMA_KERNELS": "portable", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["portable", "tiles"]
 
 # rows, cols, T: rows off the 16-row group and the 256-row tile, T off the 4-token pass
 MATMUL_SHAPES = [

@@ -1,12 +1,16 @@
 """numba kernels of the forward pass, split by concern; this file only gathers their public names.
 
-    vector.py    numba's missing LLVM layer: a vector type, generic intrinsics, the CPU check
+    target.py    kernel_path(): which Q40 kernels this process runs (x86-vnni, arm-sdot, portable),
+                 decided before anything compiles; MPILLAMA_KERNELS forces one
+    vector.py    numba's missing LLVM layer: a vector type, generic intrinsics, the x86 CPU check
     bits.py      float16 <-> float32 from bit patterns, C roundf, a vectorisable exp
     threads.py   configure(nthreads): numba's threading layer and thread count
     q80.py       Q80 activations: quantise f32 rows, Q8_0 bytes of the sync payloads
-    q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the layout's kernel)
+    q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the path's kernel)
     portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
-    x86.py       the VNNI-layout Q40 x Q80 matmul: AVX-512 VNNI (vpdpbusd)
+    groups.py    the row-group ("vnni") layout's shapes and generic kernels, shared by:
+    x86.py       the row-group Q40 x Q80 matmul with AVX-512 VNNI (vpdpbusd)
+    arm.py       the row-group Q40 x Q80 matmul with the Armv8.2 dot product (sdot)
     attn.py      causal grouped-query attention over the KV cache
     dense.py     f32 matmul, rmsnorm, swiglu, rope
     cache.py     one numba cache stamp for all these files
@@ -14,8 +18,8 @@
 Each kernel has a numpy twin in quant.py and a test comparing the two (tests/test_kernels.py).
 The package imports numpy, numba, llvmlite (numba's own) and mpillama.{config, errors, mpienv,
 quant} only: never mpi4py, never model.py. Importing it compiles nothing and sets nothing
-but numba registrations (the vector type, cache.py's locator): the engine calls
-configure(nthreads) once at start-up.
+but numba registrations (the vector type, cache.py's locator) and, on aarch64, numba's target
+features (target.py says why): the engine calls configure(nthreads) once at start-up.
 
 Conventions: kernels are plain functions over whole arrays, output argument first, no
 allocation on the hot path (the matmul's per-thread scratch lives in the Q80Activations
@@ -31,6 +35,7 @@ bench/kernels.py), not part of its API.
 from __future__ import annotations
 
 from mpillama.kernels import cache  # noqa: F401  (first: its locator must be in place before any kernel is decorated)
+from mpillama.kernels import target  # noqa: F401  (before any kernel is decorated: it may set numba's target)
 from mpillama.kernels.attn import ATT_MIN_CHUNK, AttentionScratch, attention, new_attention_scratch
 from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, swiglu
 from mpillama.kernels.portable import TILE
@@ -43,9 +48,10 @@ from mpillama.kernels.q80 import (
     quantize_activations,
     quantize_q80_into,
 )
+from mpillama.kernels.groups import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS
+from mpillama.kernels.target import kernel_path
 from mpillama.kernels.threads import configure
 from mpillama.kernels.vector import simd_available
-from mpillama.kernels.x86 import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS
 
 __all__ = [
     "ATT_MIN_CHUNK",
@@ -63,6 +69,7 @@ __all__ = [
     "configure",
     "default_layout",
     "dequantize_q80_add",
+    "kernel_path",
     "matmul_f32",
     "matmul_q40",
     "new_activations",

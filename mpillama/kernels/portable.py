@@ -20,8 +20,21 @@ from mpillama.kernels.vector import _claim
 TILE = 256  # weight rows per tile of the tiles layout
 
 
-# _q40_tiles is unrolled by hand on purpose (register blocking: 32 activations and their 16
+# _q40_tiles is unrolled by hand on purpose (register blocking: 8 activations and their 8
 # high-nibble coefficients live in registers for a whole tile block), not duplicated code.
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _half_dots(qb, ab, j):
+    # -> (the 8 coefficients a_j.. and e_j.. of bytes j..j+7 of a block, as int32): byte j of a row
+    # holds columns j (low nibble) and j+16 (high), a_j = act j, e_j = act j+16 - 16*act j
+    a0, a1, a2, a3 = np.int32(ab[j]), np.int32(ab[j + 1]), np.int32(ab[j + 2]), np.int32(ab[j + 3])
+    a4, a5, a6, a7 = np.int32(ab[j + 4]), np.int32(ab[j + 5]), np.int32(ab[j + 6]), np.int32(ab[j + 7])
+    e0, e1 = np.int32(ab[j + 16]) - 16 * a0, np.int32(ab[j + 17]) - 16 * a1
+    e2, e3 = np.int32(ab[j + 18]) - 16 * a2, np.int32(ab[j + 19]) - 16 * a3
+    e4, e5 = np.int32(ab[j + 20]) - 16 * a4, np.int32(ab[j + 21]) - 16 * a5
+    e6, e7 = np.int32(ab[j + 22]) - 16 * a6, np.int32(ab[j + 23]) - 16 * a7
+    return a0, a1, a2, a3, a4, a5, a6, a7, e0, e1, e2, e3, e4, e5, e6, e7
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -30,9 +43,12 @@ def _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, tile_lo, tile_hi, isum, wsf, 
     # Per block, the integer dot of the unsigned nibbles with the int8 activations, minus the
     # correction 8*sum(acts) for the -8 offset, is the exact signed dot product and fits int16
     # (|dot| <= 32*8*127 = 32512). Everything before it may wrap: arithmetic mod 2^16 still ends
-    # exact, so the int16 store lets LLVM use 16-bit lanes (vpmullw/vpaddw on zmm). The low nibble
-    # needs no mask: byte*a_j + high*(a_j+16 - 16*a_j) = low*a_j + high*a_j+16.
-    # The integer loop and the float loop stay separate: fused, the vectoriser picks float32's
+    # exact, so the int16 store lets LLVM use 16-bit lanes (vpmullw/vpaddw on x86, mla .8h on ARM).
+    # The low nibble needs no mask: byte*a_j + high*(a_j+16 - 16*a_j) = low*a_j + high*a_j+16.
+    # The block's 16 bytes go in two passes of 8 over the tile: 16 coefficients (and 8 rows' loads)
+    # fit the registers of AVX2 and NEON (32 coefficients did not: they were spilled and reloaded
+    # every iteration), for one extra int16 load and store per row.
+    # The integer loops and the float loop stay separate: fused, the vectoriser picks float32's
     # lane count and the integer work runs at half width.
     nb = qs.shape[1]
     for tile in range(tile_lo, tile_hi):
@@ -49,18 +65,7 @@ def _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, tile_lo, tile_hi, isum, wsf, 
                 wsf[r] *= _F16_MAGIC
             for t in range(T):  # each weight tile block is decoded once for all T tokens
                 ab = aq[t, b]
-                a0, a1, a2, a3, a4, a5, a6, a7 = np.int32(ab[0]), np.int32(ab[1]), np.int32(ab[2]), np.int32(ab[3]), np.int32(ab[4]), np.int32(ab[5]), np.int32(ab[6]), np.int32(ab[7])  # noqa: E501
-                a8, a9, a10, a11, a12, a13, a14, a15 = np.int32(ab[8]), np.int32(ab[9]), np.int32(ab[10]), np.int32(ab[11]), np.int32(ab[12]), np.int32(ab[13]), np.int32(ab[14]), np.int32(ab[15])  # noqa: E501
-                a16, a17, a18, a19, a20, a21, a22, a23 = np.int32(ab[16]), np.int32(ab[17]), np.int32(ab[18]), np.int32(ab[19]), np.int32(ab[20]), np.int32(ab[21]), np.int32(ab[22]), np.int32(ab[23])  # noqa: E501
-                a24, a25, a26, a27, a28, a29, a30, a31 = np.int32(ab[24]), np.int32(ab[25]), np.int32(ab[26]), np.int32(ab[27]), np.int32(ab[28]), np.int32(ab[29]), np.int32(ab[30]), np.int32(ab[31])  # noqa: E501
-                e0, e1 = a16 - 16 * a0, a17 - 16 * a1
-                e2, e3 = a18 - 16 * a2, a19 - 16 * a3
-                e4, e5 = a20 - 16 * a4, a21 - 16 * a5
-                e6, e7 = a22 - 16 * a6, a23 - 16 * a7
-                e8, e9 = a24 - 16 * a8, a25 - 16 * a9
-                e10, e11 = a26 - 16 * a10, a27 - 16 * a11
-                e12, e13 = a28 - 16 * a12, a29 - 16 * a13
-                e14, e15 = a30 - 16 * a14, a31 - 16 * a15
+                a0, a1, a2, a3, a4, a5, a6, a7, e0, e1, e2, e3, e4, e5, e6, e7 = _half_dots(qb, ab, 0)
                 c = corr[t, b]
                 for r in range(TILE):
                     isum[r] = (
@@ -72,15 +77,19 @@ def _q40_tiles(out, qs, wd, aq, ad, corr, T, rows, tile_lo, tile_hi, isum, wsf, 
                         + qb[5, r] * a5 + (qb[5, r] >> 4) * e5
                         + qb[6, r] * a6 + (qb[6, r] >> 4) * e6
                         + qb[7, r] * a7 + (qb[7, r] >> 4) * e7
-                        + qb[8, r] * a8 + (qb[8, r] >> 4) * e8
-                        + qb[9, r] * a9 + (qb[9, r] >> 4) * e9
-                        + qb[10, r] * a10 + (qb[10, r] >> 4) * e10
-                        + qb[11, r] * a11 + (qb[11, r] >> 4) * e11
-                        + qb[12, r] * a12 + (qb[12, r] >> 4) * e12
-                        + qb[13, r] * a13 + (qb[13, r] >> 4) * e13
-                        + qb[14, r] * a14 + (qb[14, r] >> 4) * e14
-                        + qb[15, r] * a15 + (qb[15, r] >> 4) * e15
                         - c
+                    )
+                a0, a1, a2, a3, a4, a5, a6, a7, e0, e1, e2, e3, e4, e5, e6, e7 = _half_dots(qb, ab, 8)
+                for r in range(TILE):
+                    isum[r] += (
+                        qb[8, r] * a0 + (qb[8, r] >> 4) * e0
+                        + qb[9, r] * a1 + (qb[9, r] >> 4) * e1
+                        + qb[10, r] * a2 + (qb[10, r] >> 4) * e2
+                        + qb[11, r] * a3 + (qb[11, r] >> 4) * e3
+                        + qb[12, r] * a4 + (qb[12, r] >> 4) * e4
+                        + qb[13, r] * a5 + (qb[13, r] >> 4) * e5
+                        + qb[14, r] * a6 + (qb[14, r] >> 4) * e6
+                        + qb[15, r] * a7 + (qb[15, r] >> 4) * e7
                     )
                 xd = ad[t, b]
                 for r in range(TILE):

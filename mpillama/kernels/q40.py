@@ -3,9 +3,10 @@
 Two layouts (Q40Matrix.layout), both 4.5 bits per weight, both the unchanged Q4_0 bytes (byte j
 of a block: low nibble = column j, high nibble = column j+16) and float16 scale bits, only
 reordered; pack_q40 picks the one for this CPU:
-- vnni (x86 with AVX-512 VNNI, simd_available()): rows in groups of 16. Per group and block,
-  288 bytes: the 16 rows' 16 bytes as [byte group k (4)][row (16)][4 bytes], then the 16 rows'
-  float16 scales. Group and scales share one stream. Kernels: x86.py.
+- vnni (the dot-product paths, target.kernel_path() x86-vnni or arm-sdot): rows in groups of 16.
+  Per group and block, 288 bytes: the 16 rows' 16 bytes as [byte group k (4)][row (16)][4 bytes],
+  then the 16 rows' float16 scales. Group and scales share one stream. Kernels: x86.py (AVX-512
+  VNNI) or arm.py (sdot), whichever this process runs; shapes and shared kernels: groups.py.
 - tiles (any CPU): rows in tiles of TILE = 256; nibble bytes ordered [block][byte j][row],
   scales ordered [tile][block][row]. Kernels: portable.py.
 Rows are padded to a whole group or tile with zero blocks, computed but never written out.
@@ -24,15 +25,17 @@ import numpy as np
 from numba import njit
 
 from mpillama.errors import MpillamaError
+from mpillama.kernels.arm import _q40s_parallel, _q40s_run
+from mpillama.kernels.groups import VNNI_BLOCK_BYTES, VNNI_ROWS
 from mpillama.kernels.portable import TILE, _q40_parallel, _q40_tiles
 from mpillama.kernels.q80 import Q80Activations
-from mpillama.kernels.vector import simd_available
-from mpillama.kernels.x86 import VNNI_BLOCK_BYTES, VNNI_ROWS, _q40v_parallel, _q40v_run
+from mpillama.kernels.target import ARM_SDOT, PORTABLE, kernel_path
+from mpillama.kernels.x86 import _q40v_parallel, _q40v_run
 from mpillama.quant import Q40_BLOCK_BYTES, QK
 
 
 LAYOUT_TILES = "tiles"  # rows in tiles of TILE, plain numba kernels: any CPU
-LAYOUT_VNNI = "vnni"  # rows in groups of 16, AVX-512 VNNI kernels: where simd_available()
+LAYOUT_VNNI = "vnni"  # rows in groups of 16, dot-product kernels: where kernel_path() is x86-vnni or arm-sdot
 
 
 @dataclass
@@ -52,8 +55,8 @@ class Q40Matrix:
 
 
 def default_layout() -> str:
-    """The layout pack_q40 picks on this machine: VNNI where the CPU has it, else tiles."""
-    return LAYOUT_VNNI if simd_available() else LAYOUT_TILES
+    """The layout pack_q40 picks on this machine: vnni on a dot-product kernel path, else tiles."""
+    return LAYOUT_TILES if kernel_path() == PORTABLE else LAYOUT_VNNI
 
 
 @njit(cache=True, nogil=True)
@@ -102,13 +105,13 @@ def pack_q40(ggml: np.ndarray | Sequence[np.ndarray], layout: str | None = None)
         )
         assert part.shape[1] == parts[0].shape[1], "stacked Q40 blocks must have the same columns"
     layout = default_layout() if layout is None else layout
-    if layout == LAYOUT_VNNI and not simd_available():
-        raise MpillamaError(
-            "the VNNI weight layout needs a CPU with AVX-512 VNNI, which numba does not target here: "
-            "use the tiles layout (the default on this machine)"
-        )
     if layout not in (LAYOUT_TILES, LAYOUT_VNNI):
         raise MpillamaError(f"unknown Q40 layout {layout!r}: use {LAYOUT_TILES!r} or {LAYOUT_VNNI!r}")
+    if layout == LAYOUT_VNNI and kernel_path() == PORTABLE:
+        raise MpillamaError(
+            "the vnni weight layout needs a dot-product kernel path (x86 AVX-512 VNNI or ARM dotprod) and this "
+            "process runs the portable kernels: use the tiles layout (the default here)"
+        )
     rows, nb = sum(p.shape[0] for p in parts), parts[0].shape[1] // Q40_BLOCK_BYTES
     group = TILE if layout == LAYOUT_TILES else VNNI_ROWS
     n_groups = -(-rows // group)
@@ -159,24 +162,31 @@ def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> N
     assert out.dtype == np.float32 and out.shape == (T, m.rows) and out.flags.c_contiguous, (
         f"out {out.dtype} {out.shape} (contiguous={out.flags.c_contiguous}), expected f32 ({T}, {m.rows})"
     )
-    n_threads = numba.get_num_threads()
+    kernel, args = _kernel_call(out, m, acts, T, numba.get_num_threads())
+    kernel(*args)
+
+
+def _kernel_call(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int, n_threads: int) -> tuple:
+    """(the kernel, its arguments) that compute matmul_q40(out, m, acts, T) with n_threads numba threads.
+
+    The kernel is the layout's and, for the row-group layout, the kernel path's: only the kernels
+    of the path this process runs are ever compiled (target.py). bench/kernels.py --asm compiles
+    a fresh copy of the kernel to read the assembly of what it calls.
+    """
     if m.layout == LAYOUT_VNNI:
-        assert acts.group_nibbles.shape[1] > 0, (
-            "these activations were made without the VNNI scratch (simd_available() is False)"
-        )
+        assert acts.group_nibbles.shape[1] > 0, "these activations were made without the row-group scratch (portable)"
+        run, parallel = (_q40s_run, _q40s_parallel) if kernel_path() == ARM_SDOT else (_q40v_run, _q40v_parallel)
         if n_threads > 1:
-            _q40v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.group_nibbles,
-                           acts.group_scales, acts.next_chunk)
-        else:
-            _q40v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.group_nibbles[0],
-                      acts.group_scales[0])
-    elif n_threads > 1:
-        _q40_parallel(
+            return parallel, (out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.group_nibbles,
+                              acts.group_scales, acts.next_chunk)
+        return run, (out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0], acts.group_nibbles[0],
+                     acts.group_scales[0])
+    if n_threads > 1:
+        return _q40_parallel, (
             out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, n_threads,
             acts.tile_dots, acts.tile_scales, acts.tile_scale_bits, acts.tile_sums, acts.next_chunk,
         )  # fmt: skip
-    else:
-        _q40_tiles(
-            out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0],
-            acts.tile_dots[0], acts.tile_scales[0], acts.tile_scale_bits[0], acts.tile_sums[0],
-        )  # fmt: skip
+    return _q40_tiles, (
+        out, m.qs, m.d, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0],
+        acts.tile_dots[0], acts.tile_scales[0], acts.tile_scale_bits[0], acts.tile_sums[0],
+    )  # fmt: skip

@@ -6,8 +6,8 @@ Q8_0 byte conversions of the sync payloads. Quantising follows GGML exactly (d =
 rounded to float16, q = roundf(x / d)), so a rank that quantises and a rank that receives the
 bytes hold identical activations.
 
-Imports numpy, numba, mpillama.quant and the package's bits.py, vector.py (bit casts, the CPU
-check), portable.py and x86.py (their scratch shapes) only.
+Imports numpy, numba, mpillama.quant and the package's bits.py, vector.py (bit casts), target.py
+(the kernel path), portable.py and groups.py (their scratch shapes) only.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from numba import njit
 
 from mpillama.kernels.bits import _f16_bits, _f16_to_f32, _f16_value, _roundf
 from mpillama.kernels.portable import TILE
-from mpillama.kernels.vector import _bits_from_f32, _f32_from_bits, simd_available
-from mpillama.kernels.x86 import VNNI_ROWS
+from mpillama.kernels.groups import VNNI_ROWS
+from mpillama.kernels.target import PORTABLE, kernel_path
+from mpillama.kernels.vector import _bits_from_f32, _f32_from_bits
 from mpillama.quant import Q80_BLOCK_BYTES, QK
 
 
@@ -44,8 +45,8 @@ class Q80Activations:
     tile_scales: np.ndarray  # (slots, TILE) f32: that block's weight scales, a row each
     tile_scale_bits: np.ndarray  # (slots, TILE) uint32: tile_scales as bits (the f16 -> f32 conversion writes them)
     tile_sums: np.ndarray  # (slots, max_tokens, TILE) f32: one tile's outputs, summed over its blocks
-    # VNNI layout (x86.py), prefill (T > 1): one row group's nibbles split once for all tokens
-    group_nibbles: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) where simd_available() is False
+    # row-group layout (x86.py, arm.py), prefill (T > 1): one row group's nibbles split once for all tokens
+    group_nibbles: np.ndarray  # (slots, nb*8*16) int32, or (slots, 0) on the portable kernel path
     group_scales: np.ndarray  # (slots, nb*16) f32: that row group's weight scales
     # threaded matmuls: the next chunk of rows to claim (threads take chunks until none are left)
     next_chunk: np.ndarray  # (1,) int64
@@ -58,7 +59,7 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
     slots = numba.config.NUMBA_NUM_THREADS  # the most threads any launch can use
     tile_scales = np.zeros((slots, TILE), np.float32)  # (slots, TILE) f32
     qs = np.zeros((max_tokens, nb, QK), np.int8)  # (max_tokens, nb, 32) int8
-    vnni = nb * 8 * VNNI_ROWS if simd_available() else 0
+    vnni = 0 if kernel_path() == PORTABLE else nb * 8 * VNNI_ROWS
     return Q80Activations(
         max_tokens=max_tokens,
         cols=cols,

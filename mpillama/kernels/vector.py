@@ -1,4 +1,4 @@
-"""numba's missing LLVM layer: a vector type, generic intrinsics on it, and the CPU check for x86's.
+"""numba's missing LLVM layer: a vector type, generic intrinsics on it, and the CPU check for x86's VNNI.
 
 numba has no vector type, and LLVM never turns a plain loop into the dot-product instruction
 that makes a Q40 kernel fast (bench/kernels.py --asm: the plain kernels top out at one 16-bit
@@ -9,8 +9,9 @@ and each helper below is an @intrinsic emitting one LLVM instruction or two.
 
 Everything here is generic LLVM IR, which LLVM lowers for any CPU (AVX-512 here, 4 NEON
 registers on ARM). An architecture's own instructions live in that architecture's kernel file
-(x86.py: vpdpbusd), next to the kernels that use them: such a kernel is compiled only when first
-called, and is only called where the CPU check here (simd_available) says the CPU has them.
+(x86.py: vpdpbusd, arm.py: sdot), next to the kernels that use them: such a kernel is compiled
+only when first called, and is only called where target.kernel_path() says the CPU has them
+(for x86 from the check here, simd_available).
 Also here: two scalar bit casts (float32 <-> int32, for bits.py) and _claim, the atomic counter
 the threaded matmuls take their chunks of rows from.
 
@@ -56,7 +57,7 @@ _LL_VF = llvm_ir.VectorType(llvm_ir.FloatType(), 16)
 
 @functools.cache
 def simd_available() -> bool:
-    """True when numba compiles for a CPU with AVX-512 VNNI (so the VNNI layout can be used).
+    """True when numba compiles for an x86 CPU with AVX-512 VNNI (so the x86-vnni path can run, target.py).
 
     Follows NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when they are set (e.g. for a portable cache).
     """

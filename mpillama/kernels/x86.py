@@ -1,17 +1,15 @@
-"""The Q40 x Q80 matmul over the VNNI layout with x86's AVX-512 VNNI dot product (vpdpbusd).
+"""The Q40 x Q80 matmul over the row-group ("vnni") layout with x86's AVX-512 VNNI dot product (vpdpbusd).
 
-The layout (q40.py): rows in groups of VNNI_ROWS = 16; per group and block, VNNI_BLOCK_BYTES =
-288 bytes: the 16 rows' 16 bytes as [byte group k (4)][row (16)][4 bytes], then the 16 rows'
-float16 scales. One 64-byte load holds 4 bytes of each of 16 rows, so vpdpbusd multiplies the
-low nibbles (columns 4k..4k+3) and, shifted, the high ones (16+4k..) by the broadcast
-activation words and sums 4 products per row lane.
+The layout is groups.py's: one 64-byte load holds 4 bytes of each of 16 rows, so vpdpbusd
+multiplies the low nibbles (columns 4k..4k+3) and, shifted, the high ones (16+4k..) by the
+broadcast activation words and sums 4 products per row lane.
 
 x86 only: _vdpbusd, the one x86 instruction, is defined here; the rest comes from vector.py's
-generic layer. The kernels compile on their first call, which happens only where
-vector.simd_available() is True (q40.pack_q40 packs this layout nowhere else). The prefill scratch
-comes from Q80Activations (group_nibbles, group_scales).
+generic layer and groups.py. The kernels compile on their first call, which happens only where
+target.kernel_path() is x86-vnni (q40.matmul_q40 dispatches on it). The prefill scratch comes from
+Q80Activations (group_nibbles, group_scales).
 
-Imports numba, llvmlite and the package's vector.py only.
+Imports numba, llvmlite and the package's vector.py and groups.py only.
 """
 
 from __future__ import annotations
@@ -35,16 +33,10 @@ from mpillama.kernels.vector import (
     _vshr4,
     _vsplat_f32,
     _vsplat_i32,
-    _vstore,
-    _vstore_first,
     _vsub,
     _vtofloat,
 )
-
-
-VNNI_ROWS = 16  # rows per group of the VNNI layout (one int32 lane each)
-VNNI_CHUNK = 8  # row groups a thread claims at a time in a threaded matmul (128 rows)
-VNNI_BLOCK_BYTES = 288  # one block of a row group: 256 nibble bytes, then 16 float16 scales
+from mpillama.kernels.groups import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS, _q40v_split, _store_rows
 
 
 @intrinsic
@@ -56,15 +48,6 @@ def _vdpbusd(typingctx, acc, u, s):  # noqa: ANN001, ANN202
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
             return builder.call(fn, args)
         return _I32X16(acc, u, s), codegen
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _store_rows(out, i, v, n):
-    # v (16,) f32 -> out.flat[i : i + min(n, 16)]: the last row group may hold padded rows
-    if n >= VNNI_ROWS:
-        _vstore(out, i, v)
-    else:
-        _vstore_first(out, i, v, n)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -88,21 +71,6 @@ def _q40v_one(out, w, xq, xd, corr, rows, g_lo, g_hi):
             dot = _vtofloat(_vsub(s, _vsplat_i32(corr[0, b])))
             acc = _vfma(dot, _vmul(_vload_f16(w, o + 256), _vsplat_f32(xd[0, b])), acc)
         _store_rows(out, g * VNNI_ROWS, acc, rows - g * VNNI_ROWS)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _q40v_split(unp, ws, w, g):
-    # row group g of w (n_groups, nb, 288) -> unp (nb*8*16,) int32: per block 8 vectors of 16 lanes,
-    # each lane 4 nibbles (one byte each); ws (nb*16,) f32: the 16 row scales of each block
-    nb = w.shape[1]
-    low = _vsplat_i32(0x0F0F0F0F)
-    for b in range(nb):
-        o = (g * nb + b) * VNNI_BLOCK_BYTES
-        for k in range(4):
-            v = _vload_i32(w, o + 64 * k)
-            _vstore(unp, (b * 8 + k) * 16, _vand(v, low))
-            _vstore(unp, (b * 8 + 4 + k) * 16, _vand(_vshr4(v), low))
-        _vstore(ws, b * 16, _vload_f16(w, o + 256))
 
 
 # _q40v_eight, _q40v_four and _q40v_single are one kernel unrolled by hand for 8, 4 and 1 tokens
