@@ -400,10 +400,10 @@ class AllreduceSync:
 
 SYNCS = {"star": StarSync, "allreduce": AllreduceSync}
 STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is this much faster
-WIRE_ROUNDS = 24
+WIRE_ROUNDS = 24  # rounds of each wire pattern timed at start-up (--sync auto); the fastest counts
 OVERLAP_ROUNDS = 6  # rounds timing a full prefill block's exchange
 OVERLAP_MIN_S = 5e-4  # overlap prefill chunks only when a block's exchange takes longer than this
-OVERLAP_CHUNKS = 2  # rounds of each wire pattern timed at start-up (--sync auto); the median counts
+OVERLAP_CHUNKS = 2  # token chunks of an overlapped prefill block output
 
 
 def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync:
@@ -414,7 +414,8 @@ def time_wires(comm: Comm, payload_bytes: int, rounds: int = WIRE_ROUNDS) -> dic
     """Collective. Seconds one block's sync takes under each strategy, timed on this link with a
     decode token's payload (one Q80 row of dim): star = Bcast of the input + Gather of the partials,
     allreduce = one Allgather of the partials. Rounds alternate between the two, so both see the
-    same state of the machine; the median of each is rank 0's figure, shared with every rank."""
+    same state of the machine; the fastest round of each is rank 0's figure, shared with every rank:
+    other load only ever adds to a round, so the fastest is what the link itself costs."""
     send = np.zeros(payload_bytes, np.uint8)  # (payload,) one rank's Q80 row
     recv = np.zeros((comm.size, payload_bytes), np.uint8)  # (n_ranks, payload)
     gathered = list(recv) if comm.rank == 0 else None
@@ -430,7 +431,7 @@ def time_wires(comm: Comm, payload_bytes: int, rounds: int = WIRE_ROUNDS) -> dic
         comm.allgather(send, recv)
         allreduce.append(time.perf_counter() - t)
         comm.barrier()
-    mine = {"star": float(np.median(star)), "allreduce": float(np.median(allreduce))}
+    mine = {"star": float(np.min(star)), "allreduce": float(np.min(allreduce))}
     return comm.bcast_obj(mine)
 
 
@@ -452,7 +453,7 @@ def choose_overlap(comm: Comm, sync_kind: str, block_bytes: int, requested: int 
         comm.allgather(send, recv)
         times.append(time.perf_counter() - t)
         comm.barrier()
-    t_wire = comm.bcast_obj(float(np.median(times)))
+    t_wire = comm.bcast_obj(float(np.min(times)))  # the link's own cost: load only adds
     chunks = OVERLAP_CHUNKS if t_wire > OVERLAP_MIN_S else 1
     return chunks, f"a prefill block output takes {t_wire * 1e3:.2f} ms on the wire: {chunks} chunk(s)"
 

@@ -420,12 +420,15 @@ def test_attention_increasing_scores(with_scratch):
 
 
 @pytest.mark.parametrize(
-    ("nthreads", "preset", "local_ranks", "expected"),
-    [(1, None, 1, None), (2, None, 1, "ACTIVE"), (2, "PASSIVE", 1, "PASSIVE"), (2, None, 64, None)],
+    ("nthreads", "preset", "local_ranks", "load", "expected"),
+    [(1, None, 1, 0.0, None), (2, None, 1, 0.0, "ACTIVE"), (2, "PASSIVE", 1, 0.0, "PASSIVE"), (2, None, 64, 0.0, None),
+     (2, None, 1, 1.6, None)],
 )
-def test_configure_spins_only_with_several_threads(nthreads, preset, local_ranks, expected):
+def test_configure_spins_only_with_several_threads(nthreads, preset, local_ranks, load, expected):
     # libgomp reads OMP_WAIT_POLICY once, as it loads: a fresh process shows what configure() chose.
-    # 64 ranks on this host with 2 threads each are more threads than cores: they must not spin.
+    # 64 ranks on this host with 2 threads each are more threads than cores: they must not spin; nor
+    # may threads on a host whose load average says other work holds a core (the load is set here,
+    # so the test does not depend on what else this machine runs).
     if nthreads > len(os.sched_getaffinity(0)):
         pytest.skip("fewer CPUs than threads: configure() leaves the threads sleeping")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -433,7 +436,8 @@ def test_configure_spins_only_with_several_threads(nthreads, preset, local_ranks
     if preset:
         env["OMP_WAIT_POLICY"] = preset
     code = (
-        f"import os; from mpillama import kernels; kernels.configure({nthreads}); "
+        f"import os; os.getloadavg = lambda: ({load}, {load}, {load}); "
+        f"from mpillama import kernels; kernels.configure({nthreads}); "
         "print(os.environ.get('OMP_WAIT_POLICY'))"
     )
     repo = Path(__file__).resolve().parents[1]
