@@ -221,7 +221,8 @@ def test_kernel_path_of_this_process_and_forcing_it(monkeypatch):
 def test_forced_portable_path_in_a_new_process():
     # MPILLAMA_KERNELS is read once, at import, before anything compiles
     code = "from mpillama import kernels; print(kernels.kernel_path(), kernels.default_layout())"
-    env = {**os.environ, "MPILLAMA_KERNELS": "portable", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "MPILLAMA_KERNELS": "portable", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["portable", "tiles"]
 
