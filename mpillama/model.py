@@ -272,10 +272,7 @@ class RankModel:
         payload = self.in_payload[:T]
         if self.rank == 0:
             kernels.rmsnorm(y, x, norm, eps)
-            if self.q80_wire:
-                kernels.quantize_q80_into(payload, y)
-            else:
-                payload.view(np.float32)[:] = y
+            self._encode(payload, y)
         tl.mark(seg.compute, layer)
         self.sync.spread(payload)
         tl.mark(seg.sync, layer, payload.nbytes)
