@@ -17,11 +17,11 @@ from typing import Any, Callable
 import numpy as np
 
 from mpillama import __version__, faults, kernels, partition
-from mpillama.kernels.cache import cache_is_warm
+from mpillama.kernels.cache import cache_is_warm, compiled_in_this_process
 from mpillama.comm import Comm, choose_overlap, choose_sync, hostname, library_version, make_sync
 from mpillama.config import RunConfig
 from mpillama.engine import Engine
-from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, RankModel, load_weights, q80_row_bytes
+from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE, RankModel, load_weights, q80_row_bytes
 from mpillama.output import end_job, say
 from mpillama.rank_speed import measure_rank_speed
 from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
@@ -146,6 +146,12 @@ def warm_up(comm: Comm, model: RankModel) -> None:
     """Run one 2-token and one 1-token pass on every rank (in lockstep, during loading) so that
     numba compiles, or loads from its cache, every kernel before the first real token.
 
+    numba compiles a kernel per variant (threaded or not, argument types and layouts) when one is
+    first called, and caches it: a variant this run does not call would make a later run that
+    does pause to compile it (half a minute here, more on a small board). So a run that found the
+    cache cold on any rank also compiles the variants other runs reach (warm_other_variants);
+    a run with a warm cache skips them (loading them costs ~1 s per start).
+
     Compiling takes a minute, more on a small board, and ranks finish it at different times: the
     warm-up's collectives wait up to WARM_UP_TIMEOUT, not --sync-timeout (a rank that dies still
     ends the job at once)."""
@@ -156,10 +162,57 @@ def warm_up(comm: Comm, model: RankModel) -> None:
     try:
         model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
         model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
+        if any(comm.allgather_obj(compiled_in_this_process())):  # every rank runs the same passes
+            warm_other_variants(model, tl)
         comm.barrier()
     finally:
         comm.timeout = sync_timeout
 
+
+def warm_other_variants(model: RankModel, tl: Timeline) -> None:
+    """The kernel variants other runs reach (collective: model passes), on 1 and on 2 threads whatever
+    --nthreads is: the serial and the threaded kernels, decode attention split over positions (a
+    context past 2 * ATT_MIN_CHUNK), warm_other_kernels and warm_split_group_attention."""
+    tokens = np.zeros(2, dtype=np.int64)
+    T = min(2, model.max_tokens)
+    far = 2 * kernels.ATT_MIN_CHUNK - 1  # the first position that splits decode attention
+    for threads in (1, 2):
+        with kernels.using_threads(threads):
+            model.forward(tokens[:T], 0, T, tl, LOGITS_FULL)
+            model.forward(tokens[:1], T, 1, tl, LOGITS_ARGMAX)
+            if far < model.max_seq_len:
+                model.forward(tokens[:1], far, 1, tl, LOGITS_NONE)
+            warm_other_kernels()
+            warm_split_group_attention(model.cfg.head_dim, model.max_seq_len)
+
+
+def warm_other_kernels() -> None:
+    """On the current threads, the kernels only some runs call, on tiny arrays typed as the model's (numba
+    compiles a variant per dtype, dimensions and layout): the f32 decode matmul (--weight-type f32), the
+    Q80 payload conversions that one sync or rank calls and another does not, and the Q40 packing of
+    whole rows and of column slices."""
+    x, payload = np.zeros((1, 32), np.float32), np.zeros((1, 34), np.uint8)  # (1, 32) f32, its (1, 34) q80 bytes
+    kernels.matmul_f32(np.zeros((1, 16), np.float32), np.zeros((16, 32), np.float32), x)
+    kernels.quantize_q80_into(payload, x)
+    kernels.dequantize_q80_add(x, payload)
+    kernels.activations_from_q80(kernels.new_activations(1, 32), payload)
+    rows = np.zeros((2, 2 * 18), np.uint8)  # rows of two Q4_0 blocks, as received (--weights scatter)
+    kernels.pack_q40([rows])
+    rows.setflags(write=False)  # as mapped from the file (--weights mmap): whole rows, and with several
+    kernels.pack_q40([rows])  # ranks column slices (wo, w2), strided
+    kernels.pack_q40([rows[:, :18]])
+
+
+def warm_split_group_attention(head_dim: int, max_seq_len: int) -> None:
+    """On the current threads, attention as a rank calls it when its query heads straddle KV groups (more
+    ranks than KV heads): on views of a range of heads and of one KV head, which numba compiles apart."""
+    q = np.zeros((2, 2, head_dim), np.float32)  # (T, heads, hd): a view of one head is strided for T = 2
+    cache = np.zeros((max_seq_len, 2, head_dim), np.float32)  # (positions, kv heads, hd)
+    scratch = kernels.new_attention_scratch(max_seq_len, 1, head_dim)
+    far = 2 * kernels.ATT_MIN_CHUNK - 1
+    for pos0, T in ((0, 2), (2, 1), (far, 1)):
+        if pos0 + T <= max_seq_len:
+            kernels.attention(q[:T, 1:], q[:T, :1], cache[:, :1], cache[:, 1:], pos0, T, scratch)
 
 
 def slow_load_notice(comm: Comm, seconds: float = 5.0) -> threading.Event:

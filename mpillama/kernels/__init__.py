@@ -50,7 +50,7 @@ from mpillama.kernels.q80 import (
 )
 from mpillama.kernels.groups import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS
 from mpillama.kernels.target import kernel_path
-from mpillama.kernels.threads import configure
+from mpillama.kernels.threads import configure, using_threads
 from mpillama.kernels.vector import simd_available
 
 __all__ = [
@@ -83,4 +83,5 @@ __all__ = [
     "simd_available",
     "swiglu",
     "unpack_q40",
+    "using_threads",
 ]

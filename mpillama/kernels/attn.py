@@ -216,7 +216,9 @@ class AttentionScratch:
 def new_attention_scratch(max_seq: int, n_heads: int, head_dim: int) -> AttentionScratch:
     """Scratch for attention() over a cache of max_seq positions, for this rank's n_heads query heads."""
     assert max_seq >= 1 and n_heads >= 1 and head_dim >= 1, f"max_seq={max_seq} n_heads={n_heads} hd={head_dim}"
-    slots = numba.get_num_threads()  # configure() has set the threads this run uses
+    # configure() has set the threads this run uses; at least 2 slots where numba can run 2 threads,
+    # so that the warm-up can compile the threaded kernels on a 1-thread run (loading.warm_up)
+    slots = max(numba.get_num_threads(), min(2, numba.config.NUMBA_NUM_THREADS))
     return AttentionScratch(
         scores=np.zeros((slots, n_heads, max_seq), np.float32),  # (slots, n_heads, max_seq) f32
         parts=np.zeros((slots, n_heads, head_dim), np.float32),  # (slots, n_heads, head_dim) f32

@@ -78,3 +78,18 @@ def cache_is_warm() -> bool:
     folder = Path(locator.get_cache_path())
     newest_source = max(f.stat().st_mtime for f in PACKAGE_DIR.glob("*.py"))
     return sum(1 for f in folder.glob("*.nbi") if f.stat().st_mtime >= newest_source) >= 10
+
+
+def compiled_in_this_process() -> bool:
+    """Whether numba compiled (rather than loaded from its cache) any kernel of this package so far."""
+    import sys
+
+    from numba.core.dispatcher import Dispatcher
+
+    prefix = f"{__package__}."
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefix):
+            for obj in vars(module).values():
+                if isinstance(obj, Dispatcher) and sum(obj.stats.cache_misses.values()):
+                    return True
+    return False

@@ -7,6 +7,8 @@ count back with numba.get_num_threads(). Imports numba, mpillama.{errors, mpienv
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 
@@ -65,3 +67,17 @@ def configure(nthreads: int) -> None:
     # numba's one-off start-up (its runtime and type registries, ~0.4 s of Python) happens at the
     # first kernel call: have it here, before the loader runs the tokenizer in a second thread
     _f16_value(0)
+
+
+@contextmanager
+def using_threads(n: int) -> Iterator[int]:
+    """Run the block on n numba threads (at most numba's limit), then restore the count.
+
+    For the warm-up only: on a cold cache it runs passes on 1 and on 2 threads whatever --nthreads
+    is, so that numba compiles both kinds of kernel now rather than in a later run."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield numba.get_num_threads()
+    finally:
+        numba.set_num_threads(before)
