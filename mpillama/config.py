@@ -8,6 +8,7 @@ Imports nothing from the rest of the package but errors and files (for reading p
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -83,6 +84,25 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
+
+
+def model_config_json(cfg: ModelConfig) -> str:
+    """The model's shapes as JSON (a trace keeps them, so `trace project` needs no model file)."""
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def model_config_from_json(text: str) -> ModelConfig:
+    """The inverse of model_config_json; fields this version does not know are ignored, missing ones
+    take their defaults (a trace from another version)."""
+    try:
+        fields = json.loads(text)
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        fields = {k: v for k, v in fields.items() if k in known}
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        return ModelConfig(**fields)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise MpillamaError(f"the recorded model shapes are not readable ({e}): pass --model FILE") from None
 
 
 SYNC_KINDS = ("auto", "star", "allreduce")  # auto: the faster wire, measured at start-up

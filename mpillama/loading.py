@@ -19,7 +19,7 @@ import numpy as np
 from mpillama import __version__, faults, kernels, partition
 from mpillama.kernels.cache import cache_is_warm, compiled_in_this_process
 from mpillama.comm import Comm, choose_overlap, choose_sync, hostname, library_version, make_sync
-from mpillama.config import RunConfig
+from mpillama.config import RunConfig, model_config_json
 from mpillama.engine import Engine
 from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE, RankModel, load_weights, q80_row_bytes
 from mpillama.output import end_job, say
@@ -120,7 +120,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
         "weight_type": run.weight_type,
         "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
         "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
-        "load_s": load_s,
+        "load_s": load_s, "model_config": model_config_json(cfg),
     }
     cost = partition.slice_cost(cfg, slc, max_seq_len, run.weight_type)
     rank_info = {

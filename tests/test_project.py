@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 
+import h5py
 import numpy as np
 import pytest
 
 from mpillama.cli import main
-from mpillama.config import ModelConfig
+from mpillama.config import ModelConfig, model_config_from_json, model_config_json
 from mpillama.formats import open_model
 from mpillama.partition import plan
 from mpillama.quant import Q80_BLOCK_BYTES, QK
@@ -151,7 +154,8 @@ ARGMAX = 16
 
 
 def write(path: Path, model: Path, cfg: ModelConfig, n: int, sync: str, cost: Cost, latency: float = 0.0,
-          overhead: float = 0.0, rate: float = math.inf, weights: tuple[float, ...] | None = None) -> Path:
+          overhead: float = 0.0, rate: float = math.inf, weights: tuple[float, ...] | None = None,
+          shapes: bool = False) -> Path:
     """A trace of the run built with deliveries overhead + hops x latency + bytes / rate; the ping-pong
     measured 2 x latency."""
     run, table = build(cfg, n, sync, cost, lambda h, b: overhead + h * latency + b / rate)
@@ -163,7 +167,7 @@ def write(path: Path, model: Path, cfg: ModelConfig, n: int, sync: str, cost: Co
              "tokens": [x[2] for x in table], "position": [x[3] for x in table],
              "t_start": [x[4] for x in table], "t_end": [x[5] for x in table]}
     meta = {"argv": "mpillama bench", "command": "bench", "model": str(model), "sync": sync,
-            "buffer_float_type": "q80"}
+            "buffer_float_type": "q80"} | ({"model_config": model_config_json(cfg)} if shapes else {})
     records = [np.array(r, np.float64).reshape(-1, 6) for r in run.records]
     return write_trace(path, TraceData(meta=meta, rank_rows=rows, fits=fits, records=records,
                                        steps={k: np.array(v) for k, v in steps.items()}))
@@ -370,6 +374,32 @@ def test_the_model_file_can_be_given_when_the_recorded_one_is_gone(tmp_path: Pat
     assert code == 2 and "pass --model" in err
     code, _, err = run_cli(capsys, str(path), "--model", str(model), "--ranks", "3")
     assert code == 0, err
+
+
+def test_the_shapes_recorded_in_the_trace_stand_in_for_a_missing_model(
+        tmp_path: Path, tiny: tuple[Path, ModelConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    model, cfg = tiny
+    gone = tmp_path / "gone.gguf"
+    gone.write_bytes(model.read_bytes())
+    path = write(tmp_path / "two.h5", gone, cfg, 2, "star", model_cost(cfg, 2), shapes=True)
+    with_file = run_cli(capsys, str(path), "--ranks", "3", "--json")
+    gone.unlink()
+    without = run_cli(capsys, str(path), "--ranks", "3", "--json")
+    assert with_file[0] == without[0] == 0 and without[1] == with_file[1], without[2]
+    assert model_config_from_json(model_config_json(cfg)) == cfg
+
+
+def test_an_engine_trace_records_the_model_shapes(tmp_path: Path, models: dict[str, Path]) -> None:
+    trace = tmp_path / "run.h5"
+    done = subprocess.run([sys.executable, "-m", "mpillama", "generate", "--model", str(models["qwen3-tiny-q40"]),
+                           "--prompt", "Hi", "--steps", "2", "--trace", str(trace)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with h5py.File(trace) as f:
+        recorded = model_config_from_json(f.attrs["model_config"])
+    f = open_model(models["qwen3-tiny-q40"])
+    assert recorded == f.config
+    f.close()
 
 
 # ---------------------------------------------------------------------------------------- a measured run

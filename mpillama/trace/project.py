@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from mpillama.config import ModelConfig
+from mpillama.config import ModelConfig, model_config_from_json
 from mpillama.errors import MpillamaError
 from mpillama.partition import plan
 from mpillama.quant import Q80_BLOCK_BYTES, QK
@@ -94,10 +94,13 @@ def shares_of_plan(cfg: ModelConfig, n_ranks: int, weights: tuple[float, ...] | 
 
 
 def model_config(trace: Trace, model: str | Path | None) -> ModelConfig:
-    """The model's shapes: from --model, else from the model file the trace names."""
+    """The model's shapes: from --model, else from the model file the trace names, else from the
+    shapes the trace recorded (traces written since they keep them)."""
     from mpillama.formats import open_model  # the header readers: imported only when a projection runs
 
     path = str(model or trace.attrs.get("model", "") or "")
+    if not model and not Path(path).exists() and trace.attrs.get("model_config"):
+        return model_config_from_json(str(trace.attrs["model_config"]))
     if not path or not Path(path).exists():
         raise MpillamaError(
             f"{trace.path} was recorded with model {path or '(none)'}, which is not there: pass --model FILE "
