@@ -26,18 +26,37 @@ from mpillama.model import load_weights
 from mpillama.partition import Slice
 
 
+_CHUNK_VALUES = 1 << 24  # values requantized per step: bounds the temporary f32 rows
+
+
+def main_kind(tensors: dict[str, Any]) -> str:
+    """The kind a model's other tensors are requantized to under auto: its FFN matrices' stored kind when
+    that is registered with a quantizer (a Q8_0 .m file's f32 embedding becomes Q8_0), else q40."""
+    kind = weights.registered(tensors["blk.0.ffn_down"].kind)
+    return kind.name if kind is not None and kind.quantize is not None else "q40"
+
+
 def matrix_kind(tensors: dict[str, Any], names: list[str], weight_type: str) -> str:
     """What the named tensors, stacked, are kept as in memory: 'f32' or a registered kind.
 
     --weight-type f32 / q40: that, for every tensor. auto: the stored type when the registry keeps
-    it and all the stacked tensors share it (a matrix has one kernel), else q40 (requantized, with
-    the reader's notice). F16/BF16 tensors are requantized to q40 under auto."""
+    it and all the stacked tensors share it (a matrix has one kernel), else main_kind (requantized;
+    Q4_0 with the reader's notice). F16/BF16/F32 matrices of a float file are requantized to q40."""
     if weight_type in ("f32", "q40"):
         return weight_type
     assert weight_type == "auto", weight_type
     stored = {weights.kind_name(tensors[n].kind) for n in names}
     kind = stored.pop()
-    return kind if not stored and kind in weights.KINDS else "q40"
+    return kind if not stored and kind in weights.KINDS else main_kind(tensors)
+
+
+def _requantized(mf: ModelFile, name: str, rows: slice | None, cols: slice | None, kind: str) -> np.ndarray:
+    """GGML rows of `kind` for tensor[rows, cols] stored as another type: decoded and quantized a chunk at a time."""
+    quantize = weights.KINDS[kind].quantize
+    assert quantize is not None, f"{kind} has no quantizer"
+    r0, r1, _ = (rows or slice(None)).indices(mf.tensors[name].shape[0])
+    step = max(1, _CHUNK_VALUES // mf.tensors[name].shape[1])
+    return np.concatenate([quantize(mf.read_f32(name, slice(r, min(r1, r + step)), cols)) for r in range(r0, r1, step)])
 
 
 def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
@@ -51,10 +70,12 @@ def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | No
         c = slice(*cols) if cols is not None else None
         if kind == "f32":
             parts.append(mf.read_f32(name, r, c))
+        elif weights.kind_name(mf.tensors[name].kind) == kind:
+            parts.append(mf.read_raw(name, r, c))
         elif kind == "q40":
             parts.append(mf.read_q40(name, r, c, copy=False))
         else:
-            parts.append(mf.read_raw(name, r, c))
+            parts.append(_requantized(mf, name, r, c, kind))
     return parts
 
 
