@@ -23,7 +23,8 @@ from mpillama.errors import MpillamaError
 from mpillama.formats import ModelFile, open_model
 from mpillama.kernels import weights
 from mpillama.model import load_weights
-from mpillama.partition import Slice
+from mpillama.partition import F32, Kept, Slice
+from mpillama.quant import QK
 
 
 _CHUNK_VALUES = 1 << 24  # values requantized per step: bounds the temporary f32 rows
@@ -48,6 +49,36 @@ def matrix_kind(tensors: dict[str, Any], names: list[str], weight_type: str) -> 
     stored = {weights.kind_name(tensors[n].kind) for n in names}
     kind = stored.pop()
     return kind if not stored and kind in weights.KINDS else main_kind(tensors)
+
+
+GROUP_TENSORS = {  # partition.GROUPS -> the tensors of layer 0 stacked into that matrix
+    "attn_qkv": ["blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v"], "attn_output": ["blk.0.attn_output"],
+    "ffn_gate_up": ["blk.0.ffn_gate", "blk.0.ffn_up"], "ffn_down": ["blk.0.ffn_down"],
+}
+
+
+def kept_kinds(tensors: dict[str, Any], weight_type: str) -> dict[str, Kept]:
+    """partition.GROUPS -> what each group of matrices is kept as (from layer 0 and the header alone)."""
+    head = "output" if "output" in tensors else "token_embd"
+    names = {**GROUP_TENSORS, "output": [head], "token_embd": ["token_embd"]}
+    out = {}
+    for group, group_names in names.items():
+        kind = matrix_kind(tensors, group_names, weight_type)
+        w = weights.KINDS.get(kind)
+        out[group] = F32 if w is None else Kept(kind, w.block_values, w.block_bytes)
+    return out
+
+
+def describe_kinds(kinds: dict[str, Kept]) -> str:
+    """'q80', or 'q40, output q80' when groups differ: what the start-up line says the weights are kept as."""
+    main = kinds["ffn_down"].kind
+    others = [f"{g} {k.kind}" for g, k in kinds.items() if k.kind != main]
+    return ", ".join([main, *others])
+
+
+def ffn_unit(tensors: dict[str, Any], weight_type: str) -> int:
+    """FFN rows per unit of the slice plan: the block of w2's kept kind (its columns are sliced)."""
+    return max(QK, kept_kinds(tensors, weight_type)["ffn_down"].block_values)
 
 
 def _requantized(mf: ModelFile, name: str, rows: slice | None, cols: slice | None, kind: str) -> np.ndarray:
