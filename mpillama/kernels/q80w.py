@@ -8,9 +8,10 @@ pack_q80w for this CPU:
   (q ^ 0x80, an unsigned byte: vpdpbusd multiplies unsigned x signed), then the 16 rows' float16
   scales. The +128 is folded out per block as 128 * sum(activations) = 16 * acts.corr (corr is
   8 * sum, kept for the Q40 offset). Kernels: q80w_x86.py.
-- rows (any CPU, and ARM until an sdot kernel exists): qs (rows, nb, 32) int8 as in the file,
-  d (rows, nb) float32 scales (the f16 scales widened once at load: 36 bytes a block, not 34).
-  Kernels: plain numba loops here, which LLVM vectorises.
+- rows (any CPU, and ARM until an sdot kernel exists): rows in tiles of TILE = 256 (as the Q40
+  tiles layout), values ordered [tile][block][k][row] (int8, as in the file), scales
+  [tile][block][row] as float32 (widened once at load: 36 bytes a block, not 34). Kernels: plain
+  numba loops here, which LLVM vectorises across the tile's rows.
 Rows of the vnni layout are padded to a whole group with zero blocks (bytes 0x80, scale 0).
 
 Imports numpy, numba, mpillama.{errors, quant} and the package's kernel modules only.
@@ -27,15 +28,15 @@ from numba import njit, prange
 
 from mpillama.errors import MpillamaError
 from mpillama.kernels.groups import VNNI_ROWS
+from mpillama.kernels.portable import TILE
 from mpillama.kernels.q80 import Q80Activations
 from mpillama.kernels.target import X86_VNNI, kernel_path
 from mpillama.kernels.vector import _claim
 from mpillama.quant import Q80_BLOCK_BYTES, QK
 
-LAYOUT_ROWS = "rows"  # (rows, nb, 32) int8 + (rows, nb) f32 scales, plain numba kernels: any CPU
+LAYOUT_ROWS = "rows"  # int8 values and f32 scales in tiles of 256 rows, plain numba kernels: any CPU
 LAYOUT_VNNI = "vnni"  # rows in groups of 16, values + 128, AVX-512 VNNI kernels (x86-vnni only)
 Q80V_BLOCK_BYTES = 544  # one block of a row group: 512 value bytes, then 16 float16 scales
-ROWS_CHUNK = 64  # rows a thread claims at a time in the threaded rows-layout matmul
 
 
 @dataclass
@@ -45,10 +46,10 @@ class Q80Matrix:
     rows: int
     cols: int
     layout: str  # LAYOUT_ROWS or LAYOUT_VNNI
-    # rows: (rows, nb, 32) int8 values; vnni: (n_groups, nb, 544) uint8 [group][block]: value byte
-    #       4k+i of row r at k*64 + r*4 + i (stored + 128), then the 16 rows' float16 scales
+    # rows: (n_tiles, nb, 32, TILE) int8 values; vnni: (n_groups, nb, 544) uint8 [group][block]: value
+    #       byte 4k+i of row r at k*64 + r*4 + i (stored + 128), then the 16 rows' float16 scales
     qs: np.ndarray
-    # rows: (rows, nb) f32 scales; vnni: (n_groups, nb, 16) uint16, a view of the scales inside qs
+    # rows: (n_tiles, nb, TILE) f32 scales; vnni: (n_groups, nb, 16) uint16, a view of the scales inside qs
     d: np.ndarray
 
 
@@ -114,9 +115,14 @@ def pack_q80w(ggml: np.ndarray | Sequence[np.ndarray], layout: str | None = None
         _pad_vnni_rows(buf, rows)
         return Q80Matrix(rows=rows, cols=nb * QK, layout=layout, qs=buf, d=buf[:, :, 512:].view("<u2"))
     blocks = np.concatenate(parts).reshape(rows, nb, Q80_BLOCK_BYTES)
-    d = np.ascontiguousarray(blocks[:, :, :2]).view("<f2")[:, :, 0].astype(np.float32)  # (rows, nb)
-    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8)  # (rows, nb, 32)
-    return Q80Matrix(rows=rows, cols=nb * QK, layout=layout, qs=qs, d=d)
+    n_tiles = -(-rows // TILE)
+    qs = np.zeros((n_tiles * TILE, nb, QK), np.int8)  # padded rows: values 0, scale 0
+    qs[:rows] = blocks[:, :, 2:].view(np.int8)
+    d = np.zeros((n_tiles * TILE, nb), np.float32)
+    d[:rows] = np.ascontiguousarray(blocks[:, :, :2]).view("<f2")[:, :, 0]
+    return Q80Matrix(rows=rows, cols=nb * QK, layout=layout,
+                     qs=np.ascontiguousarray(qs.reshape(n_tiles, TILE, nb, QK).transpose(0, 2, 3, 1)),
+                     d=np.ascontiguousarray(d.reshape(n_tiles, TILE, nb).transpose(0, 2, 1)))
 
 
 def unpack_q80w(m: Q80Matrix) -> np.ndarray:
@@ -124,8 +130,10 @@ def unpack_q80w(m: Q80Matrix) -> np.ndarray:
     nb = m.cols // QK
     out = np.empty((m.rows, nb, Q80_BLOCK_BYTES), np.uint8)  # (rows, nb, 34)
     if m.layout == LAYOUT_ROWS:
-        out[:, :, :2] = m.d.astype("<f2").view(np.uint8).reshape(m.rows, nb, 2)
-        out[:, :, 2:] = m.qs.view(np.uint8)
+        n = m.qs.shape[0] * TILE
+        d = m.d.transpose(0, 2, 1).reshape(n, nb)[: m.rows]
+        out[:, :, :2] = np.ascontiguousarray(d.astype("<f2")).view(np.uint8).reshape(m.rows, nb, 2)
+        out[:, :, 2:] = m.qs.transpose(0, 3, 1, 2).reshape(n, nb, QK)[: m.rows].view(np.uint8)
     else:
         n_groups = m.qs.shape[0]
         vals = m.qs[:, :, :512].reshape(n_groups, nb, 8, VNNI_ROWS, 4).transpose(0, 3, 1, 2, 4) ^ 0x80
@@ -140,31 +148,46 @@ def unpack_q80w(m: Q80Matrix) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _q80w_rows(out, qs, wd, aq, ad, T, r_lo, r_hi):
-    # w rows [r_lo, r_hi) q80 (qs (rows, nb, 32) int8, wd (rows, nb) f32) @ x (T, cols) q80 -> out[:T, r_lo:r_hi]
-    # The 32-product integer sum per block is exact in int32; LLVM vectorises it (pmaddwd-style).
+def _q80w_tiles(out, qs, wd, aq, ad, T, rows, tile_lo, tile_hi, isum, acc):
+    # w tiles [tile_lo, tile_hi) q80 (qs (n_tiles, nb, 32, TILE) int8, wd (n_tiles, nb, TILE) f32) @ x (T, cols)
+    # q80 -> out (T, rows) f32 (rows of those tiles). isum (TILE,), acc (>= T, TILE) f32: the thread's scratch.
+    # The loops run over TILE rows of contiguous bytes, which LLVM vectorises (int8 -> f32, fma). A block's
+    # 32 products are summed in float32, which is exact: every partial sum is an integer of magnitude
+    # <= 32 * 128 * 127 < 2^24 (numba widens int8 * int8 to int64, which did not vectorise: 0.8 G weights/s).
     nb = qs.shape[1]
-    for r in range(r_lo, r_hi):
+    for tile in range(tile_lo, tile_hi):
         for t in range(T):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                s = np.int32(0)
+            for r in range(TILE):
+                acc[t, r] = 0.0
+        for b in range(nb):
+            qb = qs[tile, b]  # (32, TILE) int8
+            db = wd[tile, b]  # (TILE,) f32
+            for t in range(T):  # the weight tile block stays in L1 for all T tokens
+                ab = aq[t, b]
+                for r in range(TILE):
+                    isum[r] = 0.0
                 for k in range(QK):
-                    s += np.int32(qs[r, b, k]) * np.int32(aq[t, b, k])
-                acc += np.float32(s) * (wd[r, b] * ad[t, b])
-            out[t, r] = acc
+                    a = np.float32(ab[k])
+                    for r in range(TILE):
+                        isum[r] += np.float32(qb[k, r]) * a
+                xd = ad[t, b]
+                for r in range(TILE):
+                    acc[t, r] += isum[r] * db[r] * xd
+        r0 = tile * TILE
+        for t in range(T):
+            for r in range(min(TILE, rows - r0)):
+                out[t, r0 + r] = acc[t, r]
 
 
 @njit(cache=True, parallel=True)
-def _q80w_rows_parallel(out, qs, wd, aq, ad, T, n_threads, next_chunk):
-    # the same over all rows, ROWS_CHUNK rows at a time to whichever of n_threads is free
-    rows = qs.shape[0]
-    n_chunks = -(-rows // ROWS_CHUNK)
+def _q80w_tiles_parallel(out, qs, wd, aq, ad, T, rows, n_threads, isum, acc, next_chunk):
+    # the same over all tiles, one tile at a time to whichever of n_threads is free
+    n_tiles = qs.shape[0]
     next_chunk[0] = 0
-    for _ in prange(min(n_threads, n_chunks)):
+    for k in prange(min(n_threads, n_tiles, isum.shape[0])):
         c = _claim(next_chunk)
-        while c < n_chunks:
-            _q80w_rows(out, qs, wd, aq, ad, T, c * ROWS_CHUNK, min(rows, (c + 1) * ROWS_CHUNK))
+        while c < n_tiles:
+            _q80w_tiles(out, qs, wd, aq, ad, T, rows, c, c + 1, isum[k], acc[k])
             c = _claim(next_chunk)
 
 
@@ -183,8 +206,10 @@ def matmul_q80w(out: np.ndarray, m: Q80Matrix, acts: Q80Activations, T: int) -> 
             _q80v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.next_chunk)
         else:
             _q80v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0])
-    elif n_threads > 1:
-        _q80w_rows_parallel(out, m.qs, m.d, acts.qs, acts.d, T, n_threads, acts.next_chunk)
+    elif n_threads > 1:  # the Q40 tiles' scratch (tile_scales, tile_sums) serves here too
+        _q80w_tiles_parallel(out, m.qs, m.d, acts.qs, acts.d, T, m.rows, n_threads, acts.tile_scales, acts.tile_sums,
+                             acts.next_chunk)
     else:
-        _q80w_rows(out, m.qs, m.d, acts.qs, acts.d, T, 0, m.rows)
+        _q80w_tiles(out, m.qs, m.d, acts.qs, acts.d, T, m.rows, 0, m.qs.shape[0], acts.tile_scales[0],
+                    acts.tile_sums[0])
 
