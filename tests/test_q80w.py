@@ -12,7 +12,9 @@ from mpillama.errors import MpillamaError
 from mpillama.kernels import q80w, weights
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
-LAYOUTS = [q80w.LAYOUT_ROWS] if kernels.kernel_path() != "x86-vnni" else [q80w.LAYOUT_VNNI, q80w.LAYOUT_ROWS]
+# every layout this machine runs: vnni (x86 AVX-512 VNNI) or sdot (ARM dotprod, under tests/aarch64's
+# emulation) on a dot-product path, rows anywhere
+LAYOUTS = sorted({q80w.default_layout(), q80w.LAYOUT_ROWS})
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
@@ -50,9 +52,13 @@ def test_pack_stacks_row_blocks(layout):
     assert np.array_equal(kernels.unpack_q80w(m), np.concatenate(parts))
 
 
-def test_pack_rejects_unknown_layout():
+def test_pack_rejects_unknown_or_unavailable_layout(monkeypatch):
     with pytest.raises(MpillamaError, match="unknown Q80 weight layout"):
         kernels.pack_q80w(np.zeros((1, 34), np.uint8), "tiles")
+    monkeypatch.setattr(q80w, "kernel_path", lambda: "portable")  # where pack_q80w looks it up
+    for layout in (q80w.LAYOUT_VNNI, q80w.LAYOUT_SDOT):
+        with pytest.raises(MpillamaError, match=f"the {layout} Q80 weight layout needs the .* kernel path"):
+            kernels.pack_q80w(np.zeros((1, 34), np.uint8), layout)
 
 
 SHAPES = [(1, 32, 1), (31, 64, 1), (40, 2048, 1), (257, 32, 2), (100, 160, 5), (33, 96, 8), (48, 64, 9), (17, 64, 4)]

@@ -8,7 +8,9 @@ pack_q80w for this CPU:
   (q ^ 0x80, an unsigned byte: vpdpbusd multiplies unsigned x signed), then the 16 rows' float16
   scales. The +128 is folded out per block as 128 * sum(activations) = 16 * acts.corr (corr is
   8 * sum, kept for the Q40 offset). Kernels: q80w_x86.py.
-- rows (any CPU, and ARM until an sdot kernel exists): rows in tiles of TILE = 256 (as the Q40
+- sdot (kernel path arm-sdot): the vnni layout with the values stored as they are (sdot multiplies
+  signed x signed: no offset). Kernels: q80w_arm.py.
+- rows (any CPU): rows in tiles of TILE = 256 (as the Q40
   tiles layout), values ordered [tile][block][k][row] (int8, as in the file), scales
   [tile][block][row] as float32 (widened once at load: 36 bytes a block, not 34). Kernels: plain
   numba loops here, which LLVM vectorises across the tile's rows.
@@ -30,12 +32,14 @@ from mpillama.errors import MpillamaError
 from mpillama.kernels.groups import VNNI_ROWS
 from mpillama.kernels.portable import TILE
 from mpillama.kernels.q80 import Q80Activations
-from mpillama.kernels.target import X86_VNNI, kernel_path
+from mpillama.kernels.target import ARM_SDOT, X86_VNNI, kernel_path
 from mpillama.kernels.vector import _claim
 from mpillama.quant import Q80_BLOCK_BYTES, QK
 
 LAYOUT_ROWS = "rows"  # int8 values and f32 scales in tiles of 256 rows, plain numba kernels: any CPU
 LAYOUT_VNNI = "vnni"  # rows in groups of 16, values + 128, AVX-512 VNNI kernels (x86-vnni only)
+LAYOUT_SDOT = "sdot"  # the same groups, values as stored, ARM sdot kernels (arm-sdot only)
+_GROUP_PATHS = {LAYOUT_VNNI: X86_VNNI, LAYOUT_SDOT: ARM_SDOT}  # row-group layout -> the kernel path it needs
 Q80V_BLOCK_BYTES = 544  # one block of a row group: 512 value bytes, then 16 float16 scales
 
 
@@ -54,14 +58,14 @@ class Q80Matrix:
 
 
 def default_layout() -> str:
-    """The layout pack_q80w picks here: vnni on the x86-vnni kernel path, else rows."""
-    return LAYOUT_VNNI if kernel_path() == X86_VNNI else LAYOUT_ROWS
+    """The layout pack_q80w picks here: vnni on the x86-vnni kernel path, sdot on arm-sdot, else rows."""
+    return {X86_VNNI: LAYOUT_VNNI, ARM_SDOT: LAYOUT_SDOT}.get(kernel_path(), LAYOUT_ROWS)
 
 
 @njit(cache=True, nogil=True)
-def _pack_vnni_rows(buf, ggml, row0):
+def _pack_group_rows(buf, ggml, row0, flip):
     # ggml (n, nb*34) Q8_0 rows (maybe a strided view of the mapped file) -> rows row0.. of buf
-    # (n_groups, nb, 544), the vnni layout; each byte is read once
+    # (n_groups, nb, 544), the vnni (flip 0x80: values + 128) or sdot (flip 0) layout; each byte is read once
     nb = buf.shape[1]
     for i in range(ggml.shape[0]):
         g, r = divmod(row0 + i, VNNI_ROWS)
@@ -72,12 +76,12 @@ def _pack_vnni_rows(buf, ggml, row0):
             dst[b, 513 + 2 * r] = src[o + 1]
             for k in range(8):
                 for j in range(4):
-                    dst[b, k * 64 + r * 4 + j] = src[o + 2 + 4 * k + j] ^ 0x80
+                    dst[b, k * 64 + r * 4 + j] = src[o + 2 + 4 * k + j] ^ flip
 
 
 @njit(cache=True, nogil=True)
-def _pad_vnni_rows(buf, row0):
-    # rows row0.. of the last group: zero-valued blocks (values 0 stored as 0x80, scale 0)
+def _pad_group_rows(buf, row0, flip):
+    # rows row0.. of the last group: zero-valued blocks (values 0 stored as 0 ^ flip, scale 0)
     nb = buf.shape[1]
     for row in range(row0, buf.shape[0] * VNNI_ROWS):
         g, r = divmod(row, VNNI_ROWS)
@@ -86,7 +90,7 @@ def _pad_vnni_rows(buf, row0):
             buf[g, b, 513 + 2 * r] = 0
             for k in range(8):
                 for j in range(4):
-                    buf[g, b, k * 64 + r * 4 + j] = 0x80
+                    buf[g, b, k * 64 + r * 4 + j] = flip
 
 
 def pack_q80w(ggml: np.ndarray | Sequence[np.ndarray], layout: str | None = None) -> Q80Matrix:
@@ -100,19 +104,21 @@ def pack_q80w(ggml: np.ndarray | Sequence[np.ndarray], layout: str | None = None
         )
         assert part.shape[1] == parts[0].shape[1], "stacked Q80 blocks must have the same columns"
     layout = default_layout() if layout is None else layout
-    if layout not in (LAYOUT_ROWS, LAYOUT_VNNI):
-        raise MpillamaError(f"unknown Q80 weight layout {layout!r}: use {LAYOUT_ROWS!r} or {LAYOUT_VNNI!r}")
-    if layout == LAYOUT_VNNI and kernel_path() != X86_VNNI:
-        raise MpillamaError("the vnni Q80 weight layout needs the x86 AVX-512 VNNI kernel path and this process runs "
-                            f"{kernel_path()}: use the rows layout (the default here)")
+    if layout not in (LAYOUT_ROWS, LAYOUT_VNNI, LAYOUT_SDOT):
+        raise MpillamaError(f"unknown Q80 weight layout {layout!r}: use {LAYOUT_ROWS!r}, {LAYOUT_VNNI!r} or "
+                            f"{LAYOUT_SDOT!r}")
+    if layout in _GROUP_PATHS and kernel_path() != _GROUP_PATHS[layout]:
+        raise MpillamaError(f"the {layout} Q80 weight layout needs the {_GROUP_PATHS[layout]} kernel path and this "
+                            f"process runs {kernel_path()}: use the default layout here ({default_layout()})")
     rows, nb = sum(p.shape[0] for p in parts), parts[0].shape[1] // Q80_BLOCK_BYTES
-    if layout == LAYOUT_VNNI:
+    if layout in _GROUP_PATHS:
         buf = np.empty((-(-rows // VNNI_ROWS), nb, Q80V_BLOCK_BYTES), np.uint8)
+        flip = 0x80 if layout == LAYOUT_VNNI else 0
         row0 = 0
         for part in parts:
-            _pack_vnni_rows(buf, np.asarray(part), row0)
+            _pack_group_rows(buf, np.asarray(part), row0, flip)
             row0 += part.shape[0]
-        _pad_vnni_rows(buf, rows)
+        _pad_group_rows(buf, rows, flip)
         return Q80Matrix(rows=rows, cols=nb * QK, layout=layout, qs=buf, d=buf[:, :, 512:].view("<u2"))
     blocks = np.concatenate(parts).reshape(rows, nb, Q80_BLOCK_BYTES)
     n_tiles = -(-rows // TILE)
@@ -136,7 +142,8 @@ def unpack_q80w(m: Q80Matrix) -> np.ndarray:
         out[:, :, 2:] = m.qs.transpose(0, 3, 1, 2).reshape(n, nb, QK)[: m.rows].view(np.uint8)
     else:
         n_groups = m.qs.shape[0]
-        vals = m.qs[:, :, :512].reshape(n_groups, nb, 8, VNNI_ROWS, 4).transpose(0, 3, 1, 2, 4) ^ 0x80
+        vals = m.qs[:, :, :512].reshape(n_groups, nb, 8, VNNI_ROWS, 4).transpose(0, 3, 1, 2, 4)
+        vals = vals ^ 0x80 if m.layout == LAYOUT_VNNI else vals
         out[:, :, 2:] = vals.reshape(n_groups * VNNI_ROWS, nb, QK)[: m.rows]
         d = m.d.transpose(0, 2, 1).reshape(n_groups * VNNI_ROWS, nb)[: m.rows]
         out[:, :, 0] = d & 0xFF
@@ -206,6 +213,13 @@ def matmul_q80w(out: np.ndarray, m: Q80Matrix, acts: Q80Activations, T: int) -> 
             _q80v_parallel(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, n_threads, acts.next_chunk)
         else:
             _q80v_run(out, m.qs, acts.qs32, acts.d, acts.corr, T, m.rows, 0, m.qs.shape[0])
+    elif m.layout == LAYOUT_SDOT:
+        from mpillama.kernels.q80w_arm import _q80s_parallel, _q80s_run  # compiled only on the arm-sdot path
+
+        if n_threads > 1:
+            _q80s_parallel(out, m.qs, acts.qs32, acts.d, T, m.rows, n_threads, acts.next_chunk)
+        else:
+            _q80s_run(out, m.qs, acts.qs32, acts.d, T, m.rows, 0, m.qs.shape[0])
     elif n_threads > 1:  # the Q40 tiles' scratch (tile_scales, tile_sums) serves here too
         _q80w_tiles_parallel(out, m.qs, m.d, acts.qs, acts.d, T, m.rows, n_threads, acts.tile_scales, acts.tile_sums,
                              acts.next_chunk)
