@@ -118,7 +118,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     meta = {
         "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
         "sync": sync_kind, "sync_reason": f"{sync_why}; prefill {overlap_why}", "buffer_float_type": run.buffer_float_type,
-        "weight_type": run.weight_type,
+        "weight_type": f"{run.weight_type} ({describe_kinds(kinds)})" if run.weight_type == "auto" else run.weight_type,
         "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
         "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
         "load_s": load_s,
