@@ -4,6 +4,9 @@ and the errors for a bad weight type."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +86,13 @@ def test_bad_weight_types_are_errors() -> None:
         RunConfig(weight_type="q80")  # a stored kind, not a choice: auto keeps Q8_0 files as Q8_0
     with pytest.raises(SystemExit):
         main(["generate", "--model", "x.gguf", "--prompt", "hi", "--weight-type", "q8_0"])
+
+
+def test_bench_times_the_q80_kernels(models: dict[str, Path]) -> None:
+    """bench's matmul-alone timing runs each matrix's own kernel (it once ran the Q40 one on Q8_0 bytes)."""
+    done = subprocess.run([sys.executable, "-m", "mpillama", "bench", "--model", str(models["tiny-q80"]),
+                           "--prompt-tokens", "8", "--steps", "4", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["gen_tok_s"] > 0 and result["rank0_matmul_ms"] > 0
