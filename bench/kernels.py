@@ -1,4 +1,4 @@
-"""Q80 x Q40 matmul and attention speed against baselines measured in the same run.
+"""Q80 x Q40 (and Q80 x Q8_0-weight) matmul and attention speed against baselines measured in the same run.
 
 Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--layouts vnni,tiles]
                                [--attention] [--scaling] [--json] [--asm]
@@ -6,6 +6,8 @@ Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--layouts
 Matmul: for each Llama-3.2-1B shape (rows x cols) and each Q40 layout this machine can run, it times
   decode   one token: the Q40 kernel vs numpy's float32 matrix-vector product;
   prefill  16 and 64 tokens: the Q40 kernel vs numpy's float32 matrix product;
+and the same for Q8_0 weights kept as stored (layouts q80-vnni on x86-vnni, q80-rows anywhere:
+kernels/q80w.py; the q40_* fields then hold the Q8_0 kernel's figures), with GB/s of weight bytes read,
 with weights streaming from memory (each timed pass rotates through copies of the matrix
 totalling >= --stream-mb, more than the caches hold), and decode again with one matrix
 repeated ("hot": in cache when it fits). Figures are G weights/s (G weight-columns/s for
@@ -45,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="numba and BLAS threads (default 1)")
     p.add_argument("--shapes", default=SHAPES, help=f"rows x cols list (default {SHAPES}; '' for none)")
-    p.add_argument("--layouts", default=None, help="Q40 layouts to time (default: every one this CPU runs)")
+    p.add_argument("--layouts", default=None, help="layouts to time: vnni, tiles (Q40), q80-vnni, q80-rows (Q8_0) (default: every one this CPU runs)")
     p.add_argument("--tokens", default="16,64", help="prefill token counts (default 16,64)")
     p.add_argument("--stream-mb", type=float, default=256.0, help="bytes rotated per pass from memory (default 256)")
     p.add_argument("--min-seconds", type=float, default=0.25, help="least time spent timing each figure")
@@ -68,7 +70,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import binding as llvm_binding  # noqa: E402
 
-from mpillama import kernels  # noqa: E402
+from mpillama import kernels, quant  # noqa: E402
 from mpillama.kernels import attn, q40  # noqa: E402  (kernels timed or inspected alone)
 
 
@@ -86,6 +88,7 @@ class Row:
     q40_gws: float  # G weight-columns/s
     f32_gws: float
     ratio: float  # q40 speed / numpy float32 speed
+    gbs: float  # the quantized weights' bytes read per second (GB/s): Q40 18 bytes, Q80 34 bytes per 32 weights
 
 
 @dataclass
@@ -156,9 +159,22 @@ def random_q40(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return ggml.reshape(rows, nb * 18)
 
 
+def q80_copies(rows: int, cols: int, layout: str, n: int, rng: np.random.Generator) -> list[kernels.Q80Matrix]:
+    """n independent packed copies of a random Q8_0 matrix (random int8 values, scales 1e-3..1e-2)."""
+    w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.01)
+    m = kernels.pack_q80w(quant.quantize_q80(w), layout)
+    copies = [m]
+    for _ in range(n - 1):
+        qs = m.qs.copy()
+        d = qs[:, :, 512:].view("<u2") if layout == "vnni" else m.d.copy()  # rows: f32 tiles
+        copies.append(kernels.Q80Matrix(m.rows, m.cols, m.layout, qs, d))
+    return copies
+
+
 def measure_shape(rows: int, cols: int, layouts: list[str], tokens: list[int], rng: np.random.Generator) -> list[Row]:
     shape = f"{rows}x{cols}"
     q40_bytes = rows * cols // 32 * 18
+    q80_bytes = rows * cols // 32 * 34
     f32_bytes = rows * cols * 4
     stream = ARGS.stream_mb * 2**20
     ggml = random_q40(rows, cols, rng)
@@ -173,10 +189,12 @@ def measure_shape(rows: int, cols: int, layouts: list[str], tokens: list[int], r
         out_q = np.empty((T, rows), np.float32)  # (T, rows) f32
         out_f = np.empty((T, rows), np.float32)
         xf = x[:T]
+        q80 = layout.startswith("q80-")
+        matmul, q_bytes = (kernels.matmul_q80w, q80_bytes) if q80 else (kernels.matmul_q40, q40_bytes)
 
         def q_pass() -> None:
             for m in q_list:
-                kernels.matmul_q40(out_q, m, acts, T)
+                matmul(out_q, m, acts, T)
 
         def f_pass() -> None:
             for w in f_list:
@@ -185,11 +203,15 @@ def measure_shape(rows: int, cols: int, layouts: list[str], tokens: list[int], r
         tq, tf = best_pass_seconds(q_pass, f_pass, ARGS.min_seconds)
         tq, tf = tq / len(q_list), tf / len(f_list)
         work = rows * cols * T / 1e9
-        sizes = (q40_bytes / 2**20, f32_bytes / 2**20)
-        rows_out.append(Row(shape, layout, case, T, weights, *sizes, tq * 1e3, tf * 1e3, work / tq, work / tf, tf / tq))
+        sizes = (q_bytes / 2**20, f32_bytes / 2**20)
+        rows_out.append(Row(shape, layout, case, T, weights, *sizes, tq * 1e3, tf * 1e3, work / tq, work / tf, tf / tq,
+                            q_bytes / tq / 1e9))
 
     for layout in layouts:
-        qs = q40_copies(ggml, layout, max(1, int(np.ceil(stream / q40_bytes))))
+        if layout.startswith("q80-"):
+            qs = q80_copies(rows, cols, layout[4:], max(1, int(np.ceil(stream / q80_bytes))), rng)
+        else:
+            qs = q40_copies(ggml, layout, max(1, int(np.ceil(stream / q40_bytes))))
         one(layout, "decode", 1, "memory", qs, fs)
         for T in tokens:
             one(layout, "prefill", T, "memory", qs, fs)
@@ -351,8 +373,9 @@ def available_layouts() -> list[str]:
     if ARGS.layouts:
         return ARGS.layouts.split(",")
     if kernels.kernel_path() == "portable":
-        return [kernels.LAYOUT_TILES]
-    return [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES]
+        return [kernels.LAYOUT_TILES, "q80-rows"]
+    q80 = ["q80-vnni", "q80-rows"] if kernels.kernel_path() == "x86-vnni" else ["q80-rows"]
+    return [kernels.LAYOUT_VNNI, kernels.LAYOUT_TILES, *q80]
 
 
 def main() -> None:
@@ -375,10 +398,11 @@ def main() -> None:
                 fits = ""
                 if r.weights == "hot" and l3:
                     fits = f"  (fits L3 {l3 >> 20} MB: q40 {r.q40_mb <= l3 / 2**20}, f32 {r.f32_mb <= l3 / 2**20})"
+                kind = "q80" if r.layout.startswith("q80-") else "q40"
                 print(
-                    f"{r.shape:>12} {r.layout:>5} {r.case:>7} T={r.tokens:<3} {r.weights:>6}: q40 {r.q40_gws:6.1f} G/s"
-                    f" ({r.q40_ms:8.3f} ms)  numpy f32 {r.f32_gws:6.1f} G/s ({r.f32_ms:8.3f} ms)  ratio {r.ratio:5.2f}x"
-                    + fits,
+                    f"{r.shape:>12} {r.layout:>8} {r.case:>7} T={r.tokens:<3} {r.weights:>6}: {kind} {r.q40_gws:6.1f} G/s"
+                    f" ({r.q40_ms:8.3f} ms, {r.gbs:5.1f} GB/s)  numpy f32 {r.f32_gws:6.1f} G/s ({r.f32_ms:8.3f} ms)"
+                    f"  ratio {r.ratio:5.2f}x" + fits,
                     flush=True,
                 )
     att = measure_attention([512, 2000, 4000], rng) if ARGS.attention else []

@@ -55,11 +55,11 @@ def matmul_ms(engine: Engine, repeats: int = 5) -> float:
                 if isinstance(w, np.ndarray):
                     kernels.matmul_f32(out, w, np.ones((1, w.shape[1]), dtype=np.float32))
                 else:
-                    kernels.matmul_q40(out, w, acts, 1)
+                    kernels.matmul_weights(out, w, acts, 1)
         if isinstance(m.w.wcls, np.ndarray):
             kernels.matmul_f32(m.logits, m.w.wcls, np.ones((1, m.w.wcls.shape[1]), dtype=np.float32))
         else:
-            kernels.matmul_q40(m.logits, m.w.wcls, acts_in, 1)
+            kernels.matmul_weights(m.logits, m.w.wcls, acts_in, 1)
         times.append(time.perf_counter() - t)
     return median(times) * 1e3
 

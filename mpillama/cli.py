@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shape of a real model, or a test shape (the tiny ones: two layers, but a real "
                         "vocabulary makes them 26-28 MB as q40)")
     p.add_argument("--out", required=True)
-    p.add_argument("--type", choices=["q40", "f32"], default="q40")
+    p.add_argument("--type", choices=["q40", "q80", "f32"], default="q40")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 

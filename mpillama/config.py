@@ -108,7 +108,7 @@ def model_config_from_json(text: str) -> ModelConfig:
 SYNC_KINDS = ("auto", "star", "allreduce")  # auto: the faster wire, measured at start-up
 FLAGS = {"weight_source": "weights"}  # RunConfig fields whose command-line flag is named otherwise
 BUFFER_TYPES = ("q80", "f32")
-WEIGHT_TYPES = ("q40", "f32")
+WEIGHT_TYPES = ("auto", "q40", "f32")  # auto: each tensor as stored when a kernel runs it, else q40
 WEIGHT_SOURCES = ("mmap", "scatter")  # --weights: every rank reads its own file copy, or rank 0 sends the slices
 
 
@@ -119,7 +119,7 @@ class RunConfig:
     nthreads: int = 1
     sync: str = "auto"
     buffer_float_type: str = "q80"
-    weight_type: str = "q40"
+    weight_type: str = "auto"
     weight_source: str = "mmap"  # --weights
     max_seq_len: int = 4096  # clamped to the model's seq_len
     batch: int = 64  # prompt tokens per prefill forward pass

@@ -7,7 +7,8 @@ import dataclasses
 from mpillama import partition
 from mpillama.config import DEFAULTS
 from mpillama.formats import open_model
-from mpillama.formats.tensors import check_max_seq_len
+from mpillama.formats.tensors import check_max_seq_len, type_name
+from mpillama.weight_source import GROUP_TENSORS, ffn_unit, kept_kinds
 
 
 def mib(n: int) -> str:
@@ -30,24 +31,49 @@ def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None
     if list_tensors:
         for name, info in mf.tensors.items():
             lines.append(f"    {name:<28} {info.kind:<6} {info.shape}")
+    lines += kept_lines(mf, weight_type)
+    kinds = kept_kinds(mf.tensors, weight_type)
+    unit = ffn_unit(mf.tensors, weight_type)
     weights = None if rank_weights == "auto" else rank_weights
     seq = min(max_seq_len or DEFAULTS.max_seq_len, cfg.seq_len)
-    slices = partition.plan(cfg, ranks, weights)
+    slices = partition.plan(cfg, ranks, weights, unit)
     lines.append(f"slice plan for {ranks} rank(s), {weight_type} weights, KV cache at --max-seq-len {seq}:")
     lines.append(f"  {'rank':>4} {'share':>6} {'q heads':>9} {'kv heads':>9} {'ffn rows':>11} {'vocab rows':>15}"
                  f" {'weights':>12} {'kv cache':>12}")
     for s in slices:
-        cost = partition.slice_cost(cfg, s, seq, weight_type)
+        cost = partition.slice_cost(cfg, s, seq, weight_type, kinds)
         lines.append(
             f"  {s.rank:>4} {s.weight:>6.3f} {s.q_heads[0]:>4}-{s.q_heads[1]:<4} {s.kv_heads[0]:>4}-{s.kv_heads[1]:<4}"
             f" {s.ffn_rows[0]:>5}-{s.ffn_rows[1]:<5} {s.vocab_rows[0]:>7}-{s.vocab_rows[1]:<7}"
             f" {mib(cost.weight_bytes):>12} {mib(cost.kv_cache_bytes):>12}"
         )
-    root = partition.slice_cost(cfg, slices[0], seq, weight_type).root_bytes
-    where = "Q40 rows read in place from the mapped file, " if weight_type == "q40" else ""
+    root = partition.slice_cost(cfg, slices[0], seq, weight_type, kinds).root_bytes
+    if unit > partition.QK:
+        lines.append(f"  FFN rows are shared in units of {unit}, not 32: ffn_down is kept as {kinds['ffn_down'].kind}, "
+                     f"whose blocks of {unit} values its column slices must keep whole")
+    stored = mf.tensors["token_embd"].kind
+    where = "rows read in place from the mapped file, " if kinds["token_embd"].kind == stored.lower() else ""
     lines.append(f"  rank 0 also uses the embedding table and norms: {mib(root)} "
                  f"({where}every rank with --sync allreduce)")
     if rank_weights == "auto":
         lines.append("  (--rank-weights auto is measured at start-up; shown here with even weights)")
     mf.close()
     return "\n".join(lines)
+
+
+def kept_lines(mf: object, weight_type: str) -> list[str]:
+    """Per matrix group: its stored type, what --weight-type keeps it as, and its bytes in memory (all layers)."""
+    cfg, tensors = mf.config, mf.tensors  # type: ignore[attr-defined]
+    kinds = kept_kinds(tensors, weight_type)
+    head = "output" if "output" in tensors else "token_embd"
+    names = {**{g: [n.replace("blk.0.", "") for n in ns] for g, ns in GROUP_TENSORS.items()},
+             "output": [head], "token_embd": ["token_embd"]}
+    lines = [f"weights in memory with --weight-type {weight_type} (stored -> kept, whole model):"]
+    for group, kept in kinds.items():
+        layers = cfg.n_layers if group in GROUP_TENSORS else 1
+        first = [f"blk.0.{n}" for n in names[group]] if group in GROUP_TENSORS else names[group]
+        stored = sorted({type_name(tensors[n].kind, None) for n in first})
+        n_bytes = layers * sum(partition.matrix_bytes(*tensors[n].shape, kept) for n in first)
+        lines.append(f"  {group:>12}: {'/'.join(stored):>9} -> {kept.kind:<5} {mib(n_bytes):>12}"
+                     f"  ({', '.join(names[group])})")
+    return lines

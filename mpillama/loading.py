@@ -26,7 +26,7 @@ from mpillama.output import end_job, say
 from mpillama.rank_speed import measure_rank_speed
 from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
 from mpillama.trace.session import TraceSession
-from mpillama.weight_source import open_weight_source
+from mpillama.weight_source import describe_kinds, ffn_unit, kept_kinds, open_weight_source
 
 
 WARM_UP_TIMEOUT = 900.0  # s the warm-up's collectives may wait for a rank still compiling
@@ -67,7 +67,8 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
         say(comm.rank, "mpillama: measured rank speeds (G weights/s): " + ", ".join(f"{s:.1f}" for s in speeds))
     elif isinstance(run.rank_weights, tuple):
         shares = run.rank_weights
-    slices = partition.plan(cfg, comm.size, shares)
+    kinds = kept_kinds(src.tensors, run.weight_type)  # what each matrix group is kept as (its kernel, its blocks)
+    slices = partition.plan(cfg, comm.size, shares, ffn_unit(src.tensors, run.weight_type))
     if run.rank_weights == "auto":
         say(comm.rank, "mpillama: rank shares: " + ", ".join(f"rank {s.rank} share {s.weight:.3f}" for s in slices))
     slc = slices[comm.rank]
@@ -79,7 +80,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     if verbose:
         say(comm.rank, f"mpillama: {model_path}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
                   f"{comm.size} rank(s), sync {sync_kind} ({sync_why}), buffers {run.buffer_float_type}, "
-                  f"weights {run.weight_type} ({run.weight_source}), kernels "
+                  f"weights {run.weight_type} ({describe_kinds(kinds)}; {run.weight_source}), kernels "
                   + (paths[0] if len(set(paths)) == 1 else ", ".join(f"rank {r} {p}" for r, p in enumerate(paths)))
                   + f"; prefill: {overlap_why}")
     model, tokenizer, tokenizer_s, error = None, None, 0.0, None
@@ -117,12 +118,12 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     meta = {
         "argv": " ".join(argv or sys.argv), "model": str(model_path), "n_ranks": comm.size,
         "sync": sync_kind, "sync_reason": f"{sync_why}; prefill {overlap_why}", "buffer_float_type": run.buffer_float_type,
-        "weight_type": run.weight_type,
+        "weight_type": f"{run.weight_type} ({describe_kinds(kinds)})" if run.weight_type == "auto" else run.weight_type,
         "nthreads": run.nthreads, "profile": run.profile or "", "mpillama_version": __version__,
         "mpi_library_version": library_version(), "max_seq_len": max_seq_len, "batch": max_tokens,
         "load_s": load_s, "model_config": model_config_json(cfg),
     }
-    cost = partition.slice_cost(cfg, slc, max_seq_len, run.weight_type)
+    cost = partition.slice_cost(cfg, slc, max_seq_len, run.weight_type, kinds)
     rank_info = {
         "host": hostname(), "pid": os.getpid(), "nthreads": run.nthreads, "weight_share": slc.weight,
         "n_heads": slc.n_heads, "n_kv_heads": slc.n_kv_heads, "ffn_rows": slc.n_ffn_rows,

@@ -14,9 +14,9 @@ Knows nothing of MPI: the whole math of a token is here, and a sync object from 
     y = block_input(x[last], output_norm); logits rows = wcls[own rows] @ y
     head: the greedy token (each rank's best row, the best of those) or the whole row on rank 0
 
-Sync payloads are Q80 rows (--buffer-float-type q80) or f32 rows. Weights are Q40 (repacked
-for the kernel) or f32 (--weight-type f32). wq/wk/wv are stacked into one matrix and w1/w3
-into another, so a block runs one matmul per input.
+Sync payloads are Q80 rows (--buffer-float-type q80) or f32 rows. Weights are a registered kind
+(kernels/weights.py: Q40, Q80, ... laid out for their kernel) or f32 (--weight-type f32). wq/wk/wv
+are stacked into one matrix and w1/w3 into another, so a block runs one matmul per input.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import numpy as np
 from mpillama import kernels
 from mpillama.config import ModelConfig
 from mpillama.partition import Slice, is_group_aligned, kv_groups
-from mpillama.quant import Q80_BLOCK_BYTES, QK, dequantize_q40
+from mpillama.quant import Q80_BLOCK_BYTES, QK
 from mpillama.trace.recorder import (
     SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC, Timeline,
 )
 
-Matrix = Any  # kernels.Q40Matrix, or an f32 ndarray (rows, cols) with --weight-type f32
+Matrix = Any  # a registered kind's matrix (kernels.weights), or an f32 ndarray (rows, cols) with --weight-type f32
 
 # What a forward pass returns besides the KV rows it appends (the control message carries it)
 LOGITS_NONE = 0  # nothing (prefill chunks before the last)
@@ -75,7 +75,7 @@ class WeightSource(Protocol):
         """A whole 1-D tensor as f32."""
 
     def embedding(self) -> tuple[str, np.ndarray]:
-        """('q40', uint8 (vocab, dim/32*18)) or ('f32', f32 (vocab, dim))."""
+        """(a registered kind, uint8 (vocab, GGML row bytes)) or ('f32', f32 (vocab, dim))."""
 
 
 def matmul(out: np.ndarray, w: Matrix, y: np.ndarray, acts: Any, T: int) -> None:
@@ -83,17 +83,17 @@ def matmul(out: np.ndarray, w: Matrix, y: np.ndarray, acts: Any, T: int) -> None
     if isinstance(w, np.ndarray):
         kernels.matmul_f32(out, w, y)
     else:
-        kernels.matmul_q40(out, w, acts, T)
+        kernels.matmul_weights(out, w, acts, T)
 
 
 def quantize_and_matmul(out: np.ndarray, w: Matrix, x: np.ndarray, acts: Any, T: int) -> None:
-    """out (T, rows) = x (T, cols) @ w.T for f32 rows this rank computed itself: a Q40 weight needs
+    """out (T, rows) = x (T, cols) @ w.T for f32 rows this rank computed itself: a quantized weight needs
     them as Q80 activations first (filled into acts)."""
     if isinstance(w, np.ndarray):
         kernels.matmul_f32(out, w, x)
     else:
         kernels.quantize_activations(acts, x)
-        kernels.matmul_q40(out, w, acts, T)
+        kernels.matmul_weights(out, w, acts, T)
 
 
 @dataclass
@@ -173,7 +173,7 @@ class RankModel:
         self.x = np.zeros((T, dim), dtype=np.float32) if sync.owns_residual else None  # (max_tokens, dim) residual
         # -- block input and output, and what the wire carries of them
         self.q80_wire = buffer_type == "q80" and n_ranks > 1  # one rank sends nothing: no rounding
-        self.f32_weights = not all(isinstance(lw.wqkv, kernels.Q40Matrix) for lw in weights.layers)
+        self.f32_weights = any(isinstance(lw.wqkv, np.ndarray) for lw in weights.layers)
         width = q80_row_bytes(dim) if self.q80_wire else dim * 4
         self.y = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) f32 normalised block input
         self.y_acts = kernels.new_activations(T, dim)  # the same as Q80 activations
@@ -213,10 +213,10 @@ class RankModel:
         assert self.x is not None and self.w.embedding is not None
         kind, table = self.w.embedding
         T = len(tokens)
-        if kind == "q40":
-            self.x[:T] = dequantize_q40(table[tokens])
-        else:
+        if kind == "f32":
             self.x[:T] = table[tokens]
+        else:  # a registered kind's GGML rows: only the prompt's rows are dequantized
+            self.x[:T] = kernels.KINDS[kind].dequantize(table[tokens])
         tl.mark(SEG_EMBED)
 
     # -- blocks -----------------------------------------------------------------------

@@ -7,8 +7,10 @@ edits the config.
 - Attention is split by query heads, in whole KV groups when there are at least as many KV
   heads as ranks (so no KV head is computed twice). With more ranks than KV heads, query
   heads are still divided and a KV head is computed on every rank whose query heads need it.
-- The FFN is split along the hidden dimension in blocks of 32 rows (one Q40 block), so the
-  columns of w2 that a rank owns are whole blocks.
+- The FFN is split along the hidden dimension in units of ffn_unit rows (32 by default: one
+  Q4_0/Q8_0 block; the block of w2's weight kind, e.g. 256 for K-quants), so the columns of w2 that
+  a rank owns are whole blocks of its kind. A hidden size that is not a whole number of units
+  leaves the remainder to the last rank.
 - The output head is split by vocabulary rows.
 Shares follow the rank weights: a rank with weight 0.5 gets about half the work of one with 1.
 """
@@ -21,7 +23,7 @@ import numpy as np
 
 from mpillama.config import ModelConfig
 from mpillama.errors import MpillamaError
-from mpillama.quant import Q40_BLOCK_BYTES, QK  # QK: rows per FFN unit, one Q40 block
+from mpillama.quant import Q40_BLOCK_BYTES, QK  # QK: rows per FFN unit by default, one Q40 block
 
 
 @dataclass(frozen=True)
@@ -84,26 +86,30 @@ def normalise_weights(n_ranks: int, rank_weights: tuple[float, ...] | None) -> n
     return weights
 
 
-def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None = None) -> list[Slice]:
-    """The slice of every rank. Raises MpillamaError when the model cannot be split that way."""
+def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None = None,
+         ffn_unit: int = QK) -> list[Slice]:
+    """The slice of every rank. Raises MpillamaError when the model cannot be split that way.
+
+    ffn_unit: FFN rows per unit of the split, the block size (in values) of w2's kept weight kind."""
     if n_ranks < 1:
         raise MpillamaError(f"cannot split a model over {n_ranks} ranks")
     if n_ranks > cfg.n_heads:
         raise MpillamaError(
             f"{n_ranks} ranks but the model has only {cfg.n_heads} attention heads: run at most {cfg.n_heads} ranks"
         )
-    ffn_blocks = cfg.hidden_dim // QK
+    ffn_blocks = max(1, cfg.hidden_dim // ffn_unit)
     if n_ranks > ffn_blocks:
-        raise MpillamaError(
-            f"{n_ranks} ranks but the FFN has only {ffn_blocks} blocks of 32 rows: run at most {ffn_blocks} ranks"
-        )
+        why = "" if ffn_unit == QK else " (the blocks of its weight type; --weight-type q40 splits in 32s)"
+        raise MpillamaError(f"{n_ranks} ranks but the FFN has only {ffn_blocks} blocks of {ffn_unit} rows{why}: "
+                            f"run at most {ffn_blocks} ranks")
     weights = normalise_weights(n_ranks, rank_weights)
     group = cfg.group_size
     if n_ranks <= cfg.n_kv_heads:
         q_ranges = [(a * group, b * group) for a, b in split_units(cfg.n_kv_heads, weights)]
     else:
         q_ranges = split_units(cfg.n_heads, weights)
-    ffn_ranges = [(a * QK, b * QK) for a, b in split_units(ffn_blocks, weights)]
+    ffn_ranges = [(a * ffn_unit, b * ffn_unit if b < ffn_blocks else cfg.hidden_dim)
+                  for a, b in split_units(ffn_blocks, weights)]
     vocab_ranges = split_units(cfg.vocab_size, weights)
     slices = []
     for r in range(n_ranks):
@@ -151,20 +157,39 @@ class SliceCost:
     root_bytes: int  # embedding table and norms, held by rank 0 (every rank under allreduce)
 
 
-def matrix_bytes(rows: int, cols: int, weight_type: str) -> int:
-    return rows * cols * 4 if weight_type == "f32" else rows * (cols // QK) * Q40_BLOCK_BYTES
+@dataclass(frozen=True)
+class Kept:
+    """What a group of matrices is kept as in memory: a kind and its block (values, bytes); f32 is (1, 4)."""
+
+    kind: str
+    block_values: int
+    block_bytes: int
 
 
-def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str = "q40") -> SliceCost:
+F32, Q40 = Kept("f32", 1, 4), Kept("q40", QK, Q40_BLOCK_BYTES)
+# the matrix groups of a layer (and the head, the embedding), as weight_source.kept_kinds names them
+GROUPS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down", "output", "token_embd")
+
+
+def matrix_bytes(rows: int, cols: int, weight_type: str | Kept) -> int:
+    """Bytes of a (rows, cols) matrix kept as weight_type ('f32', 'q40' or 'auto' as q40) or a Kept kind."""
+    kept = weight_type if isinstance(weight_type, Kept) else F32 if weight_type == "f32" else Q40
+    return rows * (cols // kept.block_values) * kept.block_bytes
+
+
+def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str = "q40",
+               kinds: dict[str, Kept] | None = None) -> SliceCost:
+    """kinds: group (GROUPS) -> what it is kept as, when known from the file (else weight_type for all)."""
     hd = cfg.head_dim
+    k = {g: (kinds or {}).get(g, weight_type) for g in GROUPS}
     per_layer = (
-        matrix_bytes(slc.n_heads * hd, cfg.dim, weight_type)  # wq
-        + 2 * matrix_bytes(slc.n_kv_heads * hd, cfg.dim, weight_type)  # wk, wv
-        + matrix_bytes(cfg.dim, slc.n_heads * hd, weight_type)  # wo columns
-        + 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, weight_type)  # w1, w3
-        + matrix_bytes(cfg.dim, slc.n_ffn_rows, weight_type)  # w2 columns
+        matrix_bytes(slc.n_heads * hd, cfg.dim, k["attn_qkv"])  # wq
+        + 2 * matrix_bytes(slc.n_kv_heads * hd, cfg.dim, k["attn_qkv"])  # wk, wv
+        + matrix_bytes(cfg.dim, slc.n_heads * hd, k["attn_output"])  # wo columns
+        + 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, k["ffn_gate_up"])  # w1, w3
+        + matrix_bytes(cfg.dim, slc.n_ffn_rows, k["ffn_down"])  # w2 columns
     )
-    head = matrix_bytes(slc.n_vocab_rows, cfg.dim, weight_type)
+    head = matrix_bytes(slc.n_vocab_rows, cfg.dim, k["output"])
     kv = 2 * cfg.n_layers * max_seq_len * slc.n_kv_heads * hd * 4
-    root = matrix_bytes(cfg.vocab_size, cfg.dim, weight_type) + (2 * cfg.n_layers + 1) * cfg.dim * 4
+    root = matrix_bytes(cfg.vocab_size, cfg.dim, k["token_embd"]) + (2 * cfg.n_layers + 1) * cfg.dim * 4
     return SliceCost(weight_bytes=cfg.n_layers * per_layer + head, kv_cache_bytes=kv, root_bytes=root)

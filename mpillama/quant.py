@@ -153,6 +153,18 @@ def matmul_q40_ref(w_q40: np.ndarray, x_q80: np.ndarray) -> np.ndarray:
     )
 
 
+def matmul_q80w_ref(w_q80: np.ndarray, x_q80: np.ndarray) -> np.ndarray:
+    """w (rows, nb*34) q80 weights @ x (T, nb*34) q80 -> (T, rows) f32, the Q8_0-weight kernels' arithmetic:
+    per block an exact integer dot product, times (f16 weight scale * f16 activation scale), summed in float64."""
+    wd, wq = split_q80(w_q80)  # (rows, nb) f32, (rows, nb, 32) int8
+    xd, xq = split_q80(x_q80)  # (T, nb) f32, (T, nb, 32) int8
+    assert wd.shape[1] == xd.shape[1], f"weights have {wd.shape[1]} blocks per row, activations {xd.shape[1]}"
+    idot = np.einsum("rbk,tbk->trb", wq.astype(np.int64), xq.astype(np.int64))  # (T, rows, nb) exact integers
+    return np.einsum("trb,rb,tb->tr", idot.astype(np.float64), wd.astype(np.float64), xd.astype(np.float64)).astype(
+        np.float32
+    )
+
+
 def rmsnorm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x (T, n) -> x / sqrt(mean(x^2) + eps) * weight, in float64, returned as f32."""
     x64 = x.astype(np.float64)

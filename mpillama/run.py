@@ -170,7 +170,7 @@ def bench(args: argparse.Namespace, run: RunConfig) -> int:
 
     comm = start(run)
     before_loading(comm, run, args.trace)
-    model = args.model or str(synthetic_model(comm, args.synthetic, "q40" if run.weight_type == "q40" else "f32"))
+    model = args.model or str(synthetic_model(comm, args.synthetic, "f32" if run.weight_type == "f32" else "q40"))
     engine = load_engine(comm, model, None, run, trace_path=args.trace, argv=sys.argv, verbose=not args.json,
                          need_tokenizer=False)
 

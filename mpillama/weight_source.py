@@ -5,7 +5,9 @@ only the rows and columns of its own slice. --weights scatter: only rank 0 opens
 it reads every other rank's slices and sends them in --chunk-bytes pieces, one rank after
 another, so no host but rank 0 needs the file.
 
-Either way a rank ends up with the same arrays: Q40 repacked for the kernel, or f32.
+Either way a rank ends up with the same arrays: a registered weight kind laid out for its kernel
+(kernels/weights.py), or f32. matrix_kind decides which from --weight-type and the stored types,
+from the header alone, so a rank that receives its slices knows their shapes.
 """
 
 from __future__ import annotations
@@ -14,42 +16,114 @@ from typing import Any
 
 import numpy as np
 
-from mpillama import kernels
 from mpillama.comm import TAG_WEIGHTS, Comm
 from mpillama.output import end_job
 from mpillama.config import ModelConfig, RunConfig
 from mpillama.errors import MpillamaError
 from mpillama.formats import ModelFile, open_model
+from mpillama.kernels import weights
 from mpillama.model import load_weights
-from mpillama.partition import Slice
+from mpillama.partition import F32, Kept, Slice
+from mpillama.quant import QK
+
+
+_CHUNK_VALUES = 1 << 24  # values requantized per step: bounds the temporary f32 rows
+
+
+def main_kind(tensors: dict[str, Any]) -> str:
+    """The kind a model's other tensors are requantized to under auto: its FFN matrices' stored kind when
+    that is registered with a quantizer (a Q8_0 .m file's f32 embedding becomes Q8_0), else q40."""
+    kind = weights.registered(tensors["blk.0.ffn_down"].kind)
+    return kind.name if kind is not None and kind.quantize is not None else "q40"
+
+
+def matrix_kind(tensors: dict[str, Any], names: list[str], weight_type: str) -> str:
+    """What the named tensors, stacked, are kept as in memory: 'f32' or a registered kind.
+
+    --weight-type f32 / q40: that, for every tensor. auto: the stored type when the registry keeps
+    it and all the stacked tensors share it (a matrix has one kernel), else main_kind (requantized;
+    Q4_0 with the reader's notice). F16/BF16/F32 matrices of a float file are requantized to q40."""
+    if weight_type in ("f32", "q40"):
+        return weight_type
+    assert weight_type == "auto", weight_type
+    stored = {weights.kind_name(tensors[n].kind) for n in names}
+    kind = stored.pop()
+    return kind if not stored and kind in weights.KINDS else main_kind(tensors)
+
+
+GROUP_TENSORS = {  # partition.GROUPS -> the tensors of layer 0 stacked into that matrix
+    "attn_qkv": ["blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v"], "attn_output": ["blk.0.attn_output"],
+    "ffn_gate_up": ["blk.0.ffn_gate", "blk.0.ffn_up"], "ffn_down": ["blk.0.ffn_down"],
+}
+
+
+def kept_kinds(tensors: dict[str, Any], weight_type: str) -> dict[str, Kept]:
+    """partition.GROUPS -> what each group of matrices is kept as (from layer 0 and the header alone)."""
+    head = "output" if "output" in tensors else "token_embd"
+    names = {**GROUP_TENSORS, "output": [head], "token_embd": ["token_embd"]}
+    out = {}
+    for group, group_names in names.items():
+        kind = matrix_kind(tensors, group_names, weight_type)
+        w = weights.KINDS.get(kind)
+        out[group] = F32 if w is None else Kept(kind, w.block_values, w.block_bytes)
+    return out
+
+
+def describe_kinds(kinds: dict[str, Kept]) -> str:
+    """'q80', or 'q40, output q80' when groups differ: what the start-up line says the weights are kept as."""
+    main = kinds["ffn_down"].kind
+    others = [f"{g} {k.kind}" for g, k in kinds.items() if k.kind != main]
+    return ", ".join([main, *others])
+
+
+def ffn_unit(tensors: dict[str, Any], weight_type: str) -> int:
+    """FFN rows per unit of the slice plan: the block of w2's kept kind (its columns are sliced)."""
+    return max(QK, kept_kinds(tensors, weight_type)["ffn_down"].block_values)
+
+
+def _requantized(mf: ModelFile, name: str, rows: slice | None, cols: slice | None, kind: str) -> np.ndarray:
+    """GGML rows of `kind` for tensor[rows, cols] stored as another type: decoded and quantized a chunk at a time."""
+    quantize = weights.KINDS[kind].quantize
+    assert quantize is not None, f"{kind} has no quantizer"
+    r0, r1, _ = (rows or slice(None)).indices(mf.tensors[name].shape[0])
+    step = max(1, _CHUNK_VALUES // mf.tensors[name].shape[1])
+    return np.concatenate([quantize(mf.read_f32(name, slice(r, min(r1, r + step)), cols)) for r in range(r0, r1, step)])
 
 
 def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
-               weight_type: str) -> list[np.ndarray]:
-    """The named matrices' row ranges (and column range), in order: Q4_0 bytes (views of the
-    mapped file where it stores Q4_0, so that packing reads each byte once) or f32 copies."""
+               kind: str) -> list[np.ndarray]:
+    """The named matrices' row ranges (and column range), in order, as matrix_kind's kind: GGML bytes
+    (views of the mapped file where it stores that kind, so that packing reads each byte once;
+    Q4_0 requantized from other types) or f32 copies."""
     parts = []
     for i, name in enumerate(names):
         r = slice(*rows[i]) if rows is not None else None
         c = slice(*cols) if cols is not None else None
-        parts.append(mf.read_q40(name, r, c, copy=False) if weight_type == "q40" else mf.read_f32(name, r, c))
+        if kind == "f32":
+            parts.append(mf.read_f32(name, r, c))
+        elif weights.kind_name(mf.tensors[name].kind) == kind:
+            parts.append(mf.read_raw(name, r, c))
+        elif kind == "q40":
+            parts.append(mf.read_q40(name, r, c, copy=False))
+        else:
+            parts.append(_requantized(mf, name, r, c, kind))
     return parts
 
 
-def finish_matrix(parts: list[np.ndarray], weight_type: str) -> Any:
-    """Row blocks -> the matrix this rank computes with: Q40 packed for the kernel, or f32 stacked."""
-    if weight_type == "q40":
-        return kernels.pack_q40(parts)
+def finish_matrix(parts: list[np.ndarray], kind: str) -> Any:
+    """Row blocks -> the matrix this rank computes with: the kind's, packed for its kernel, or f32 stacked."""
+    if kind != "f32":
+        return weights.pack(kind, parts)
     return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=np.float32)
 
 
 def raw_shape(tensors: dict[str, Any], names: list[str], rows: list[tuple[int, int]] | None,
-              cols: tuple[int, int] | None, weight_type: str) -> tuple[tuple[int, int], Any]:
+              cols: tuple[int, int] | None, kind: str) -> tuple[tuple[int, int], Any]:
     """Shape and dtype of read_parts' blocks stacked, computed from the header alone."""
     n_rows = sum(b - a for a, b in rows) if rows is not None else sum(tensors[n].shape[0] for n in names)
     n_cols = cols[1] - cols[0] if cols is not None else tensors[names[0]].shape[1]
-    if weight_type == "q40":
-        return (n_rows, n_cols // 32 * 18), np.uint8
+    if kind != "f32":
+        return (n_rows, weights.KINDS[kind].row_bytes(n_cols)), np.uint8
     return (n_rows, n_cols), np.float32
 
 
@@ -60,17 +134,19 @@ class FileSource:
         self.mf, self.weight_type = mf, weight_type
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
-        return finish_matrix(read_parts(self.mf, names, rows, cols, self.weight_type), self.weight_type)
+        kind = matrix_kind(self.mf.tensors, names, self.weight_type)
+        return finish_matrix(read_parts(self.mf, names, rows, cols, kind), kind)
 
     def vector(self, name: str) -> np.ndarray:
         return self.mf.read_f32(name)
 
     def embedding(self) -> tuple[str, np.ndarray]:
-        if self.weight_type == "q40":
-            # a view of the map: embedding reads only the prompt's rows (pages), and the 140 MB
-            # table of a 128k vocabulary is neither copied at start-up nor private memory
-            return "q40", self.mf.read_q40("token_embd", copy=False)
-        return "f32", self.mf.read_f32("token_embd")
+        kind = matrix_kind(self.mf.tensors, ["token_embd"], self.weight_type)
+        if kind == "f32":
+            return "f32", self.mf.read_f32("token_embd")
+        # GGML rows, a view of the map where stored so: embedding dequantizes only the prompt's rows
+        # (pages), and the 140 MB table of a 128k vocabulary is neither copied at start-up nor private memory
+        return kind, read_parts(self.mf, ["token_embd"], None, None, kind)[0]
 
 
 class SendingSource:
@@ -85,7 +161,8 @@ class SendingSource:
         self.sent += data.nbytes
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> None:
-        self._send(np.concatenate(read_parts(self.mf, names, rows, cols, self.weight_type)))
+        kind = matrix_kind(self.mf.tensors, names, self.weight_type)
+        self._send(np.concatenate(read_parts(self.mf, names, rows, cols, kind)))
 
     def vector(self, name: str) -> None:
         self._send(self.mf.read_f32(name))
@@ -107,17 +184,17 @@ class ReceivingSource:
         return out
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
-        shape, dtype = raw_shape(self.tensors, names, rows, cols, self.weight_type)
-        return finish_matrix([self._recv(shape, dtype)], self.weight_type)
+        kind = matrix_kind(self.tensors, names, self.weight_type)
+        shape, dtype = raw_shape(self.tensors, names, rows, cols, kind)
+        return finish_matrix([self._recv(shape, dtype)], kind)
 
     def vector(self, name: str) -> np.ndarray:
         return self._recv(self.tensors[name].shape, np.float32)
 
     def embedding(self) -> tuple[str, np.ndarray]:
-        vocab, dim = self.tensors["token_embd"].shape
-        if self.weight_type == "q40":
-            return "q40", self._recv((vocab, dim // 32 * 18), np.uint8)
-        return "f32", self._recv((vocab, dim), np.float32)
+        kind = matrix_kind(self.tensors, ["token_embd"], self.weight_type)
+        shape, dtype = raw_shape(self.tensors, ["token_embd"], None, None, kind)
+        return kind, self._recv(shape, dtype)
 
 
 class ModelSource:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from mpillama.formats.synth import write_synthetic
 
-# (shape, weight type): decisive chain-head models in both types, and a tied one (f32: exact math)
-TEST_MODELS = (("tiny", "q40"), ("tiny", "f32"), ("qwen3-tiny", "q40"), ("qwen3-tiny", "f32"), ("qwen3-tiny-tied", "f32"))
+# (shape, weight type): decisive chain-head models in both types, a tied one (f32: exact math), and a
+# Q8_0 one (weights kept as stored)
+TEST_MODELS = (("tiny", "q40"), ("tiny", "f32"), ("qwen3-tiny", "q40"), ("qwen3-tiny", "f32"), ("qwen3-tiny-tied", "f32"),
+               ("tiny", "q80"))
 
 
 def make_test_models(folder: Path) -> dict[str, Path]:

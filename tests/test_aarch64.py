@@ -48,9 +48,15 @@ KERNEL_SUBSET = [
     "tests/test_kernels.py::test_matmul_q40_equals_reference[2thr-513-64-17-vnni]",
     "tests/test_kernels.py::test_matmul_q40_int16_extremes[1thr-tiles]",
     "tests/test_kernels.py::test_matmul_q40_int16_extremes[1thr-vnni]",
+    # Q8_0 weights: the sdot layout (cortex-a76's kernel path) and the portable rows layout
+    "tests/test_q80w.py::test_pack_stacks_row_blocks[sdot]",
+    "tests/test_q80w.py::test_matmul_q80w_equals_reference[1thr-40-2048-1-sdot]",
+    "tests/test_q80w.py::test_matmul_q80w_equals_reference[2thr-33-96-8-sdot]",
+    "tests/test_q80w.py::test_matmul_q80w_equals_reference[1thr-100-160-5-rows]",
+    "tests/test_q80w.py::test_matmul_q80w_extremes[1thr-sdot]",
     "tests/test_quant.py",
 ]
-FULL = ["tests/test_kernels.py", "tests/test_quant.py"]
+FULL = ["tests/test_kernels.py", "tests/test_q80w.py", "tests/test_quant.py"]
 FULL_RUN = bool(os.environ.get("MPILLAMA_AARCH64_FULL"))  # everything, not the CI subset
 
 

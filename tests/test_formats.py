@@ -27,7 +27,7 @@ from mpillama.formats.dllama import (
 from mpillama.formats.hf import to_bf16_bits, write_hf
 from mpillama.formats.synth import write_synthetic
 from mpillama.formats.tensors import halves_to_pairs_rows, pairs_to_halves_rows
-from mpillama.quant import quantize_q40, rope_ref
+from mpillama.quant import dequantize_q80, quantize_q40, rope_ref
 from tests.helpers_formats import small_tensors, tensor_info_offset, write_small_gguf
 
 
@@ -93,8 +93,10 @@ def test_requantization_notice_once_per_file(tmp_path: Path, capfd: pytest.Captu
     for name in ("output", "blk.0.ffn_down", "output"):
         got = m.read_q40(name)
         assert np.array_equal(got, quantize_q40(m.read_f32(name)))
-    err = capfd.readouterr().err
-    assert err.count("\n") == 1 and "requantizing Q6_K, Q8_0 tensors to Q40 at load" in err and "mixed.gguf" in err
+    err = capfd.readouterr().err  # one line per stored type, saying what is lost and what keeps it
+    assert err.count("\n") == 2 and "mixed.gguf" in err
+    assert "requantizing Q8_0 tensors to Q4_0 at load" in err and "--weight-type auto keeps them as stored" in err
+    assert "requantizing Q6_K tensors to Q4_0 at load" in err and "mpillama keeps only Q4_0, Q8_0 weights" in err
 
 
 def test_read_q40_slices_equal_slices_of_the_whole(synth: dict[str, Path]) -> None:
@@ -254,7 +256,13 @@ def test_dllama_f16_and_q80_weights(synth: dict[str, Path], tmp_path: Path, capf
     capfd.readouterr()
     m80.read_q40("blk.0.attn_q")
     m80.read_q40("output")
-    assert capfd.readouterr().err.count("requantizing Q80 tensors to Q40") == 1
+    assert capfd.readouterr().err.count("requantizing Q8_0 tensors to Q4_0") == 1
+    # read as stored: the file's own Q8_0 bytes, sliced on block boundaries, and nothing else
+    raw = m80.read_raw("blk.0.ffn_down", slice(3, 9), slice(32, 96))
+    assert raw.shape == (6, 2 * 34) and not raw.flags.owndata
+    assert np.array_equal(dequantize_q80(raw), m80.read_f32("blk.0.ffn_down", slice(3, 9), slice(32, 96)))
+    with pytest.raises(MpillamaError, match=r"columns \[16, 96\) do not fall on its blocks of 32 values"):
+        m80.read_raw("blk.0.ffn_down", cols=slice(16, 96))
 
 
 def m_header(pairs: dict[int, int]) -> bytes:

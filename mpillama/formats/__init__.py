@@ -48,6 +48,11 @@ class ModelFile(Protocol):
         copy=False: a read-only view of the mapped file where the tensor is stored as Q4_0."""
         ...
 
+    def read_raw(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        """uint8 GGML bytes of tensor[rows, cols] as stored, not decoded (a view of the map); the
+        columns must fall on the stored type's block boundaries (an MpillamaError otherwise)."""
+        ...
+
     def tokenizer_metadata(self) -> dict[str, object] | None:
         """GGUF: the tokenizer.* keys as Python values; other formats: None."""
         ...

@@ -42,7 +42,6 @@ from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.formats.tensors import (
     MappedTensors,
-    Notice,
     TensorData,
     TensorInfo,
     check_tensors,
@@ -236,7 +235,6 @@ class DllamaModel(MappedTensors):
         self.tensors = {name: d.info for name, d in self._data.items()}
         check_tensors(self.path, self.config, self.tensors)
         check_vectors(self.path, self._data)
-        self._notice = Notice(f"mpillama: {self.path}: requantizing Q80 tensors to Q40 at load")
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return None

@@ -30,7 +30,6 @@ from mpillama.errors import MpillamaError
 from mpillama.files import shown
 from mpillama.formats.tensors import (
     MappedTensors,
-    Notice,
     TensorData,
     TensorInfo,
     check_disjoint,
@@ -40,7 +39,6 @@ from mpillama.formats.tensors import (
     config_error,
     fit_llama3_scaling,
     map_file,
-    requantizes,
 )
 
 GGUF_MAGIC = b"GGUF"
@@ -465,8 +463,6 @@ class GGUFModel(MappedTensors):
         check_vectors(self.path, self._data)
         self.metadata: dict[str, object] = {"GGUF.version": header.version}
         self.metadata.update({k: _summary(v) for k, v in self._kv.items()})
-        foreign = sorted({_type_name(d) for d in self._data.values() if requantizes(d.info.kind)})
-        self._notice = Notice(f"mpillama: {self.path}: requantizing {', '.join(foreign)} tensors to Q40 at load")
 
     def tokenizer_metadata(self) -> dict[str, object] | None:
         return gguf_tokenizer_metadata(self._kv)
@@ -474,12 +470,6 @@ class GGUFModel(MappedTensors):
     def close(self) -> None:
         """Drop every reference to the memory map (views already returned keep it mapped)."""
         self._data, self._kv, self._buf = {}, {}, np.zeros(0, np.uint8)
-
-
-def _type_name(d: TensorData) -> str:
-    if d.ggml_type is not None:
-        return GGMLQuantizationType(d.ggml_type).name
-    return {"q80": "Q8_0"}.get(d.info.kind, d.info.kind)
 
 
 def gguf_tokenizer_metadata(kv: dict[str, GGUFValue]) -> dict[str, object] | None:

@@ -35,7 +35,7 @@ from mpillama.errors import MpillamaError
 from mpillama.formats.gguf import T_BOOL, T_STRING, T_UINT32, GGUFValue, read_gguf_header
 from mpillama.formats.tensors import expected_tensors, llama3_rope_factors
 from mpillama.formats.vocab import vocab_gguf
-from mpillama.quant import quantize_q40
+from mpillama.quant import quantize_q40, quantize_q80
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ SHAPES: dict[str, SynthShape] = {
 # has none, is chat.py's built-in one for the architecture
 _CHAT = {"llama": ("<|eot_id|>", True), "qwen3": ("<|im_end|>", False)}
 
-WEIGHT_TYPES = ("q40", "f32")
+WEIGHT_TYPES = ("q40", "q80", "f32")  # the matrices' type (and the embedding's); norms are always f32
 _ROWS_PER_CHUNK_VALUES = 1 << 22  # values generated per step: bounds memory for 128k x 4096 tensors
 
 
@@ -180,8 +180,18 @@ def tensor_plan(shape: SynthShape) -> list[_Planned]:
     return plan
 
 
+_QTYPES = {"q40": GGMLQuantizationType.Q4_0, "q80": GGMLQuantizationType.Q8_0, "f32": GGMLQuantizationType.F32}
+
+
 def _ggml_type(p: _Planned, weight_type: str) -> GGMLQuantizationType:
-    return GGMLQuantizationType.Q4_0 if weight_type == "q40" and p.is_matrix else GGMLQuantizationType.F32
+    return _QTYPES[weight_type] if p.is_matrix else GGMLQuantizationType.F32
+
+
+def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """f32 rows -> the stored rows of qtype (quant.py's GGML-exact quantizers)."""
+    if qtype == GGMLQuantizationType.Q4_0:
+        return quantize_q40(x)
+    return quantize_q80(x) if qtype == GGMLQuantizationType.Q8_0 else x
 
 
 def _nbytes(p: _Planned, qtype: GGMLQuantizationType) -> int:
@@ -214,7 +224,7 @@ def _chunks(p: _Planned, shape: SynthShape, qtype: GGMLQuantizationType, seed: i
             x += np.float32(p.mean)
         if spread is not None:
             x *= spread[r : r + n, None]
-        yield quantize_q40(x) if qtype == GGMLQuantizationType.Q4_0 else x
+        yield _encode(x, qtype)
 
 
 def _chain_head(shape: SynthShape, qtype: GGMLQuantizationType, seed: int) -> Iterator[np.ndarray]:
@@ -229,7 +239,7 @@ def _chain_head(shape: SynthShape, qtype: GGMLQuantizationType, seed: int) -> It
     for r in range(0, c.vocab_size, step):
         rows = embedding[perm[r : r + step]]
         rows *= np.float32(shape.chain_gain) / np.linalg.norm(rows, axis=1, keepdims=True)
-        yield quantize_q40(rows) if qtype == GGMLQuantizationType.Q4_0 else rows
+        yield _encode(rows, qtype)
 
 
 def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
@@ -251,8 +261,9 @@ def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
 def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str) -> None:
     c, a = shape.config, shape.config.arch
     w.add_name(f"mpillama synthetic {name}")
-    w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if weight_type == "q40" else LlamaFileType.ALL_F32)
-    if weight_type == "q40":
+    w.add_file_type({"q40": LlamaFileType.MOSTLY_Q4_0, "q80": LlamaFileType.MOSTLY_Q8_0}.get(weight_type,
+                                                                                          LlamaFileType.ALL_F32))
+    if weight_type != "f32":
         w.add_quantization_version(2)
     # the architecture's keys, as formats/gguf.py's gguf_config reads them back
     uint32 = {

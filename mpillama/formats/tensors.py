@@ -64,6 +64,24 @@ def row_bytes(kind: str, cols: int, block: tuple[int, int] | None = None) -> int
     return cols // block[0] * block[1]
 
 
+def block_of(kind: str, block: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(values, bytes) of one stored block of this kind (floats: one value). `block` for foreign kinds."""
+    known = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q40": (QK, Q40_BLOCK_BYTES), "q80": (QK, Q80_BLOCK_BYTES)}
+    if kind in known:
+        return known[kind]
+    assert block is not None, f"block_of: kind {kind} needs its (block values, block bytes)"
+    return block
+
+
+def type_name(kind: str, ggml_type: int | None) -> str:
+    """The GGML name of a stored kind, as users know it from llama.cpp ('Q8_0', 'Q6_K', 'F16')."""
+    if ggml_type is not None:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    return {"q40": "Q4_0", "q80": "Q8_0"}.get(kind, kind.upper())
+
+
 # ---------------------------------------------------------------- what a config needs
 
 
@@ -235,7 +253,7 @@ def _span(s: slice | None, n: int, what: str) -> tuple[int, int]:
 
 @dataclass
 class Notice:
-    """Prints one line on stderr the first time it is triggered (one per file)."""
+    """Prints one line on stderr the first time it is triggered (one per file and stored type)."""
 
     text: str
     done: bool = False
@@ -329,12 +347,11 @@ class TensorData:
         r0, r1, c0, c1 = self._spans(rows, cols)
         assert c0 % QK == 0 and (c1 % QK == 0), f"{self.info.name}: Q40 columns [{c0}, {c1}) must be whole 32-blocks"
         if self.info.kind == "q40":
-            mapped = np.asarray(self._raw()[r0:r1, c0 // QK * Q40_BLOCK_BYTES : c1 // QK * Q40_BLOCK_BYTES])
-            self._check_q40_scales(mapped, r0, c0)
+            mapped = self.read_raw(rows, cols)
             out = np.array(mapped) if copy else mapped
         else:
             if requantizes(self.info.kind) and notice is not None:
-                notice()
+                notice()  # said once per stored type
             out = np.empty((r1 - r0, (c1 - c0) // QK * Q40_BLOCK_BYTES), np.uint8)  # (r, c//32*18) q40
             step = max(1, _CHUNK_VALUES // max(1, self.cols))
             for r in range(r0, r1, step):
@@ -348,19 +365,38 @@ class TensorData:
                 out[r - r0 : e - r0] = quantize_q40(values)
         return out[0] if len(self.info.shape) == 1 else out
 
-    def _check_q40_scales(self, blocks: np.ndarray, r0: int, c0: int) -> None:
-        """Every Q4_0 block scale (a little-endian f16 in the block's first 2 bytes) is finite.
+    def read_raw(self, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        """uint8 (r, GGML bytes of c columns) of [rows, cols] as stored, not decoded: a view of the map.
+
+        The columns must start and end on the stored type's block boundary. q40 and q80 block scales
+        are checked finite (nothing non-finite reaches the kernels)."""
+        r0, r1, c0, c1 = self._spans(rows, cols)
+        kind = self.info.kind
+        values, nbytes = block_of(kind, self.block)
+        if c0 % values or c1 % values:
+            raise MpillamaError(
+                f"tensor {self.info.name!r} ({type_name(kind, self.ggml_type)}) columns [{c0}, {c1}) do not fall on "
+                f"its blocks of {values} values: a slice of it must start and end on a block boundary "
+                "(use --weight-type q40, or fewer ranks)"
+            )
+        mapped = np.asarray(self._raw()[r0:r1, c0 // values * nbytes : c1 // values * nbytes])
+        if kind in ("q40", "q80"):
+            self._check_block_scales(mapped, r0, c0, nbytes)
+        return mapped
+
+    def _check_block_scales(self, blocks: np.ndarray, r0: int, c0: int, nbytes: int) -> None:
+        """Every Q4_0 / Q8_0 block scale (a little-endian f16 in the block's first 2 bytes) is finite.
 
         Only each scale's high byte is read, in place: an exponent of all ones there is infinity or
         NaN (0.23 s for the 700 MB of a 1B model, against 0.8 s for gathering whole scales)."""
-        rows = blocks.reshape(blocks.shape[0], -1, Q40_BLOCK_BYTES)  # (r, blocks, 18) uint8
+        rows = blocks.reshape(blocks.shape[0], -1, nbytes)  # (r, blocks, 18 or 34) uint8
         bad = (rows[:, :, 1] & 0x7C) == 0x7C  # (r, blocks) bool
         if bad.any():
             r, b = np.argwhere(bad)[0]
             value = rows[r, b, :2].copy().view("<f2")[0]
             raise MpillamaError(
-                f"tensor {self.info.name!r} (q40) has block scale {value} at row {r0 + r}, column {c0 + QK * b}: "
-                "the file is damaged; download or convert it again"
+                f"tensor {self.info.name!r} ({self.info.kind}) has block scale {value} at row {r0 + r}, column "
+                f"{c0 + QK * b}: the file is damaged; download or convert it again"
             )
 
 
@@ -369,12 +405,27 @@ def requantizes(kind: str) -> bool:
     return kind not in ("f32", "f16", "bf16", "q40")
 
 
+KEPT_AS_STORED = "Q4_0, Q8_0"  # what --weight-type auto keeps as stored (kernels/weights.py); said in the notice
+
+
 class MappedTensors:
     """What every reader shares: its tensors (TensorData over a memory map) read by name."""
 
     path: Path
     _data: dict[str, TensorData]
-    _notice: Notice | None = None  # said once if a tensor must be requantized to Q40
+    _notices: dict[str, Notice] | None = None  # stored type -> its requantization notice, said once
+
+    def _notice(self, d: TensorData) -> Notice:
+        """The one-line notice for requantizing d's stored type to Q4_0: what is lost and what keeps it."""
+        if self._notices is None:
+            self._notices = {}
+        name = type_name(d.info.kind, d.ggml_type)
+        if name not in self._notices:
+            keep = ("--weight-type auto keeps them as stored" if name in KEPT_AS_STORED.split(", ")
+                    else f"mpillama keeps only {KEPT_AS_STORED} weights as stored")
+            self._notices[name] = Notice(f"mpillama: {self.path}: requantizing {name} tensors to Q4_0 at load "
+                                         f"(4.5 bits a weight: less precise than {name}; {keep})")
+        return self._notices[name]
 
     def _tensor(self, name: str) -> TensorData:
         d = self._data.get(name)
@@ -389,7 +440,13 @@ class MappedTensors:
     def read_q40(self, name: str, rows: slice | None = None, cols: slice | None = None,
                  copy: bool = True) -> np.ndarray:
         with reading(self.path, "the file is damaged; download or convert it again"):
-            return self._tensor(name).read_q40(rows, cols, self._notice, copy)
+            d = self._tensor(name)
+            return d.read_q40(rows, cols, self._notice(d), copy)
+
+    def read_raw(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        """uint8 GGML bytes of tensor[rows, cols] as stored (a view of the map); see TensorData.read_raw."""
+        with reading(self.path, "the file is damaged; download or convert it again"):
+            return self._tensor(name).read_raw(rows, cols)
 
 
 def check_disjoint(path: Path, extents: dict[str, tuple[int, int]]) -> None:

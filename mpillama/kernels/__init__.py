@@ -7,6 +7,8 @@
     threads.py   configure(nthreads): numba's threading layer and thread count
     q80.py       Q80 activations: quantise f32 rows, Q8_0 bytes of the sync payloads
     q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the path's kernel)
+    q80w.py      Q80 (Q8_0) weights: rows / vnni layouts, pack/unpack, matmul_q80w (+ q80w_x86.py)
+    weights.py   the registry of weight kinds kept as stored, and matmul_weights (one dispatch)
     portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
     groups.py    the row-group ("vnni") layout's shapes and generic kernels, shared by:
     x86.py       the row-group Q40 x Q80 matmul with AVX-512 VNNI (vpdpbusd)
@@ -48,6 +50,8 @@ from mpillama.kernels.q80 import (
     quantize_activations,
     quantize_q80_into,
 )
+from mpillama.kernels.q80w import Q80Matrix, matmul_q80w, pack_q80w, unpack_q80w
+from mpillama.kernels.weights import KINDS, WeightKind, matmul_weights, register
 from mpillama.kernels.groups import VNNI_BLOCK_BYTES, VNNI_CHUNK, VNNI_ROWS
 from mpillama.kernels.target import kernel_path
 from mpillama.kernels.threads import configure, using_threads
@@ -55,6 +59,14 @@ from mpillama.kernels.vector import simd_available
 
 __all__ = [
     "ATT_MIN_CHUNK",
+    "KINDS",
+    "Q80Matrix",
+    "WeightKind",
+    "matmul_q80w",
+    "matmul_weights",
+    "pack_q80w",
+    "register",
+    "unpack_q80w",
     "LAYOUT_TILES",
     "LAYOUT_VNNI",
     "TILE",

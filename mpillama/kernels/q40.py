@@ -157,6 +157,7 @@ def unpack_q40(m: Q40Matrix) -> np.ndarray:
 
 def matmul_q40(out: np.ndarray, m: Q40Matrix, acts: Q80Activations, T: int) -> None:
     """out (T, rows) f32 = W (rows, cols) q40 @ x[t] (cols,) q80 for t < T (decode T=1, prefill T>1)."""
+    assert isinstance(m, Q40Matrix), f"{type(m).__name__}: use kernels.matmul_weights for any weight kind"
     assert acts.cols == m.cols, f"activations have {acts.cols} columns, the matrix {m.cols}"
     assert 1 <= T <= acts.max_tokens, f"T={T}, activations hold {acts.max_tokens}"
     assert out.dtype == np.float32 and out.shape == (T, m.rows) and out.flags.c_contiguous, (

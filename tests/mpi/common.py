@@ -20,6 +20,7 @@ CASES = {  # name: (model file stem, weight type)
     "tiny-q40": ("tiny-q40", "q40"),
     "qwen3-tiny-q40": ("qwen3-tiny-q40", "q40"),
     "tiny-f32": ("tiny-f32", "f32"),
+    "tiny-q80": ("tiny-q80", "auto"),  # Q8_0 weights kept as stored
 }
 
 

@@ -67,6 +67,13 @@ def test_scatter_weights_and_small_chunks() -> None:
 
 
 @pytest.mark.mpi(min_size=2)
+def test_scatter_q80_weights() -> None:
+    """Rank 0 sends Q8_0 slices as stored: each receiving rank sizes them from the header."""
+    tokens, logits = run_engine(WORLD, "tiny-q80", weight_source="scatter", chunk_bytes=4096, buffer_float_type="f32")
+    check("tiny-q80", tokens, logits, "f32")
+
+
+@pytest.mark.mpi(min_size=2)
 def test_auto_sync_is_measured_and_agreed() -> None:
     """--sync auto times both wires on this link; every rank must take the same choice."""
     comm = Comm(WORLD, timeout=120.0, chunk_bytes=1 << 20)
