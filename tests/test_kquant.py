@@ -1,0 +1,99 @@
+"""K-quants (Q4_K, Q5_K, Q6_K): quant.py's bytes against the gguf package, and the kernels against quant.py's reference."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from mpillama import quant
+from mpillama.errors import MpillamaError
+
+KINDS = ["q4_k", "q5_k", "q6_k"]
+GGUF_TYPE = {"q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
+THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+
+
+def awkward_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Random rows at scales from tiny to large, plus zero, constant, all-negative and one-outlier sub-blocks."""
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    x *= (10.0 ** rng.uniform(-4, 2, (rows, 1))).astype(np.float32)
+    x[0, :32] = 0  # a zero sub-block
+    x[0, 256:512] = 0  # a zero super-block: d = dmin = 0
+    x[1, :32] = 1.5  # constant, positive
+    x[1, 32:64] = -np.linspace(0.5, 2, 32)  # all negative: the min carries it
+    x[2, 5] = 40.0 * np.abs(x[2]).max()  # one outlier sets the super-block scale
+    return x
+
+
+def step_of(kind: str, b: np.ndarray) -> np.ndarray:
+    """(..., n) f32: the quantization step d*scale of the sub-block of each value."""
+    d, _, scales, q = quant.split_kquant(kind, b)
+    n_sub = scales.shape[-1]
+    step = np.abs(d[..., None] * scales[..., 0, :])  # (..., nsb, n_sub)
+    return np.repeat(step, 256 // n_sub, axis=-1).reshape(*d.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_decodes_our_bytes_like_our_dequantizer(kind):
+    rng = np.random.default_rng(3)
+    x = awkward_rows(rng, 24, 768)
+    b = quant.quantize_kquant(kind, x)
+    assert b.dtype == np.uint8 and b.shape == (24, 3 * quant.KQUANT_BLOCK_BYTES[kind])
+    ours = quant.dequantize_kquant(kind, b)
+    theirs = gguf_dequantize(b, GGUF_TYPE[kind])
+    assert ours.dtype == np.float32 and np.array_equal(ours, theirs)
+    # every value within half a step of its sub-block (the quantizer never clips), plus f32 rounding
+    err = np.abs(ours - x)
+    bound = 0.5 * step_of(kind, b) * (1 + 1e-5) + 1e-6 * np.abs(x)
+    assert np.all(err <= bound), f"{kind}: worst excess {np.max(err - bound)}"
+    assert np.all(ours[0, :32] == 0) and np.all(ours[0, 256:512] == 0)
+    # and the error is what the format gives on Gaussian rows: relative RMS within the usual bits' range
+    g = rng.standard_normal((64, 1024)).astype(np.float32)
+    rel = np.sqrt(np.mean((quant.dequantize_kquant(kind, quant.quantize_kquant(kind, g)) - g) ** 2))
+    assert rel < {"q4_k": 0.13, "q5_k": 0.065, "q6_k": 0.035}[kind], f"{kind}: relative RMS error {rel}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_known_values_round_trip_exactly(kind):
+    # values on a grid whose step is a full-range sub-block scale times an exact float16 come back exactly
+    x = np.zeros((1, 256), np.float32)
+    if kind == "q6_k":
+        q = np.tile(np.r_[-31, 31, -14:0], 16)  # every 16-value sub-block spans [-31, 31]
+        x[0] = q * np.float32(127 / 128)  # d = 1/128, sc = 127
+    else:
+        levels = 16 if kind == "q4_k" else 32
+        x[0] = (np.arange(256) % levels) * np.float32(63 / 64)  # d = 1/64, sc = 63, no min
+    b = quant.quantize_kquant(kind, x)
+    assert np.array_equal(quant.dequantize_kquant(kind, b), x)
+    assert np.array_equal(gguf_dequantize(b, GGUF_TYPE[kind]), x)
+
+
+def test_scale_bytes_round_trip():
+    rng = np.random.default_rng(1)
+    b = rng.integers(0, 256, (1000, 12), dtype=np.uint8)
+    sc, m = quant.unpack_scales_k(b)
+    assert sc.max() < 64 and m.max() < 64
+    assert np.array_equal(quant._pack_scales_k(sc, m), b)
+
+
+def test_bad_input():
+    with pytest.raises(MpillamaError, match="multiple of 256"):
+        quant.quantize_q4_k(np.zeros((2, 300), np.float32))
+    with pytest.raises(MpillamaError, match="unknown K-quant"):
+        quant.quantize_kquant("q3_k", np.zeros(256, np.float32))
+    with pytest.raises(MpillamaError, match="multiple of 210"):
+        quant.split_kquant("q6_k", np.zeros(211, np.uint8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_ref_against_float_dot(kind):
+    # the reference is the float64 dot of the two dequantized operands (an independent computation)
+    rng = np.random.default_rng(5)
+    w = quant.quantize_kquant(kind, rng.standard_normal((7, 512)).astype(np.float32))
+    xq = quant.quantize_q80(rng.standard_normal((3, 512)).astype(np.float32))
+    want = quant.dequantize_q80(xq).astype(np.float64) @ quant.dequantize_kquant(kind, w).astype(np.float64).T
+    got = quant.matmul_kquant_ref(kind, w, xq)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
