@@ -8,7 +8,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from mpillama import quant
+from mpillama import kernels, quant
+from mpillama.kernels import kquant
 from mpillama.errors import MpillamaError
 
 KINDS = ["q4_k", "q5_k", "q6_k"]
@@ -97,3 +98,82 @@ def test_matmul_ref_against_float_dot(kind):
     want = quant.dequantize_q80(xq).astype(np.float64) @ quant.dequantize_kquant(kind, w).astype(np.float64).T
     got = quant.matmul_kquant_ref(kind, w, xq)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- layout and kernels
+
+PATHS = ["portable"] if kernels.kernel_path() == "portable" else [kernels.kernel_path(), "portable"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
+def test_pack_unpack_roundtrip(kind, rows):
+    rng = np.random.default_rng(rows)
+    ggml = rng.integers(0, 256, (rows, 2 * quant.KQUANT_BLOCK_BYTES[kind]), dtype=np.uint8)
+    m = kernels.pack_kquant(kind, ggml)
+    assert (m.kind, m.rows, m.cols) == (kind, rows, 512)
+    assert np.array_equal(kernels.unpack_kquant(m), ggml)
+    # in memory within 3% of the file's bytes (whole groups aside)
+    assert m.w.nbytes / (-(-rows // 16) * 16 * ggml.shape[1]) <= 1.03
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pack_stacks_strided_parts_like_their_concatenation(kind):
+    bb = quant.KQUANT_BLOCK_BYTES[kind]
+    rng = np.random.default_rng(9)
+    file_rows = rng.integers(0, 256, (3, 40, 3 * bb), dtype=np.uint8)
+    parts = [file_rows[0, 3:19, bb:], file_rows[1, 0:5, bb:], file_rows[2, 30:40, bb:]]
+    assert not parts[0].flags.c_contiguous
+    m = kernels.pack_kquant(kind, parts)
+    assert (m.rows, m.cols) == (31, 512)
+    assert np.array_equal(kernels.unpack_kquant(m), np.concatenate(parts))
+    assert np.array_equal(m.w, kernels.pack_kquant(kind, np.concatenate(parts)).w)
+
+
+def test_pack_rejects_unknown_kind():
+    with pytest.raises(MpillamaError, match="unknown K-quant weight kind"):
+        kernels.pack_kquant("q3_k", np.zeros((1, 110), np.uint8))
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def nthreads(request):
+    before = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(before)
+
+
+def run_matmul(m, acts, T, nthreads, path):
+    out = np.full((T, m.rows), np.nan, np.float32)
+    kernel, args = kquant._kernel_call(out, m, acts, T, nthreads, path)
+    kernel(*args)
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("rows", "nsb", "T"), [(1, 1, 1), (17, 2, 1), (33, 3, 3), (40, 1, 9), (16, 2, 13)])
+def test_matmul_against_reference(kind, rows, nsb, T, nthreads, path):
+    rng = np.random.default_rng(rows * 100 + nsb * 10 + T)
+    w = quant.quantize_kquant(kind, awkward_rows(rng, rows + 2, nsb * 256)[2:] if rows > 2 else rng.standard_normal((rows, nsb * 256)))
+    x = rng.standard_normal((T, nsb * 256)).astype(np.float32) * np.float32(3)
+    x[0, :32] = 0
+    acts = kernels.new_activations(16, nsb * 256)
+    kernels.quantize_activations(acts, x)
+    xq = quant.quantize_q80(x)
+    got = run_matmul(kernels.pack_kquant(kind, w), acts, T, nthreads, path)
+    want = quant.matmul_kquant_ref(kind, w, xq)
+    # float32 sums of the exact products: error relative to sum |w||x|
+    scale = np.abs(quant.dequantize_q80(xq)).astype(np.float64) @ np.abs(quant.dequantize_kquant(kind, w)).astype(np.float64).T
+    assert np.all(np.abs(got - want) <= 2e-5 * scale + 1e-30), f"worst {np.max(np.abs(got - want) / (scale + 1e-30))}"
+
+
+def test_matmul_kquant_public_entry():
+    rng = np.random.default_rng(2)
+    w = quant.quantize_q4_k(rng.standard_normal((20, 512)).astype(np.float32))
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    acts = kernels.new_activations(4, 512)
+    kernels.quantize_activations(acts, x)
+    out = np.zeros((2, 20), np.float32)
+    kernels.matmul_kquant(out, kernels.pack_kquant("q4_k", w), acts, 2)
+    np.testing.assert_allclose(out, quant.matmul_kquant_ref("q4_k", w, quant.quantize_q80(x)), rtol=1e-4, atol=1e-4)

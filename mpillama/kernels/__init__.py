@@ -7,6 +7,8 @@
     threads.py   configure(nthreads): numba's threading layer and thread count
     q80.py       Q80 activations: quantise f32 rows, Q8_0 bytes of the sync payloads
     q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the path's kernel)
+    kquant.py    Q4_K/Q5_K/Q6_K weights: the row-group layout, pack/unpack, matmul_kquant, whose kernels are
+    kquant_portable.py (plain loops, any CPU) and kquant_x86.py (AVX-512 VNNI)
     portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
     groups.py    the row-group ("vnni") layout's shapes and generic kernels, shared by:
     x86.py       the row-group Q40 x Q80 matmul with AVX-512 VNNI (vpdpbusd)
@@ -38,6 +40,7 @@ from mpillama.kernels import cache  # noqa: F401  (first: its locator must be in
 from mpillama.kernels import target  # noqa: F401  (before any kernel is decorated: it may set numba's target)
 from mpillama.kernels.attn import ATT_MIN_CHUNK, AttentionScratch, attention, new_attention_scratch
 from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, swiglu
+from mpillama.kernels.kquant import KQUANT_KINDS, KQuantMatrix, matmul_kquant, pack_kquant, unpack_kquant
 from mpillama.kernels.portable import TILE
 from mpillama.kernels.q40 import LAYOUT_TILES, LAYOUT_VNNI, Q40Matrix, default_layout, matmul_q40, pack_q40, unpack_q40
 from mpillama.kernels.q80 import (
@@ -61,7 +64,9 @@ __all__ = [
     "VNNI_BLOCK_BYTES",
     "VNNI_CHUNK",
     "VNNI_ROWS",
+    "KQUANT_KINDS",
     "AttentionScratch",
+    "KQuantMatrix",
     "Q40Matrix",
     "Q80Activations",
     "activations_from_q80",
@@ -71,9 +76,11 @@ __all__ = [
     "dequantize_q80_add",
     "kernel_path",
     "matmul_f32",
+    "matmul_kquant",
     "matmul_q40",
     "new_activations",
     "new_attention_scratch",
+    "pack_kquant",
     "pack_q40",
     "quantize_activations",
     "quantize_q80_into",
@@ -82,5 +89,6 @@ __all__ = [
     "rope_tables",
     "simd_available",
     "swiglu",
+    "unpack_kquant",
     "unpack_q40",
 ]
