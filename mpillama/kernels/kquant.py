@@ -31,6 +31,7 @@ import numpy as np
 from mpillama.errors import MpillamaError
 from mpillama.kernels import kquant_portable as kp
 from mpillama.kernels.kquant_portable import KQ_ROWS, _kq_portable_parallel, _kq_portable_run
+from mpillama.kernels.kquant_x86 import _kqv_parallel, _kqv_serial
 from mpillama.kernels.q80 import Q80Activations
 from mpillama.kernels.target import X86_VNNI, kernel_path
 from mpillama.quant import KQUANT_BLOCK_BYTES, QK_K, _pack_scales_k, unpack_scales_k
@@ -137,6 +138,12 @@ def _kernel_call(out: np.ndarray, m: KQuantMatrix, acts: Q80Activations, T: int,
     (None: this process's kernel path; tests pass "portable" to run the plain kernels anywhere)."""
     path = kernel_path() if path is None else path
     code = _KIND_CODE[m.kind]
+    if path == X86_VNNI:
+        if n_threads > 1:
+            return _kqv_parallel, (out, m.w, acts.qs32, acts.d, acts.corr, acts.qs, acts.half_sums, T, m.rows, code,
+                                   n_threads, acts.tile_sums, acts.next_chunk)
+        return _kqv_serial, (out, m.w, acts.qs32, acts.d, acts.corr, acts.qs, acts.half_sums, T, m.rows,
+                             acts.tile_sums[0], code)
     if n_threads > 1:
         return _kq_portable_parallel, (out, m.w, acts.qs, acts.d, acts.corr, T, m.rows, code, n_threads, acts.next_chunk)
     return _kq_portable_run, (out, m.w, acts.qs, acts.d, acts.corr, T, m.rows, 0, m.w.shape[0], code)

@@ -1,0 +1,247 @@
+"""The K-quant x Q80 matmuls over kquant.py's row-group layout with x86's AVX-512 VNNI dot product (vpdpbusd).
+
+One 64-byte load of a packed field holds 4 bytes of each of 16 rows (an int32 lane per row): the
+quantized values come out of it with a few masks and shifts (4 values a lane, one byte each,
+unsigned), and vpdpbusd multiplies them by 4 broadcast activation bytes and sums per row.
+Per 32-value Q80 block the integer sums are scaled by the sub-block scales in integers and by the
+activation scale in float32; the float16 super-block scales are applied once per super-block.
+- Q4_K / Q5_K: value q (unsigned) with scale sc and min m: sum(d*sc*q*a) - dmin*m*sum(a), and
+  sum(a) = corr/8 from the activations; the mins go through a float accumulator of their own.
+- Q6_K: q6 = q + 32 is stored unsigned; per 16-value half, sc*(sum(q6*a) - 32*sum(a)), with the
+  halves' activation sums from kquant.py's _half_sums (computed once per matmul call).
+Decode (T = 1) keeps one row group's sums in registers over all super-blocks; prefill (T > 1)
+walks the super-blocks of a row group once and adds each one's contribution for every token
+into a per-thread (T, 16) float32 scratch (Q80Activations.tile_sums), so a block's bytes are
+read from memory once for all tokens and from L1 after the first.
+
+x86 only: the kernels call x86.py's _vdpbusd and compile on first call, which happens only where
+target.kernel_path() is x86-vnni. The few generic vector helpers the Q40 kernels did not need
+(byte loads widened to int32 lanes, or, variable shifts, integer multiply) are defined here.
+
+Imports numba, llvmlite and the package's vector.py, x86.py and kquant_portable.py (offsets) only.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir as llvm_ir
+from numba import njit, prange
+from numba.extending import intrinsic
+
+from mpillama.kernels.kquant_portable import (
+    KQ_CHUNK,
+    KQ_ROWS,
+    Q4K_D,
+    Q4K_DMIN,
+    Q4K_M,
+    Q4K_SC,
+    Q5K_D,
+    Q5K_DMIN,
+    Q5K_M,
+    Q5K_QH,
+    Q5K_SC,
+    Q6K_D,
+    Q6K_QH,
+    Q6K_SC,
+)
+from mpillama.kernels.vector import (
+    _F32X16,
+    _I32X16,
+    _LL_VI,
+    _claim,
+    _vand,
+    _vbroadcast32,
+    _vfma,
+    _vload,
+    _vload_f16,
+    _vload_f32,
+    _vload_i32,
+    _vmul,
+    _vsplat_f32,
+    _vsplat_i32,
+    _vstore,
+    _vsub,
+    _vtofloat,
+)
+from mpillama.kernels.groups import _store_rows
+from mpillama.kernels.x86 import _vdpbusd
+
+_LL_V8 = llvm_ir.VectorType(llvm_ir.IntType(8), 16)
+_vload_u8 = _vload(_LL_V8, _I32X16, "16 uint8 at element idx of arr, zero-extended to 16 int32 lanes.",
+                   lambda builder, v: builder.zext(v, _LL_VI))
+_vload_i8 = _vload(_LL_V8, _I32X16, "16 int8 at element idx of arr, sign-extended to 16 int32 lanes.",
+                   lambda builder, v: builder.sext(v, _LL_VI))
+
+
+def _int_binop(make):  # noqa: ANN001, ANN202
+    """An intrinsic applying builder-level op make(builder, a, b) lane by lane to two int32 vectors."""
+
+    @intrinsic
+    def op(typingctx, a, b):  # noqa: ANN001, ANN202
+        if a == b == _I32X16:
+            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+                return make(builder, args[0], args[1])
+            return _I32X16(a, b), codegen
+
+    return op
+
+
+_vor = _int_binop(lambda b, x, y: b.or_(x, y))
+_vmuli = _int_binop(lambda b, x, y: b.mul(x, y))
+_vaddi = _int_binop(lambda b, x, y: b.add(x, y))
+_vshrv = _int_binop(lambda b, x, y: b.lshr(x, y))  # y: a splat of the shift count
+_vshlv = _int_binop(lambda b, x, y: b.shl(x, y))
+
+
+@intrinsic
+def _vaddf(typingctx, a, b):  # noqa: ANN001, ANN202
+    """a + b lane by lane (float32)."""
+    if a == b == _F32X16:
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            return builder.fadd(args[0], args[1])
+        return _F32X16(a, b), codegen
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
+    # one super-block s at byte o of w (flat) q4_k/q5_k for 16 rows @ token t q80 -> 16 f32 lanes
+    # (its contribution to each row's output, float16 super-block scales applied)
+    low = _vsplat_i32(0x0F0F0F0F)
+    ones = _vsplat_i32(0x01010101)
+    o_sc, o_m, o_d, o_dmin = (Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN) if five else (Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN)
+    zf = _vsplat_f32(0.0)
+    acc_s, acc_m = zf, zf
+    for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high), Q80 blocks b, b+1
+        b = s * 8 + 2 * c
+        x0, x1 = (t * nb + b) * 8, (t * nb + b + 1) * 8  # xq (T, nb, 8) uint32, flat
+        zi = _vsplat_i32(0)
+        s0, s1 = zi, zi
+        for k in range(8):
+            v = _vload_i32(w, o + (8 * c + k) * 64)
+            q0, q1 = _vand(v, low), _vand(_vshrv(v, _vsplat_i32(4)), low)
+            if five:
+                h = _vload_i32(w, o + Q5K_QH + k * 64)
+                q0 = _vor(q0, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c)), ones), _vsplat_i32(4)))
+                q1 = _vor(q1, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c + 1)), ones), _vsplat_i32(4)))
+            s0 = _vdpbusd(s0, q0, _vbroadcast32(xq, x0 + k))
+            s1 = _vdpbusd(s1, q1, _vbroadcast32(xq, x1 + k))
+        j = 2 * c
+        acc_s = _vfma(_vtofloat(_vmuli(s0, _vload_u8(w, o + o_sc + 16 * j))), _vsplat_f32(xd[t, b]), acc_s)
+        acc_s = _vfma(_vtofloat(_vmuli(s1, _vload_u8(w, o + o_sc + 16 * j + 16))), _vsplat_f32(xd[t, b + 1]), acc_s)
+        # -dmin*m*sum(a)*d_act, sum(a) = corr/8
+        acc_m = _vfma(_vtofloat(_vload_u8(w, o + o_m + 16 * j)), _vsplat_f32(xd[t, b] * corr[t, b] * -0.125), acc_m)
+        acc_m = _vfma(_vtofloat(_vload_u8(w, o + o_m + 16 * j + 16)),
+                      _vsplat_f32(xd[t, b + 1] * corr[t, b + 1] * -0.125), acc_m)
+    return _vfma(_vload_f16(w, o + o_dmin), acc_m, _vmul(_vload_f16(w, o + o_d), acc_s))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_block(w, o, xq, xd, hs, t, nb, s):
+    # one super-block s at byte o of w (flat) q6_k for 16 rows @ token t q80 -> 16 f32 lanes;
+    # hs (T, nb, 2) int32: the activations' sums over each 16-value half of a Q80 block
+    low = _vsplat_i32(0x0F0F0F0F)
+    three = _vsplat_i32(0x03030303)
+    four = _vsplat_i32(4)
+    acc = _vsplat_f32(0.0)
+    for h in range(2):  # values 128h .. 128h+127: Q80 blocks s*8 + 4h + k, k < 4
+        zi = _vsplat_i32(0)
+        a0, a1, a2, a3, b0, b1, b2, b3 = zi, zi, zi, zi, zi, zi, zi, zi  # per k: first half (a), second (b)
+        x = (t * nb + s * 8 + 4 * h) * 8  # xq (T, nb, 8) uint32, flat: block s*8+4h, word 0
+        for u in range(8):  # word u of each 32-value block: values 4u..4u+3
+            l0 = _vload_i32(w, o + (16 * h + u) * 64)  # ql bytes 64h + 4u..: k = 0 (low nibble), 2 (high)
+            l1 = _vload_i32(w, o + (16 * h + 8 + u) * 64)  # ql bytes 64h + 32 + 4u..: k = 1, 3
+            hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)  # qh bytes 32h + 4u..: bits 2k, 2k+1
+            q0 = _vor(_vand(l0, low), _vshlv(_vand(hb, three), four))
+            q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
+            q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
+            q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
+            if u < 4:
+                a0 = _vdpbusd(a0, q0, _vbroadcast32(xq, x + u))
+                a1 = _vdpbusd(a1, q1, _vbroadcast32(xq, x + 8 + u))
+                a2 = _vdpbusd(a2, q2, _vbroadcast32(xq, x + 16 + u))
+                a3 = _vdpbusd(a3, q3, _vbroadcast32(xq, x + 24 + u))
+            else:
+                b0 = _vdpbusd(b0, q0, _vbroadcast32(xq, x + u))
+                b1 = _vdpbusd(b1, q1, _vbroadcast32(xq, x + 8 + u))
+                b2 = _vdpbusd(b2, q2, _vbroadcast32(xq, x + 16 + u))
+                b3 = _vdpbusd(b3, q3, _vbroadcast32(xq, x + 24 + u))
+        acc = _q6k_pair(acc, a0, b0, w, o, xd, hs, t, s * 8 + 4 * h, 8 * h)
+        acc = _q6k_pair(acc, a1, b1, w, o, xd, hs, t, s * 8 + 4 * h + 1, 8 * h + 2)
+        acc = _q6k_pair(acc, a2, b2, w, o, xd, hs, t, s * 8 + 4 * h + 2, 8 * h + 4)
+        acc = _q6k_pair(acc, a3, b3, w, o, xd, hs, t, s * 8 + 4 * h + 3, 8 * h + 6)
+    return _vmul(_vload_f16(w, o + Q6K_D), acc)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_pair(acc, sa, sb, w, o, xd, hs, t, b, j):
+    # acc + d_act(b) * (sc_j*(sa - 32*S_lo) + sc_j+1*(sb - 32*S_hi)) for the two halves of Q80 block b
+    ta = _vmuli(_vsub(sa, _vsplat_i32(32 * hs[t, b, 0])), _vload_i8(w, o + Q6K_SC + 16 * j))
+    tb = _vmuli(_vsub(sb, _vsplat_i32(32 * hs[t, b, 1])), _vload_i8(w, o + Q6K_SC + 16 * j + 16))
+    return _vfma(_vtofloat(_vaddi(ta, tb)), _vsplat_f32(xd[t, b]), acc)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _kq_block(w, o, xq, xd, corr, hs, t, nb, s, kind):
+    if kind == 6:
+        return _q6k_block(w, o, xq, xd, hs, t, nb, s)
+    return _q45k_block(w, o, xq, xd, corr, t, nb, s, kind == 5)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _kqv_run(out, w, xq, xd, corr, hs, T, rows, g_lo, g_hi, acc, kind):
+    # w row groups [g_lo, g_hi) of (n_groups, nsb, block) K-quant @ x (T, cols) q80 -> out (T, rows) f32
+    # acc (>= T, >= 16) f32: prefill's per-token sums of one row group
+    nsb, bb = w.shape[1], w.shape[2]
+    nb = nsb * 8
+    for g in range(g_lo, g_hi):
+        n = rows - g * KQ_ROWS
+        if T == 1:
+            a = _vsplat_f32(0.0)
+            for s in range(nsb):
+                a = _vaddf(a, _kq_block(w, (g * nsb + s) * bb, xq, xd, corr, hs, 0, nb, s, kind))
+            _store_rows(out, g * KQ_ROWS, a, n)
+            continue
+        for t in range(T):
+            _vstore(acc, t * acc.shape[1], _vsplat_f32(0.0))
+        for s in range(nsb):
+            o = (g * nsb + s) * bb
+            for t in range(T):  # the block's bytes come from L1 for all tokens after the first
+                i = t * acc.shape[1]
+                _vstore(acc, i, _vaddf(_vload_f32(acc, i), _kq_block(w, o, xq, xd, corr, hs, t, nb, s, kind)))
+        for t in range(T):
+            _store_rows(out, t * rows + g * KQ_ROWS, _vload_f32(acc, t * acc.shape[1]), n)
+
+
+@njit(cache=True)
+def _half_sums(hs, qs, T):
+    # qs (T, nb, 32) int8 -> hs (T, nb, 2) int32: the sums of each block's two 16-value halves (Q6_K's offset)
+    for t in range(T):
+        for b in range(qs.shape[1]):
+            lo, hi = 0, 0
+            for i in range(16):
+                lo += qs[t, b, i]
+                hi += qs[t, b, 16 + i]
+            hs[t, b, 0], hs[t, b, 1] = lo, hi
+
+
+@njit(cache=True)
+def _kqv_serial(out, w, xq, xd, corr, qs, hs, T, rows, acc, kind):
+    # w (n_groups, nsb, block) K-quant @ x (T, cols) q80 -> out (T, rows) f32 on this thread
+    if kind == 6:
+        _half_sums(hs, qs, T)
+    _kqv_run(out, w, xq, xd, corr, hs, T, rows, 0, w.shape[0], acc, kind)
+
+
+@njit(cache=True, parallel=True)
+def _kqv_parallel(out, w, xq, xd, corr, qs, hs, T, rows, kind, n_threads, acc, next_chunk):
+    # w (n_groups, nsb, block) K-quant @ x (T, cols) q80 -> out (T, rows) f32, KQ_CHUNK row groups
+    # at a time to whichever of n_threads is free; acc (slots, >= T, >= 16) f32 per-thread scratch
+    if kind == 6:
+        _half_sums(hs, qs, T)
+    n_groups = w.shape[0]
+    n_chunks = -(-n_groups // KQ_CHUNK)
+    next_chunk[0] = 0
+    for k in prange(min(n_threads, n_chunks, acc.shape[0])):
+        c = _claim(next_chunk)
+        while c < n_chunks:
+            _kqv_run(out, w, xq, xd, corr, hs, T, rows, c * KQ_CHUNK, min(n_groups, (c + 1) * KQ_CHUNK), acc[k], kind)
+            c = _claim(next_chunk)
