@@ -2,13 +2,13 @@
 
 The layout (one for every kernel path): rows in groups of KQ_ROWS = 16; per group and 256-value
 super-block one block of the 16 rows' data (field offsets in kquant_portable.py):
-- the quantized values' bytes, unchanged, as 4-byte words interleaved by row ([word][row][4]):
-  one 64-byte load holds 4 bytes of each of the 16 rows (an int32 lane per row, vpdpbusd's
-  operand). Q4_K: qs (128 bytes a row); Q5_K: qs, then qh (32); Q6_K: ql (128), then qh (64);
 - the sub-block scales, one byte per row and sub-block ([j][row]): Q4_K/Q5_K's 6-bit scales and
   mins unpacked from their 12 bytes into 8 + 8 (4 bytes a row more than the file: 2.8% of Q4_K,
   2.3% of Q5_K); Q6_K's 16 int8 scales unchanged;
-- the float16 super-block scales ([row][2]): d (and dmin for Q4_K/Q5_K).
+- the float16 super-block scales ([row][2]): d (and dmin for Q4_K/Q5_K);
+- the quantized values' bytes, unchanged, as 4-byte words interleaved by row ([word][row][4]):
+  one 64-byte load holds 4 bytes of each of the 16 rows (an int32 lane per row, vpdpbusd's
+  operand). Q4_K: qs (128 bytes a row); Q5_K: qh (32), then qs; Q6_K: ql (128), then qh (64).
 So in memory a row takes 148 (Q4_K), 180 (Q5_K) and 210 (Q6_K) bytes per super-block against
 the file's 144, 176 and 210. Rows are padded to a whole group with zero bytes (scales 0: the
 padded rows compute 0 and are never written out). unpack_kquant gives back the GGML bytes exactly.

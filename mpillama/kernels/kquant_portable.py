@@ -23,9 +23,10 @@ KQ_CHUNK = 4  # row groups a thread claims at a time in a threaded matmul (64 ro
 
 # Per (row group, super-block) block: field offsets and the block's size (16 rows' bytes).
 # [k][row][4] = 4-byte words interleaved by row; [j][row] = one byte per row and index; [row][2] = f16
-Q4K_QS, Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN, Q4K_BYTES = 0, 2048, 2176, 2304, 2336, 2368
-Q5K_QS, Q5K_QH, Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN, Q5K_BYTES = 0, 2048, 2560, 2688, 2816, 2848, 2880
-Q6K_QL, Q6K_QH, Q6K_SC, Q6K_D, Q6K_BYTES = 0, 2048, 3072, 3328, 3360
+# Scales first, then the values in the order the kernels read them: a block is read front to back.
+Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN, Q4K_QS, Q4K_BYTES = 0, 128, 256, 288, 320, 2368
+Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN, Q5K_QH, Q5K_QS, Q5K_BYTES = 0, 128, 256, 288, 320, 832, 2880
+Q6K_SC, Q6K_D, Q6K_QL, Q6K_QH, Q6K_BYTES = 0, 256, 288, 2336, 3360
 
 
 @njit(cache=True, inline="always")
@@ -47,6 +48,7 @@ def _q45k_rows(out, w, xq, xd, corr, T, rows, g_lo, g_hi, five):
     # sum(a) = corr/8.
     nsb = w.shape[1]
     o_sc, o_m, o_d, o_dmin = (Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN) if five else (Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN)
+    o_qs = Q5K_QS if five else Q4K_QS
     for g in range(g_lo, g_hi):
         for r in range(min(KQ_ROWS, rows - g * KQ_ROWS)):
             for t in range(T):
@@ -59,7 +61,7 @@ def _q45k_rows(out, w, xq, xd, corr, T, rows, g_lo, g_hi, five):
                         shift = 4 * (j & 1)
                         isum = np.int32(0)
                         for i in range(32):
-                            q = (_word_byte(blk, 0, r, 32 * (j >> 1) + i) >> shift) & 15
+                            q = (_word_byte(blk, o_qs, r, 32 * (j >> 1) + i) >> shift) & 15
                             if five:
                                 q |= ((_word_byte(blk, Q5K_QH, r, i) >> j) & 1) << 4
                             isum += q * np.int32(xq[t, b, i])

@@ -23,6 +23,7 @@ Imports numba, llvmlite and the package's vector.py, x86.py and kquant_portable.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import njit, prange
 from numba.extending import intrinsic
@@ -33,14 +34,17 @@ from mpillama.kernels.kquant_portable import (
     Q4K_D,
     Q4K_DMIN,
     Q4K_M,
+    Q4K_QS,
     Q4K_SC,
     Q5K_D,
     Q5K_DMIN,
     Q5K_M,
     Q5K_QH,
+    Q5K_QS,
     Q5K_SC,
     Q6K_D,
     Q6K_QH,
+    Q6K_QL,
     Q6K_SC,
 )
 from mpillama.kernels.vector import (
@@ -108,6 +112,7 @@ def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
     low = _vsplat_i32(0x0F0F0F0F)
     ones = _vsplat_i32(0x01010101)
     o_sc, o_m, o_d, o_dmin = (Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN) if five else (Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN)
+    o_qs = Q5K_QS if five else Q4K_QS
     zf = _vsplat_f32(0.0)
     acc_s, acc_m = zf, zf
     for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high), Q80 blocks b, b+1
@@ -116,7 +121,7 @@ def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
         zi = _vsplat_i32(0)
         s0, s1 = zi, zi
         for k in range(8):
-            v = _vload_i32(w, o + (8 * c + k) * 64)
+            v = _vload_i32(w, o + o_qs + (8 * c + k) * 64)
             q0, q1 = _vand(v, low), _vand(_vshrv(v, _vsplat_i32(4)), low)
             if five:
                 h = _vload_i32(w, o + Q5K_QH + k * 64)
@@ -128,9 +133,9 @@ def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
         acc_s = _vfma(_vtofloat(_vmuli(s0, _vload_u8(w, o + o_sc + 16 * j))), _vsplat_f32(xd[t, b]), acc_s)
         acc_s = _vfma(_vtofloat(_vmuli(s1, _vload_u8(w, o + o_sc + 16 * j + 16))), _vsplat_f32(xd[t, b + 1]), acc_s)
         # -dmin*m*sum(a)*d_act, sum(a) = corr/8
-        acc_m = _vfma(_vtofloat(_vload_u8(w, o + o_m + 16 * j)), _vsplat_f32(xd[t, b] * corr[t, b] * -0.125), acc_m)
+        acc_m = _vfma(_vtofloat(_vload_u8(w, o + o_m + 16 * j)), _vsplat_f32(xd[t, b] * np.float32(corr[t, b]) * np.float32(-0.125)), acc_m)
         acc_m = _vfma(_vtofloat(_vload_u8(w, o + o_m + 16 * j + 16)),
-                      _vsplat_f32(xd[t, b + 1] * corr[t, b + 1] * -0.125), acc_m)
+                      _vsplat_f32(xd[t, b + 1] * np.float32(corr[t, b + 1]) * np.float32(-0.125)), acc_m)
     return _vfma(_vload_f16(w, o + o_dmin), acc_m, _vmul(_vload_f16(w, o + o_d), acc_s))
 
 
@@ -147,8 +152,8 @@ def _q6k_block(w, o, xq, xd, hs, t, nb, s):
         a0, a1, a2, a3, b0, b1, b2, b3 = zi, zi, zi, zi, zi, zi, zi, zi  # per k: first half (a), second (b)
         x = (t * nb + s * 8 + 4 * h) * 8  # xq (T, nb, 8) uint32, flat: block s*8+4h, word 0
         for u in range(8):  # word u of each 32-value block: values 4u..4u+3
-            l0 = _vload_i32(w, o + (16 * h + u) * 64)  # ql bytes 64h + 4u..: k = 0 (low nibble), 2 (high)
-            l1 = _vload_i32(w, o + (16 * h + 8 + u) * 64)  # ql bytes 64h + 32 + 4u..: k = 1, 3
+            l0 = _vload_i32(w, o + Q6K_QL + (16 * h + u) * 64)  # ql bytes 64h + 4u..: k = 0 (low nibble), 2 (high)
+            l1 = _vload_i32(w, o + Q6K_QL + (16 * h + 8 + u) * 64)  # ql bytes 64h + 32 + 4u..: k = 1, 3
             hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)  # qh bytes 32h + 4u..: bits 2k, 2k+1
             q0 = _vor(_vand(l0, low), _vshlv(_vand(hb, three), four))
             q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
