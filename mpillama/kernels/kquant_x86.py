@@ -184,6 +184,121 @@ def _q6k_pair(acc, sa, sb, w, o, xd, hs, t, b, j):
     return _vfma(_vtofloat(_vaddi(ta, tb)), _vsplat_f32(xd[t, b]), acc)
 
 
+# _q45k_block4 and _q6k_block2 are _q45k_block and _q6k_block unrolled by hand for 4 and 2 tokens
+# on purpose (register blocking: each value vector decoded once feeds the dot products of all of them).
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q45k_block4(w, o, xq, xd, corr, t, nb, s, five):
+    # one super-block s at byte o of w (flat) q4_k/q5_k for 16 rows @ tokens t..t+3 q80 -> 4 x 16 f32 lanes
+    low = _vsplat_i32(0x0F0F0F0F)
+    ones = _vsplat_i32(0x01010101)
+    o_sc, o_m, o_d, o_dmin = (Q5K_SC, Q5K_M, Q5K_D, Q5K_DMIN) if five else (Q4K_SC, Q4K_M, Q4K_D, Q4K_DMIN)
+    o_qs = Q5K_QS if five else Q4K_QS
+    st = nb * 8  # one token's row in xq (T, nb, 8) uint32, flat
+    zf = _vsplat_f32(0.0)
+    f0, f1, f2, f3 = zf, zf, zf, zf  # d*sc part, per token
+    n0, n1, n2, n3 = zf, zf, zf, zf  # dmin*m part, per token
+    for c in range(4):
+        b = s * 8 + 2 * c
+        x = (t * nb + b) * 8
+        zi = _vsplat_i32(0)
+        p0, p1, p2, p3, r0, r1, r2, r3 = zi, zi, zi, zi, zi, zi, zi, zi  # sub-block 2c (p), 2c+1 (r), per token
+        for k in range(8):
+            v = _vload_i32(w, o + o_qs + (8 * c + k) * 64)
+            q0, q1 = _vand(v, low), _vand(_vshrv(v, _vsplat_i32(4)), low)
+            if five:
+                h = _vload_i32(w, o + Q5K_QH + k * 64)
+                q0 = _vor(q0, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c)), ones), _vsplat_i32(4)))
+                q1 = _vor(q1, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c + 1)), ones), _vsplat_i32(4)))
+            p0 = _vdpbusd(p0, q0, _vbroadcast32(xq, x + k))
+            r0 = _vdpbusd(r0, q1, _vbroadcast32(xq, x + 8 + k))
+            p1 = _vdpbusd(p1, q0, _vbroadcast32(xq, x + st + k))
+            r1 = _vdpbusd(r1, q1, _vbroadcast32(xq, x + st + 8 + k))
+            p2 = _vdpbusd(p2, q0, _vbroadcast32(xq, x + 2 * st + k))
+            r2 = _vdpbusd(r2, q1, _vbroadcast32(xq, x + 2 * st + 8 + k))
+            p3 = _vdpbusd(p3, q0, _vbroadcast32(xq, x + 3 * st + k))
+            r3 = _vdpbusd(r3, q1, _vbroadcast32(xq, x + 3 * st + 8 + k))
+        j = 2 * c
+        sc0, sc1 = _vload_u8(w, o + o_sc + 16 * j), _vload_u8(w, o + o_sc + 16 * j + 16)
+        m0, m1 = _vtofloat(_vload_u8(w, o + o_m + 16 * j)), _vtofloat(_vload_u8(w, o + o_m + 16 * j + 16))
+        f0, n0 = _q45k_scale(f0, n0, p0, r0, sc0, sc1, m0, m1, xd, corr, t, b)
+        f1, n1 = _q45k_scale(f1, n1, p1, r1, sc0, sc1, m0, m1, xd, corr, t + 1, b)
+        f2, n2 = _q45k_scale(f2, n2, p2, r2, sc0, sc1, m0, m1, xd, corr, t + 2, b)
+        f3, n3 = _q45k_scale(f3, n3, p3, r3, sc0, sc1, m0, m1, xd, corr, t + 3, b)
+    d, dmin = _vload_f16(w, o + o_d), _vload_f16(w, o + o_dmin)
+    return (_vfma(dmin, n0, _vmul(d, f0)), _vfma(dmin, n1, _vmul(d, f1)), _vfma(dmin, n2, _vmul(d, f2)),
+            _vfma(dmin, n3, _vmul(d, f3)))
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q45k_scale(f, n, p, r, sc0, sc1, m0, m1, xd, corr, t, b):
+    # token t's sums p, r of Q80 blocks b, b+1 -> (f + their scaled sums, n + their mins' terms)
+    f = _vfma(_vtofloat(_vmuli(p, sc0)), _vsplat_f32(xd[t, b]), f)
+    f = _vfma(_vtofloat(_vmuli(r, sc1)), _vsplat_f32(xd[t, b + 1]), f)
+    n = _vfma(m0, _vsplat_f32(xd[t, b] * np.float32(corr[t, b]) * np.float32(-0.125)), n)
+    n = _vfma(m1, _vsplat_f32(xd[t, b + 1] * np.float32(corr[t, b + 1]) * np.float32(-0.125)), n)
+    return f, n
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_block2(w, o, xq, xd, hs, t, nb, s):
+    # one super-block s at byte o of w (flat) q6_k for 16 rows @ tokens t, t+1 q80 -> 2 x 16 f32 lanes
+    # One 16-value half of the four Q80 blocks at a time (8 integer sums live, not 16).
+    low = _vsplat_i32(0x0F0F0F0F)
+    three = _vsplat_i32(0x03030303)
+    four = _vsplat_i32(4)
+    st = nb * 8
+    acc0, acc1 = _vsplat_f32(0.0), _vsplat_f32(0.0)
+    for h in range(2):
+        x = (t * nb + s * 8 + 4 * h) * 8
+        for half in range(2):
+            zi = _vsplat_i32(0)
+            a0, a1, a2, a3, c0, c1, c2, c3 = zi, zi, zi, zi, zi, zi, zi, zi
+            for u in range(4 * half, 4 * half + 4):
+                l0 = _vload_i32(w, o + Q6K_QL + (16 * h + u) * 64)
+                l1 = _vload_i32(w, o + Q6K_QL + (16 * h + 8 + u) * 64)
+                hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)
+                q0 = _vor(_vand(l0, low), _vshlv(_vand(hb, three), four))
+                q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
+                q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
+                q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
+                a0 = _vdpbusd(a0, q0, _vbroadcast32(xq, x + u))
+                a1 = _vdpbusd(a1, q1, _vbroadcast32(xq, x + 8 + u))
+                a2 = _vdpbusd(a2, q2, _vbroadcast32(xq, x + 16 + u))
+                a3 = _vdpbusd(a3, q3, _vbroadcast32(xq, x + 24 + u))
+                c0 = _vdpbusd(c0, q0, _vbroadcast32(xq, x + st + u))
+                c1 = _vdpbusd(c1, q1, _vbroadcast32(xq, x + st + 8 + u))
+                c2 = _vdpbusd(c2, q2, _vbroadcast32(xq, x + st + 16 + u))
+                c3 = _vdpbusd(c3, q3, _vbroadcast32(xq, x + st + 24 + u))
+            b = s * 8 + 4 * h
+            j = 8 * h + half
+            acc0 = _q6k_half(acc0, a0, w, o, xd, hs, t, b, j, half)
+            acc0 = _q6k_half(acc0, a1, w, o, xd, hs, t, b + 1, j + 2, half)
+            acc0 = _q6k_half(acc0, a2, w, o, xd, hs, t, b + 2, j + 4, half)
+            acc0 = _q6k_half(acc0, a3, w, o, xd, hs, t, b + 3, j + 6, half)
+            acc1 = _q6k_half(acc1, c0, w, o, xd, hs, t + 1, b, j, half)
+            acc1 = _q6k_half(acc1, c1, w, o, xd, hs, t + 1, b + 1, j + 2, half)
+            acc1 = _q6k_half(acc1, c2, w, o, xd, hs, t + 1, b + 2, j + 4, half)
+            acc1 = _q6k_half(acc1, c3, w, o, xd, hs, t + 1, b + 3, j + 6, half)
+    d = _vload_f16(w, o + Q6K_D)
+    return _vmul(d, acc0), _vmul(d, acc1)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_half(acc, sm, w, o, xd, hs, t, b, j, half):
+    # acc + d_act(b) * sc_j * (sm - 32*S): half `half` of Q80 block b, sub-block j, token t
+    v = _vmuli(_vsub(sm, _vsplat_i32(32 * hs[t, b, half])), _vload_i8(w, o + Q6K_SC + 16 * j))
+    return _vfma(_vtofloat(v), _vsplat_f32(xd[t, b]), acc)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _kq_add(acc, t, v):
+    # acc row t (the first 16 floats) += v
+    i = t * acc.shape[1]
+    _vstore(acc, i, _vaddf(_vload_f32(acc, i), v))
+
+
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
 def _kq_block(w, o, xq, xd, corr, hs, t, nb, s, kind):
     if kind == 6:
@@ -209,9 +324,24 @@ def _kqv_run(out, w, xq, xd, corr, hs, T, rows, g_lo, g_hi, acc, kind):
             _vstore(acc, t * acc.shape[1], _vsplat_f32(0.0))
         for s in range(nsb):
             o = (g * nsb + s) * bb
-            for t in range(T):  # the block's bytes come from L1 for all tokens after the first
-                i = t * acc.shape[1]
-                _vstore(acc, i, _vaddf(_vload_f32(acc, i), _kq_block(w, o, xq, xd, corr, hs, t, nb, s, kind)))
+            t = 0  # the block's bytes come from L1 for all tokens after the first
+            if kind == 6:
+                while t + 2 <= T:
+                    v0, v1 = _q6k_block2(w, o, xq, xd, hs, t, nb, s)
+                    _kq_add(acc, t, v0)
+                    _kq_add(acc, t + 1, v1)
+                    t += 2
+            else:
+                while t + 4 <= T:
+                    v0, v1, v2, v3 = _q45k_block4(w, o, xq, xd, corr, t, nb, s, kind == 5)
+                    _kq_add(acc, t, v0)
+                    _kq_add(acc, t + 1, v1)
+                    _kq_add(acc, t + 2, v2)
+                    _kq_add(acc, t + 3, v3)
+                    t += 4
+            while t < T:
+                _kq_add(acc, t, _kq_block(w, o, xq, xd, corr, hs, t, nb, s, kind))
+                t += 1
         for t in range(T):
             _store_rows(out, t * rows + g * KQ_ROWS, _vload_f32(acc, t * acc.shape[1]), n)
 
