@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import njit
 
 from mpillama.errors import MpillamaError
 from mpillama.kernels import kquant_portable as kp
@@ -34,7 +35,7 @@ from mpillama.kernels.kquant_portable import KQ_ROWS, _kq_portable_parallel, _kq
 from mpillama.kernels.kquant_x86 import _kqv_parallel, _kqv_serial
 from mpillama.kernels.q80 import Q80Activations
 from mpillama.kernels.target import X86_VNNI, kernel_path
-from mpillama.quant import KQUANT_BLOCK_BYTES, QK_K, _pack_scales_k, unpack_scales_k
+from mpillama.quant import KQUANT_BLOCK_BYTES, QK_K, _pack_scales_k
 
 KQUANT_KINDS = ("q4_k", "q5_k", "q6_k")
 PACKED_BLOCK_BYTES = {"q4_k": kp.Q4K_BYTES, "q5_k": kp.Q5K_BYTES, "q6_k": kp.Q6K_BYTES}  # per 16 rows
@@ -72,9 +73,51 @@ def _field_length(src: tuple[int, int] | str) -> int:
     return 8 if isinstance(src, str) else src[1] - src[0]
 
 
+@njit(cache=True, nogil=True)
+def _pack_rows(buf, ggml, row0, fields, bb):
+    # ggml (n, nsb*bb) GGML K-quant rows (may be a strided view of the mapped file: read once, here)
+    # -> rows row0..row0+n of buf (n_groups, nsb, packed block); fields (F, 4) int64 rows of
+    # (source offset, or -1 = the 6-bit scales, -2 = the mins; length; packed offset; unit)
+    nsb = buf.shape[1]
+    for i in range(ggml.shape[0]):
+        g, r = divmod(row0 + i, KQ_ROWS)
+        for s in range(nsb):
+            src, dst = ggml[i, s * bb : (s + 1) * bb], buf[g, s]
+            for f in range(fields.shape[0]):
+                lo, length, o, unit = fields[f, 0], fields[f, 1], fields[f, 2], fields[f, 3]
+                if lo < 0:  # Q4_K/Q5_K scale bytes 4..15: sc (lo -1) or m (lo -2), 8 of 6 bits
+                    for j in range(8):
+                        if j < 4:
+                            v = src[4 + j] & 63 if lo == -1 else src[8 + j] & 63
+                        elif lo == -1:
+                            v = (src[12 + j - 4] & 15) | ((src[4 + j - 4] >> 6) << 4)
+                        else:
+                            v = (src[12 + j - 4] >> 4) | ((src[8 + j - 4] >> 6) << 4)
+                        dst[o + j * KQ_ROWS + r] = v
+                elif unit == 4:
+                    for k in range(length // 4):
+                        for b in range(4):
+                            dst[o + k * 64 + r * 4 + b] = src[lo + 4 * k + b]
+                elif unit == 1:
+                    for j in range(length):
+                        dst[o + j * KQ_ROWS + r] = src[lo + j]
+                else:
+                    dst[o + 2 * r] = src[lo]
+                    dst[o + 2 * r + 1] = src[lo + 1]
+
+
+def _field_table(kind: str) -> np.ndarray:
+    """_FIELDS[kind] as _pack_rows's (F, 4) int64 table."""
+    return np.array([(-1 if src == "sc" else -2 if src == "m" else src[0], _field_length(src), offset, unit)
+                     for src, offset, unit in _FIELDS[kind]], np.int64)
+
+
 def pack_kquant(kind: str, parts: np.ndarray | Sequence[np.ndarray]) -> KQuantMatrix:
     """uint8 (rows, cols//256*block) GGML K-quant rows (or a list of such row blocks with the same
-    columns, stacked in order, e.g. strided views of the mapped file) -> a KQuantMatrix."""
+    columns, stacked in order, e.g. strided views of the mapped file) -> a KQuantMatrix.
+
+    The bytes are read straight from the parts, without an intermediate copy; padded rows are zeros.
+    """
     if kind not in KQUANT_KINDS:
         raise MpillamaError(f"unknown K-quant weight kind {kind!r}: use one of {', '.join(KQUANT_KINDS)}")
     bb = KQUANT_BLOCK_BYTES[kind]
@@ -85,20 +128,11 @@ def pack_kquant(kind: str, parts: np.ndarray | Sequence[np.ndarray]) -> KQuantMa
         )
         assert part.shape[1] == parts[0].shape[1], "stacked K-quant blocks must have the same columns"
     rows, nsb = sum(p.shape[0] for p in parts), parts[0].shape[1] // bb
-    n_groups = -(-rows // KQ_ROWS)
-    buf = np.zeros((n_groups, nsb, PACKED_BLOCK_BYTES[kind]), np.uint8)  # (n_groups, nsb, packed block) uint8
-    row0 = 0
+    buf = np.zeros((-(-rows // KQ_ROWS), nsb, PACKED_BLOCK_BYTES[kind]), np.uint8)  # (n_groups, nsb, packed block)
+    fields, row0 = _field_table(kind), 0
     for part in parts:
-        n = part.shape[0]
-        idx = np.arange(row0, row0 + n)
-        g, r = idx // KQ_ROWS, idx % KQ_ROWS
-        blocks = part.reshape(n, nsb, bb)  # (n, nsb, bb) uint8 (a view where the part allows)
-        sc_m = dict(zip(("sc", "m"), unpack_scales_k(blocks[:, :, 4:16]))) if kind != "q6_k" else {}
-        for src, offset, unit in _FIELDS[kind]:
-            length = _field_length(src)
-            data = sc_m[src] if isinstance(src, str) else blocks[:, :, src[0] : src[1]]  # (n, nsb, length)
-            _field_view(buf, offset, length, unit)[g, :, :, r, :] = data.reshape(n, nsb, length // unit, unit)
-        row0 += n
+        _pack_rows(buf, np.asarray(part), row0, fields, bb)
+        row0 += part.shape[0]
     return KQuantMatrix(kind=kind, rows=rows, cols=nsb * QK_K, w=buf)
 
 
