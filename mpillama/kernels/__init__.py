@@ -8,7 +8,7 @@
     q80.py       Q80 activations: quantise f32 rows, Q8_0 bytes of the sync payloads
     q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the path's kernel)
     kquant.py    Q4_K/Q5_K/Q6_K weights: the row-group layout, pack/unpack, matmul_kquant, whose kernels are
-    kquant_portable.py (plain loops, any CPU) and kquant_x86.py (AVX-512 VNNI)
+    kquant_portable.py (plain loops, any CPU) and kquant_dot.py (x86 VNNI or ARM sdot)
     portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
     groups.py    the row-group ("vnni") layout's shapes and generic kernels, shared by:
     x86.py       the row-group Q40 x Q80 matmul with AVX-512 VNNI (vpdpbusd)

@@ -14,8 +14,8 @@ the file's 144, 176 and 210. Rows are padded to a whole group with zero bytes (s
 padded rows compute 0 and are never written out). unpack_kquant gives back the GGML bytes exactly.
 
 The matmul takes Q80 activations (32-value blocks, as the Q40 matmul): a Q4_K/Q5_K sub-block is
-one Q80 block, a Q6_K sub-block half of one. The kernels: kquant_x86.py (AVX-512 VNNI) where
-target.kernel_path() is x86-vnni, else kquant_portable.py (plain loops, any CPU).
+one Q80 block, a Q6_K sub-block half of one. The kernels: kquant_dot.py (x86 vpdpbusd or ARM
+sdot) where target.kernel_path() is x86-vnni or arm-sdot, else kquant_portable.py (plain loops).
 
 Imports numpy, numba, mpillama.{errors, quant} and the package's kernel modules only.
 """
@@ -32,9 +32,9 @@ from numba import njit
 from mpillama.errors import MpillamaError
 from mpillama.kernels import kquant_portable as kp
 from mpillama.kernels.kquant_portable import KQ_ROWS, _kq_portable_parallel, _kq_portable_run
-from mpillama.kernels.kquant_x86 import _kqv_parallel, _kqv_serial
+from mpillama.kernels.kquant_dot import _kqv_parallel, _kqv_serial
 from mpillama.kernels.q80 import Q80Activations
-from mpillama.kernels.target import X86_VNNI, kernel_path
+from mpillama.kernels.target import ARM_SDOT, X86_VNNI, kernel_path
 from mpillama.quant import KQUANT_BLOCK_BYTES, QK_K, _pack_scales_k
 
 KQUANT_KINDS = ("q4_k", "q5_k", "q6_k")
@@ -172,7 +172,7 @@ def _kernel_call(out: np.ndarray, m: KQuantMatrix, acts: Q80Activations, T: int,
     (None: this process's kernel path; tests pass "portable" to run the plain kernels anywhere)."""
     path = kernel_path() if path is None else path
     code = _KIND_CODE[m.kind]
-    if path == X86_VNNI:
+    if path in (X86_VNNI, ARM_SDOT):
         if n_threads > 1:
             return _kqv_parallel, (out, m.w, acts.qs32, acts.d, acts.corr, acts.qs, acts.half_sums, T, m.rows, code,
                                    n_threads, acts.tile_sums, acts.next_chunk)

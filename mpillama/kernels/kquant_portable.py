@@ -5,7 +5,7 @@ interleaved 4 at a time across the 16 rows, then the unpacked sub-block scales a
 super-block scales). These loops read it one row at a time: they are the reference-shaped
 fallback and the path where no dot-product instruction exists, not tuned for speed.
 The offsets of each field inside a block (the O_* constants) are defined here and used by
-kquant.py (packing) and kquant_x86.py (the VNNI kernels).
+kquant.py (packing) and kquant_dot.py (the dot-product kernels).
 
 Imports numpy, numba and the package's bits.py and vector.py (the work counter) only.
 """

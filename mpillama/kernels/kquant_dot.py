@@ -1,8 +1,11 @@
-"""The K-quant x Q80 matmuls over kquant.py's row-group layout with x86's AVX-512 VNNI dot product (vpdpbusd).
+"""The K-quant x Q80 matmuls over kquant.py's row-group layout with a dot-product instruction:
+x86's AVX-512 VNNI vpdpbusd, or ARM's sdot (Armv8.2 dotprod).
 
 One 64-byte load of a packed field holds 4 bytes of each of 16 rows (an int32 lane per row): the
 quantized values come out of it with a few masks and shifts (4 values a lane, one byte each,
-unsigned), and vpdpbusd multiplies them by 4 broadcast activation bytes and sums per row.
+0..63), and _vdot multiplies them by 4 broadcast activation bytes and sums per row: vpdpbusd
+(unsigned x signed bytes) on x86, four sdot (signed x signed) on aarch64; the values are below
+128, so both give the same exact sums, and the float arithmetic after them is the same.
 Per 32-value Q80 block the integer sums are scaled by the sub-block scales in integers and by the
 activation scale in float32; the float16 super-block scales are applied once per super-block.
 - Q4_K / Q5_K: value q (unsigned) with scale sc and min m: sum(d*sc*q*a) - dmin*m*sum(a), and
@@ -14,14 +17,19 @@ walks the super-blocks of a row group once and adds each one's contribution for 
 into a per-thread (T, 16) float32 scratch (Q80Activations.tile_sums), so a block's bytes are
 read from memory once for all tokens and from L1 after the first.
 
-x86 only: the kernels call x86.py's _vdpbusd and compile on first call, which happens only where
-target.kernel_path() is x86-vnni. The few generic vector helpers the Q40 kernels did not need
-(byte loads widened to int32 lanes, or, variable shifts, integer multiply) are defined here.
+The kernels compile on first call, which happens only where target.kernel_path() is x86-vnni or
+arm-sdot (kquant.py dispatches on it); _vdot picks the instruction of the machine it compiles on.
+The blocking is x86's (32 registers of 512 bits): on ARM's 32 NEON registers of 128 bits the
+prefill's 4-token blocks spill; correct there (tests/aarch64), not tuned. The few generic vector
+helpers the Q40 kernels did not need (byte loads widened to int32 lanes, or, variable shifts,
+integer multiply, float add) are defined here.
 
-Imports numba, llvmlite and the package's vector.py, x86.py and kquant_portable.py (offsets) only.
+Imports numba, llvmlite and the package's vector.py, x86.py, arm.py and kquant_portable.py (offsets) only.
 """
 
 from __future__ import annotations
+
+import platform
 
 import numpy as np
 from llvmlite import ir as llvm_ir
@@ -66,8 +74,18 @@ from mpillama.kernels.vector import (
     _vsub,
     _vtofloat,
 )
+from mpillama.kernels import arm, x86
 from mpillama.kernels.groups import _store_rows
-from mpillama.kernels.x86 import _vdpbusd
+
+_AARCH64 = platform.machine().lower() in ("aarch64", "arm64")
+
+
+@intrinsic
+def _vdot(typingctx, acc, u, s):  # noqa: ANN001, ANN202
+    """acc + (per int32 lane) the sum of 4 byte products of u (bytes 0..127) and s (signed): x86's
+    vpdpbusd, or on aarch64 arm.py's four sdot (the same sums for such u)."""
+    return (arm._sdot if _AARCH64 else x86._vdpbusd)._defn(typingctx, acc, u, s)
+
 
 _LL_V8 = llvm_ir.VectorType(llvm_ir.IntType(8), 16)
 _vload_u8 = _vload(_LL_V8, _I32X16, "16 uint8 at element idx of arr, zero-extended to 16 int32 lanes.",
@@ -127,8 +145,8 @@ def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
                 h = _vload_i32(w, o + Q5K_QH + k * 64)
                 q0 = _vor(q0, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c)), ones), _vsplat_i32(4)))
                 q1 = _vor(q1, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c + 1)), ones), _vsplat_i32(4)))
-            s0 = _vdpbusd(s0, q0, _vbroadcast32(xq, x0 + k))
-            s1 = _vdpbusd(s1, q1, _vbroadcast32(xq, x1 + k))
+            s0 = _vdot(s0, q0, _vbroadcast32(xq, x0 + k))
+            s1 = _vdot(s1, q1, _vbroadcast32(xq, x1 + k))
         j = 2 * c
         acc_s = _vfma(_vtofloat(_vmuli(s0, _vload_u8(w, o + o_sc + 16 * j))), _vsplat_f32(xd[t, b]), acc_s)
         acc_s = _vfma(_vtofloat(_vmuli(s1, _vload_u8(w, o + o_sc + 16 * j + 16))), _vsplat_f32(xd[t, b + 1]), acc_s)
@@ -160,15 +178,15 @@ def _q6k_block(w, o, xq, xd, hs, t, nb, s):
             q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
             q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
             if u < 4:
-                a0 = _vdpbusd(a0, q0, _vbroadcast32(xq, x + u))
-                a1 = _vdpbusd(a1, q1, _vbroadcast32(xq, x + 8 + u))
-                a2 = _vdpbusd(a2, q2, _vbroadcast32(xq, x + 16 + u))
-                a3 = _vdpbusd(a3, q3, _vbroadcast32(xq, x + 24 + u))
+                a0 = _vdot(a0, q0, _vbroadcast32(xq, x + u))
+                a1 = _vdot(a1, q1, _vbroadcast32(xq, x + 8 + u))
+                a2 = _vdot(a2, q2, _vbroadcast32(xq, x + 16 + u))
+                a3 = _vdot(a3, q3, _vbroadcast32(xq, x + 24 + u))
             else:
-                b0 = _vdpbusd(b0, q0, _vbroadcast32(xq, x + u))
-                b1 = _vdpbusd(b1, q1, _vbroadcast32(xq, x + 8 + u))
-                b2 = _vdpbusd(b2, q2, _vbroadcast32(xq, x + 16 + u))
-                b3 = _vdpbusd(b3, q3, _vbroadcast32(xq, x + 24 + u))
+                b0 = _vdot(b0, q0, _vbroadcast32(xq, x + u))
+                b1 = _vdot(b1, q1, _vbroadcast32(xq, x + 8 + u))
+                b2 = _vdot(b2, q2, _vbroadcast32(xq, x + 16 + u))
+                b3 = _vdot(b3, q3, _vbroadcast32(xq, x + 24 + u))
         acc = _q6k_pair(acc, a0, b0, w, o, xd, hs, t, s * 8 + 4 * h, 8 * h)
         acc = _q6k_pair(acc, a1, b1, w, o, xd, hs, t, s * 8 + 4 * h + 1, 8 * h + 2)
         acc = _q6k_pair(acc, a2, b2, w, o, xd, hs, t, s * 8 + 4 * h + 2, 8 * h + 4)
@@ -211,14 +229,14 @@ def _q45k_block4(w, o, xq, xd, corr, t, nb, s, five):
                 h = _vload_i32(w, o + Q5K_QH + k * 64)
                 q0 = _vor(q0, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c)), ones), _vsplat_i32(4)))
                 q1 = _vor(q1, _vshlv(_vand(_vshrv(h, _vsplat_i32(2 * c + 1)), ones), _vsplat_i32(4)))
-            p0 = _vdpbusd(p0, q0, _vbroadcast32(xq, x + k))
-            r0 = _vdpbusd(r0, q1, _vbroadcast32(xq, x + 8 + k))
-            p1 = _vdpbusd(p1, q0, _vbroadcast32(xq, x + st + k))
-            r1 = _vdpbusd(r1, q1, _vbroadcast32(xq, x + st + 8 + k))
-            p2 = _vdpbusd(p2, q0, _vbroadcast32(xq, x + 2 * st + k))
-            r2 = _vdpbusd(r2, q1, _vbroadcast32(xq, x + 2 * st + 8 + k))
-            p3 = _vdpbusd(p3, q0, _vbroadcast32(xq, x + 3 * st + k))
-            r3 = _vdpbusd(r3, q1, _vbroadcast32(xq, x + 3 * st + 8 + k))
+            p0 = _vdot(p0, q0, _vbroadcast32(xq, x + k))
+            r0 = _vdot(r0, q1, _vbroadcast32(xq, x + 8 + k))
+            p1 = _vdot(p1, q0, _vbroadcast32(xq, x + st + k))
+            r1 = _vdot(r1, q1, _vbroadcast32(xq, x + st + 8 + k))
+            p2 = _vdot(p2, q0, _vbroadcast32(xq, x + 2 * st + k))
+            r2 = _vdot(r2, q1, _vbroadcast32(xq, x + 2 * st + 8 + k))
+            p3 = _vdot(p3, q0, _vbroadcast32(xq, x + 3 * st + k))
+            r3 = _vdot(r3, q1, _vbroadcast32(xq, x + 3 * st + 8 + k))
         j = 2 * c
         sc0, sc1 = _vload_u8(w, o + o_sc + 16 * j), _vload_u8(w, o + o_sc + 16 * j + 16)
         m0, m1 = _vtofloat(_vload_u8(w, o + o_m + 16 * j)), _vtofloat(_vload_u8(w, o + o_m + 16 * j + 16))
@@ -263,14 +281,14 @@ def _q6k_block2(w, o, xq, xd, hs, t, nb, s):
                 q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
                 q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
                 q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
-                a0 = _vdpbusd(a0, q0, _vbroadcast32(xq, x + u))
-                a1 = _vdpbusd(a1, q1, _vbroadcast32(xq, x + 8 + u))
-                a2 = _vdpbusd(a2, q2, _vbroadcast32(xq, x + 16 + u))
-                a3 = _vdpbusd(a3, q3, _vbroadcast32(xq, x + 24 + u))
-                c0 = _vdpbusd(c0, q0, _vbroadcast32(xq, x + st + u))
-                c1 = _vdpbusd(c1, q1, _vbroadcast32(xq, x + st + 8 + u))
-                c2 = _vdpbusd(c2, q2, _vbroadcast32(xq, x + st + 16 + u))
-                c3 = _vdpbusd(c3, q3, _vbroadcast32(xq, x + st + 24 + u))
+                a0 = _vdot(a0, q0, _vbroadcast32(xq, x + u))
+                a1 = _vdot(a1, q1, _vbroadcast32(xq, x + 8 + u))
+                a2 = _vdot(a2, q2, _vbroadcast32(xq, x + 16 + u))
+                a3 = _vdot(a3, q3, _vbroadcast32(xq, x + 24 + u))
+                c0 = _vdot(c0, q0, _vbroadcast32(xq, x + st + u))
+                c1 = _vdot(c1, q1, _vbroadcast32(xq, x + st + 8 + u))
+                c2 = _vdot(c2, q2, _vbroadcast32(xq, x + st + 16 + u))
+                c3 = _vdot(c3, q3, _vbroadcast32(xq, x + st + 24 + u))
             b = s * 8 + 4 * h
             j = 8 * h + half
             acc0 = _q6k_half(acc0, a0, w, o, xd, hs, t, b, j, half)
