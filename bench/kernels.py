@@ -15,6 +15,9 @@ path) from memory, decode and prefill (--tokens), as G weights/s, GB/s of the GG
 it covers, and ratios to numpy float32 and to the Q40 kernel (its default layout), each timed
 alternating with the K-quant kernel. With --kquant the Q40 table is skipped (--kquant-only is
 implied); the llama3.2-1b shapes are 2048x2048,8192x2048,2048x8192.
+Model (--gguf FILE): one decode token's matmuls over every 2-D Q4_0/Q4_K/Q5_K/Q6_K tensor of the file
+(the output head, or the tied embedding table in its place) in its own type, weights from memory:
+ms per token and GB/s of file bytes, best and median of --repeat rounds.
 Attention (--attention): one decode token of the Llama-3.2-1B shape (32 query heads, 8 KV heads,
 head_dim 64) at several positions, caches streaming from memory (16 layers' worth rotated),
 against the time to read the same K and V bytes once in order (ratio 1.0 = memory speed) and
@@ -55,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stream-mb", type=float, default=256.0, help="bytes rotated per pass from memory (default 256)")
     p.add_argument("--min-seconds", type=float, default=0.25, help="least time spent timing each figure")
     p.add_argument("--kquant", default="", help="K-quant kinds to time instead of the Q40 table (e.g. q4_k,q6_k,q5_k)")
+    p.add_argument("--gguf", default=None, help="also time one decode token's matmuls over every Q4_0/K-quant matrix of this GGUF file")
     p.add_argument("--attention", action="store_true", help="also time decode attention at long contexts")
     p.add_argument("--scaling", action="store_true", help="memory bandwidth and decode speed at 1..--threads threads")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -415,6 +419,45 @@ def measure_kquant(rows: int, cols: int, kinds: list[str], tokens: list[int], rn
     return out
 
 
+def measure_gguf(path: str, rounds: int = 10) -> dict:
+    """One decode token's matmuls over every Q4_0/K-quant matrix of a GGUF file, in file order."""
+    import collections
+
+    from gguf import GGUFReader
+
+    kinds = {"Q4_0": "q40", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+    reader = GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    mats, counts, nbytes = [], collections.Counter(), 0
+    for t in reader.tensors:
+        if len(t.shape) < 2 or t.tensor_type.name not in kinds or (t.name == "token_embd.weight" and "output.weight" in names):
+            continue
+        data = np.asarray(t.data).reshape(int(t.shape[1]), -1)  # (rows, row bytes) uint8
+        kind = kinds[t.tensor_type.name]
+        mats.append((kind, kernels.pack_q40(data) if kind == "q40" else kernels.pack_kquant(kind, data)))
+        counts[kind] += 1
+        nbytes += data.nbytes
+    rng = np.random.default_rng(0)
+    acts = {c: kernels.new_activations(1, c) for c in {m.cols for _, m in mats}}
+    for c, a in acts.items():
+        kernels.quantize_activations(a, rng.standard_normal((1, c)).astype(np.float32))
+    outs = [np.empty((1, m.rows), np.float32) for _, m in mats]  # (1, rows) f32 each
+
+    def token() -> None:
+        for (kind, m), o in zip(mats, outs):
+            (kernels.matmul_q40 if kind == "q40" else kernels.matmul_kquant)(o, m, acts[m.cols], 1)
+
+    token()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        token()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"file": path, "matrices": dict(counts), "file_mb": nbytes / 2**20, "best_ms": best * 1e3,
+            "median_ms": float(np.median(times)) * 1e3, "gbs": nbytes / best / 1e9}
+
+
 def available_layouts() -> list[str]:
     if ARGS.layouts:
         return ARGS.layouts.split(",")
@@ -461,6 +504,11 @@ def main() -> None:
                     + fits,
                     flush=True,
                 )
+    gguf_row = measure_gguf(ARGS.gguf) if ARGS.gguf else None
+    if gguf_row and not ARGS.json:
+        g = gguf_row
+        print(f"{g['file']}: {g['matrices']} ({g['file_mb']:.1f} MiB): one decode token's matmuls {g['best_ms']:.1f} ms "
+              f"best, {g['median_ms']:.1f} ms median ({g['gbs']:.1f} GB/s of file bytes)", flush=True)
     att = measure_attention([512, 2000, 4000], rng) if ARGS.attention else []
     if att and not ARGS.json:
         for a in att:
@@ -482,7 +530,7 @@ def main() -> None:
     asm = asm_report() if ARGS.asm else None
     meta = {
         "threads": ARGS.threads,
-        "threading_layer": numba.threading_layer() if results or kq_results or att or scaling else None,
+        "threading_layer": numba.threading_layer() if results or kq_results or gguf_row or att or scaling else None,
         "layouts": layouts,
         "kernel_path": kernels.kernel_path(),
         "machine": platform.machine(),
@@ -498,7 +546,7 @@ def main() -> None:
         import json
 
         doc = {"meta": meta, "asm": asm, "results": [asdict(r) for r in results], "attention": [asdict(a) for a in att],
-               "kquant": [asdict(r) for r in kq_results],
+               "kquant": [asdict(r) for r in kq_results], "gguf": gguf_row,
                "scaling": [asdict(r) for r in scaling]}
         print(json.dumps(doc, indent=1))
         return
