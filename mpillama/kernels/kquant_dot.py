@@ -161,9 +161,6 @@ def _q45k_block(w, o, xq, xd, corr, t, nb, s, five):
 def _q6k_block(w, o, xq, xd, hs, t, nb, s):
     # one super-block s at byte o of w (flat) q6_k for 16 rows @ token t q80 -> 16 f32 lanes;
     # hs (T, nb, 2) int32: the activations' sums over each 16-value half of a Q80 block
-    low = _vsplat_i32(0x0F0F0F0F)
-    three = _vsplat_i32(0x03030303)
-    four = _vsplat_i32(4)
     acc = _vsplat_f32(0.0)
     for h in range(2):  # values 128h .. 128h+127: Q80 blocks s*8 + 4h + k, k < 4
         zi = _vsplat_i32(0)
@@ -173,10 +170,7 @@ def _q6k_block(w, o, xq, xd, hs, t, nb, s):
             l0 = _vload_i32(w, o + Q6K_QL + (16 * h + u) * 64)  # ql bytes 64h + 4u..: k = 0 (low nibble), 2 (high)
             l1 = _vload_i32(w, o + Q6K_QL + (16 * h + 8 + u) * 64)  # ql bytes 64h + 32 + 4u..: k = 1, 3
             hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)  # qh bytes 32h + 4u..: bits 2k, 2k+1
-            q0 = _vor(_vand(l0, low), _vshlv(_vand(hb, three), four))
-            q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
-            q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
-            q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
+            q0, q1, q2, q3 = _q6k_values(l0, l1, hb)
             if u < 4:
                 a0 = _vdot(a0, q0, _vbroadcast32(xq, x + u))
                 a1 = _vdot(a1, q1, _vbroadcast32(xq, x + 8 + u))
@@ -192,6 +186,20 @@ def _q6k_block(w, o, xq, xd, hs, t, nb, s):
         acc = _q6k_pair(acc, a2, b2, w, o, xd, hs, t, s * 8 + 4 * h + 2, 8 * h + 4)
         acc = _q6k_pair(acc, a3, b3, w, o, xd, hs, t, s * 8 + 4 * h + 3, 8 * h + 6)
     return _vmul(_vload_f16(w, o + Q6K_D), acc)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_values(l0, l1, hb):
+    # ql words l0 (values k=0 low nibbles, k=2 high), l1 (k=1, k=3) and the qh word hb (bits 2k, 2k+1)
+    # -> the 6-bit values (bytes 0..63) of k = 0..3: each the nibble | the two bits moved to bits 4-5
+    # (shift, mask 0x30, then one and-or: vpternlogd on x86)
+    low, m30 = _vsplat_i32(0x0F0F0F0F), _vsplat_i32(0x30303030)
+    two, four = _vsplat_i32(2), _vsplat_i32(4)
+    q0 = _vor(_vand(l0, low), _vand(_vshlv(hb, four), m30))
+    q1 = _vor(_vand(l1, low), _vand(_vshlv(hb, two), m30))
+    q2 = _vor(_vand(_vshrv(l0, four), low), _vand(hb, m30))
+    q3 = _vor(_vand(_vshrv(l1, four), low), _vand(_vshrv(hb, two), m30))
+    return q0, q1, q2, q3
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
@@ -263,9 +271,6 @@ def _q45k_scale(f, n, p, r, sc0, sc1, m0, m1, xd, corr, t, b):
 def _q6k_block2(w, o, xq, xd, hs, t, nb, s):
     # one super-block s at byte o of w (flat) q6_k for 16 rows @ tokens t, t+1 q80 -> 2 x 16 f32 lanes
     # One 16-value half of the four Q80 blocks at a time (8 integer sums live, not 16).
-    low = _vsplat_i32(0x0F0F0F0F)
-    three = _vsplat_i32(0x03030303)
-    four = _vsplat_i32(4)
     st = nb * 8
     acc0, acc1 = _vsplat_f32(0.0), _vsplat_f32(0.0)
     for h in range(2):
@@ -277,10 +282,7 @@ def _q6k_block2(w, o, xq, xd, hs, t, nb, s):
                 l0 = _vload_i32(w, o + Q6K_QL + (16 * h + u) * 64)
                 l1 = _vload_i32(w, o + Q6K_QL + (16 * h + 8 + u) * 64)
                 hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)
-                q0 = _vor(_vand(l0, low), _vshlv(_vand(hb, three), four))
-                q1 = _vor(_vand(l1, low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(2)), three), four))
-                q2 = _vor(_vand(_vshrv(l0, four), low), _vshlv(_vand(_vshrv(hb, four), three), four))
-                q3 = _vor(_vand(_vshrv(l1, four), low), _vshlv(_vand(_vshrv(hb, _vsplat_i32(6)), three), four))
+                q0, q1, q2, q3 = _q6k_values(l0, l1, hb)
                 a0 = _vdot(a0, q0, _vbroadcast32(xq, x + u))
                 a1 = _vdot(a1, q1, _vbroadcast32(xq, x + 8 + u))
                 a2 = _vdot(a2, q2, _vbroadcast32(xq, x + 16 + u))
