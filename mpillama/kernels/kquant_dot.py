@@ -210,7 +210,7 @@ def _q6k_pair(acc, sa, sb, w, o, xd, hs, t, b, j):
     return _vfma(_vtofloat(_vaddi(ta, tb)), _vsplat_f32(xd[t, b]), acc)
 
 
-# _q45k_block4 and _q6k_block2 are _q45k_block and _q6k_block unrolled by hand for 4 and 2 tokens
+# _q45k_block4, _q6k_block4 and _q6k_block2 are _q45k_block and _q6k_block unrolled by hand for 4, 4 and 2 tokens
 # on purpose (register blocking: each value vector decoded once feeds the dot products of all of them).
 
 
@@ -306,6 +306,61 @@ def _q6k_block2(w, o, xq, xd, hs, t, nb, s):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _q6k_block4(w, o, xq, xd, hs, t, nb, s):
+    # one super-block s at byte o of w (flat) q6_k for 16 rows @ tokens t..t+3 q80 -> 4 x 16 f32 lanes
+    # One 16-value half of the four Q80 blocks at a time (16 integer sums live).
+    st = nb * 8
+    z = _vsplat_f32(0.0)
+    acc0, acc1, acc2, acc3 = z, z, z, z
+    for h in range(2):
+        x = (t * nb + s * 8 + 4 * h) * 8
+        for half in range(2):
+            zi = _vsplat_i32(0)
+            a0, a1, a2, a3, c0, c1, c2, c3, e0, e1, e2, e3, f0, f1, f2, f3 = zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi, zi
+            for u in range(4 * half, 4 * half + 4):
+                l0 = _vload_i32(w, o + Q6K_QL + (16 * h + u) * 64)
+                l1 = _vload_i32(w, o + Q6K_QL + (16 * h + 8 + u) * 64)
+                hb = _vload_i32(w, o + Q6K_QH + (8 * h + u) * 64)
+                q0, q1, q2, q3 = _q6k_values(l0, l1, hb)
+                a0 = _vdot(a0, q0, _vbroadcast32(xq, x + u))
+                a1 = _vdot(a1, q1, _vbroadcast32(xq, x + 8 + u))
+                a2 = _vdot(a2, q2, _vbroadcast32(xq, x + 16 + u))
+                a3 = _vdot(a3, q3, _vbroadcast32(xq, x + 24 + u))
+                c0 = _vdot(c0, q0, _vbroadcast32(xq, x + st + u))
+                c1 = _vdot(c1, q1, _vbroadcast32(xq, x + st + 8 + u))
+                c2 = _vdot(c2, q2, _vbroadcast32(xq, x + st + 16 + u))
+                c3 = _vdot(c3, q3, _vbroadcast32(xq, x + st + 24 + u))
+                e0 = _vdot(e0, q0, _vbroadcast32(xq, x + 2 * st + u))
+                e1 = _vdot(e1, q1, _vbroadcast32(xq, x + 2 * st + 8 + u))
+                e2 = _vdot(e2, q2, _vbroadcast32(xq, x + 2 * st + 16 + u))
+                e3 = _vdot(e3, q3, _vbroadcast32(xq, x + 2 * st + 24 + u))
+                f0 = _vdot(f0, q0, _vbroadcast32(xq, x + 3 * st + u))
+                f1 = _vdot(f1, q1, _vbroadcast32(xq, x + 3 * st + 8 + u))
+                f2 = _vdot(f2, q2, _vbroadcast32(xq, x + 3 * st + 16 + u))
+                f3 = _vdot(f3, q3, _vbroadcast32(xq, x + 3 * st + 24 + u))
+            b = s * 8 + 4 * h
+            j = 8 * h + half
+            acc0 = _q6k_half(acc0, a0, w, o, xd, hs, t, b, j, half)
+            acc0 = _q6k_half(acc0, a1, w, o, xd, hs, t, b + 1, j + 2, half)
+            acc0 = _q6k_half(acc0, a2, w, o, xd, hs, t, b + 2, j + 4, half)
+            acc0 = _q6k_half(acc0, a3, w, o, xd, hs, t, b + 3, j + 6, half)
+            acc1 = _q6k_half(acc1, c0, w, o, xd, hs, t + 1, b, j, half)
+            acc1 = _q6k_half(acc1, c1, w, o, xd, hs, t + 1, b + 1, j + 2, half)
+            acc1 = _q6k_half(acc1, c2, w, o, xd, hs, t + 1, b + 2, j + 4, half)
+            acc1 = _q6k_half(acc1, c3, w, o, xd, hs, t + 1, b + 3, j + 6, half)
+            acc2 = _q6k_half(acc2, e0, w, o, xd, hs, t + 2, b, j, half)
+            acc2 = _q6k_half(acc2, e1, w, o, xd, hs, t + 2, b + 1, j + 2, half)
+            acc2 = _q6k_half(acc2, e2, w, o, xd, hs, t + 2, b + 2, j + 4, half)
+            acc2 = _q6k_half(acc2, e3, w, o, xd, hs, t + 2, b + 3, j + 6, half)
+            acc3 = _q6k_half(acc3, f0, w, o, xd, hs, t + 3, b, j, half)
+            acc3 = _q6k_half(acc3, f1, w, o, xd, hs, t + 3, b + 1, j + 2, half)
+            acc3 = _q6k_half(acc3, f2, w, o, xd, hs, t + 3, b + 2, j + 4, half)
+            acc3 = _q6k_half(acc3, f3, w, o, xd, hs, t + 3, b + 3, j + 6, half)
+    d = _vload_f16(w, o + Q6K_D)
+    return _vmul(d, acc0), _vmul(d, acc1), _vmul(d, acc2), _vmul(d, acc3)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
 def _q6k_half(acc, sm, w, o, xd, hs, t, b, j, half):
     # acc + d_act(b) * sc_j * (sm - 32*S): half `half` of Q80 block b, sub-block j, token t
     v = _vmuli(_vsub(sm, _vsplat_i32(32 * hs[t, b, half])), _vload_i8(w, o + Q6K_SC + 16 * j))
@@ -346,6 +401,13 @@ def _kqv_run(out, w, xq, xd, corr, hs, T, rows, g_lo, g_hi, acc, kind):
             o = (g * nsb + s) * bb
             t = 0  # the block's bytes come from L1 for all tokens after the first
             if kind == 6:
+                while t + 4 <= T:
+                    v0, v1, v2, v3 = _q6k_block4(w, o, xq, xd, hs, t, nb, s)
+                    _kq_add(acc, t, v0)
+                    _kq_add(acc, t + 1, v1)
+                    _kq_add(acc, t + 2, v2)
+                    _kq_add(acc, t + 3, v3)
+                    t += 4
                 while t + 2 <= T:
                     v0, v1 = _q6k_block2(w, o, xq, xd, hs, t, nb, s)
                     _kq_add(acc, t, v0)
