@@ -415,7 +415,7 @@ def measure_kquant(rows: int, cols: int, kinds: list[str], tokens: list[int], rn
             tk, tf, tq = min(tk, tk2) / len(ks), tf / len(fs), tq / len(q40s)
             out.append(KRow(shape, kind, case, T, ggml.nbytes / 2**20, tk * 1e3, rows * cols * T / tk / 1e9,
                             ggml.nbytes / tk / 1e9, tf / tk, tq / tk))
-        del ks
+        ks.clear()  # before the next kind's copies are made
     return out
 
 

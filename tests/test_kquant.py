@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from mpillama import kernels, quant
-from mpillama.kernels import kquant
 from mpillama.errors import MpillamaError
+from mpillama.kernels import kquant
 
 KINDS = ["q4_k", "q5_k", "q6_k"]
 GGUF_TYPE = {"q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
@@ -31,7 +31,7 @@ def awkward_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
 
 def step_of(kind: str, b: np.ndarray) -> np.ndarray:
     """(..., n) f32: the quantization step d*scale of the sub-block of each value."""
-    d, _, scales, q = quant.split_kquant(kind, b)
+    d, _, scales, _q = quant.split_kquant(kind, b)
     n_sub = scales.shape[-1]
     step = np.abs(d[..., None] * scales[..., 0, :])  # (..., nsb, n_sub)
     return np.repeat(step, 256 // n_sub, axis=-1).reshape(*d.shape[:-1], -1)
@@ -177,3 +177,19 @@ def test_matmul_kquant_public_entry():
     out = np.zeros((2, 20), np.float32)
     kernels.matmul_kquant(out, kernels.pack_kquant("q4_k", w), acts, 2)
     np.testing.assert_allclose(out, quant.matmul_kquant_ref("q4_k", w, quant.quantize_q80(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_path_picks_the_kernels(monkeypatch):
+    # the dispatch follows target.kernel_path() (MPILLAMA_KERNELS=portable forces the plain kernels)
+    m = kernels.pack_kquant("q6_k", np.zeros((3, 210), np.uint8))
+    acts = kernels.new_activations(1, 256)
+    out = np.zeros((1, 3), np.float32)
+    from mpillama.kernels import kquant_dot, kquant_portable
+
+    monkeypatch.setattr(kquant, "kernel_path", lambda: "portable")
+    assert kquant._kernel_call(out, m, acts, 1, 1)[0] is kquant_portable._kq_portable_run
+    assert kquant._kernel_call(out, m, acts, 1, 2)[0] is kquant_portable._kq_portable_parallel
+    for path in ("x86-vnni", "arm-sdot"):
+        monkeypatch.setattr(kquant, "kernel_path", lambda path=path: path)
+        assert kquant._kernel_call(out, m, acts, 1, 1)[0] is kquant_dot._kqv_serial
+        assert kquant._kernel_call(out, m, acts, 1, 2)[0] is kquant_dot._kqv_parallel

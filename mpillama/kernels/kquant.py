@@ -31,8 +31,8 @@ from numba import njit
 
 from mpillama.errors import MpillamaError
 from mpillama.kernels import kquant_portable as kp
-from mpillama.kernels.kquant_portable import KQ_ROWS, _kq_portable_parallel, _kq_portable_run
 from mpillama.kernels.kquant_dot import _kqv_parallel, _kqv_serial
+from mpillama.kernels.kquant_portable import KQ_ROWS, _kq_portable_parallel, _kq_portable_run
 from mpillama.kernels.q80 import Q80Activations
 from mpillama.kernels.target import ARM_SDOT, X86_VNNI, kernel_path
 from mpillama.quant import KQUANT_BLOCK_BYTES, QK_K, _pack_scales_k

@@ -36,6 +36,8 @@ from llvmlite import ir as llvm_ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
+from mpillama.kernels import arm, x86
+from mpillama.kernels.groups import _store_rows
 from mpillama.kernels.kquant_portable import (
     KQ_CHUNK,
     KQ_ROWS,
@@ -74,8 +76,6 @@ from mpillama.kernels.vector import (
     _vsub,
     _vtofloat,
 )
-from mpillama.kernels import arm, x86
-from mpillama.kernels.groups import _store_rows
 
 _AARCH64 = platform.machine().lower() in ("aarch64", "arm64")
 
