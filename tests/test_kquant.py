@@ -193,3 +193,37 @@ def test_kernel_path_picks_the_kernels(monkeypatch):
         monkeypatch.setattr(kquant, "kernel_path", lambda path=path: path)
         assert kquant._kernel_call(out, m, acts, 1, 1)[0] is kquant_dot._kqv_serial
         assert kquant._kernel_call(out, m, acts, 1, 2)[0] is kquant_dot._kqv_parallel
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_on_arbitrary_blocks(kind, path):
+    # every bit pattern a file may hold (llama.cpp's quantizer writes negative Q6_K scales, 6-bit scales
+    # with their high bits set, negative d): random bytes with finite float16 scales
+    rng = np.random.default_rng(11)
+    rows, nsb, T = 35, 2, 6
+    bb = quant.KQUANT_BLOCK_BYTES[kind]
+    w = rng.integers(0, 256, (rows, nsb, bb), dtype=np.uint8)
+    for lo in (208,) if kind == "q6_k" else (0, 2):
+        w[:, :, lo : lo + 2] = rng.uniform(-0.01, 0.01, (rows, nsb)).astype("<f2").view(np.uint8).reshape(rows, nsb, 2)
+    w = w.reshape(rows, nsb * bb)
+    x = rng.standard_normal((T, nsb * 256)).astype(np.float32)
+    acts = kernels.new_activations(T, nsb * 256)
+    kernels.quantize_activations(acts, x)
+    xq = quant.quantize_q80(x)
+    want = quant.matmul_kquant_ref(kind, w, xq)
+    scale = np.abs(quant.dequantize_q80(xq)).astype(np.float64) @ np.abs(quant.dequantize_kquant(kind, w)).astype(np.float64).T
+    m = kernels.pack_kquant(kind, w)
+    for T_run in (1, T):
+        got = run_matmul(m, acts, T_run, 1, path)
+        assert np.all(np.abs(got - want[:T_run]) <= 2e-5 * scale[:T_run]), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantizer_equals_gguf_on_arbitrary_blocks(kind):
+    rng = np.random.default_rng(12)
+    bb = quant.KQUANT_BLOCK_BYTES[kind]
+    w = rng.integers(0, 256, (50, bb), dtype=np.uint8)
+    for lo in (208,) if kind == "q6_k" else (0, 2):
+        w[:, lo : lo + 2] = rng.uniform(-10, 10, (50, 1)).astype("<f2").view(np.uint8)
+    assert np.array_equal(quant.dequantize_kquant(kind, w), gguf_dequantize(w, GGUF_TYPE[kind]))
