@@ -21,8 +21,8 @@ The kernels compile on first call, which happens only where target.kernel_path()
 arm-sdot (kquant.py dispatches on it); _vdot picks the instruction of the machine it compiles on.
 The blocking is x86's (32 registers of 512 bits): on ARM's 32 NEON registers of 128 bits the
 prefill's 4-token blocks spill; correct there (tests/aarch64), not tuned. The few generic vector
-helpers the Q40 kernels did not need (byte loads widened to int32 lanes, or, variable shifts,
-integer multiply, float add) are defined here.
+operations the Q40 kernels did not need (byte loads widened to int32 lanes, or, variable shifts,
+integer multiply, float add) are made here from vector.py's _vload and _vec_binop.
 
 Imports numba, llvmlite and the package's vector.py, x86.py, arm.py and kquant_portable.py (offsets) only.
 """
@@ -64,6 +64,7 @@ from mpillama.kernels.vector import (
     _claim,
     _vand,
     _vbroadcast32,
+    _vec_binop,
     _vfma,
     _vload,
     _vload_f16,
@@ -94,33 +95,12 @@ _vload_i8 = _vload(_LL_V8, _I32X16, "16 int8 at element idx of arr, sign-extende
                    lambda builder, v: builder.sext(v, _LL_VI))
 
 
-def _int_binop(make):  # noqa: ANN001, ANN202
-    """An intrinsic applying builder-level op make(builder, a, b) lane by lane to two int32 vectors."""
-
-    @intrinsic
-    def op(typingctx, a, b):  # noqa: ANN001, ANN202
-        if a == b == _I32X16:
-            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-                return make(builder, args[0], args[1])
-            return _I32X16(a, b), codegen
-
-    return op
-
-
-_vor = _int_binop(lambda b, x, y: b.or_(x, y))
-_vmuli = _int_binop(lambda b, x, y: b.mul(x, y))
-_vaddi = _int_binop(lambda b, x, y: b.add(x, y))
-_vshrv = _int_binop(lambda b, x, y: b.lshr(x, y))  # y: a splat of the shift count
-_vshlv = _int_binop(lambda b, x, y: b.shl(x, y))
-
-
-@intrinsic
-def _vaddf(typingctx, a, b):  # noqa: ANN001, ANN202
-    """a + b lane by lane (float32)."""
-    if a == b == _F32X16:
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            return builder.fadd(args[0], args[1])
-        return _F32X16(a, b), codegen
+_vor = _vec_binop("or_", _I32X16)
+_vmuli = _vec_binop("mul", _I32X16)
+_vaddi = _vec_binop("add", _I32X16)
+_vshrv = _vec_binop("lshr", _I32X16)  # by a splat of the shift count
+_vshlv = _vec_binop("shl", _I32X16)
+_vaddf = _vec_binop("fadd", _F32X16)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
