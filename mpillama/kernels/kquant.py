@@ -85,14 +85,15 @@ def _pack_rows(buf, ggml, row0, fields, bb):
             src, dst = ggml[i, s * bb : (s + 1) * bb], buf[g, s]
             for f in range(fields.shape[0]):
                 lo, length, o, unit = fields[f, 0], fields[f, 1], fields[f, 2], fields[f, 3]
-                if lo < 0:  # Q4_K/Q5_K scale bytes 4..15: sc (lo -1) or m (lo -2), 8 of 6 bits
+                if lo < 0:  # Q4_K/Q5_K: the 12 scale bytes b (quant.py) -> sc (lo -1) or m (lo -2), 6 bits each
+                    b = src[4:16]
                     for j in range(8):
                         if j < 4:
-                            v = src[4 + j] & 63 if lo == -1 else src[8 + j] & 63
+                            v = b[j] & 63 if lo == -1 else b[j + 4] & 63
                         elif lo == -1:
-                            v = (src[12 + j - 4] & 15) | ((src[4 + j - 4] >> 6) << 4)
+                            v = (b[j + 4] & 15) | ((b[j - 4] >> 6) << 4)
                         else:
-                            v = (src[12 + j - 4] >> 4) | ((src[8 + j - 4] >> 6) << 4)
+                            v = (b[j + 4] >> 4) | ((b[j] >> 6) << 4)
                         dst[o + j * KQ_ROWS + r] = v
                 elif unit == 4:
                     for k in range(length // 4):
