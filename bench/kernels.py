@@ -1,7 +1,7 @@
 """Q80 x Q40 (and Q80 x Q8_0-weight) matmul and attention speed against baselines measured in the same run.
 
 Usage: python bench/kernels.py [--threads N] [--shapes 2048x2048,...] [--layouts vnni,tiles]
-                               [--attention] [--scaling] [--json] [--asm]
+                               [--kquant q4_k,q6_k,q5_k] [--attention] [--scaling] [--json] [--asm]
 
 Matmul: for each Llama-3.2-1B shape (rows x cols) and each Q40 layout this machine can run, it times
   decode   one token: the Q40 kernel vs numpy's float32 matrix-vector product;
@@ -12,6 +12,14 @@ with weights streaming from memory (each timed pass rotates through copies of th
 totalling >= --stream-mb, more than the caches hold), and decode again with one matrix
 repeated ("hot": in cache when it fits). Figures are G weights/s (G weight-columns/s for
 T tokens: rows * cols * T / time) and ratios to numpy.
+K-quants (--kquant KINDS): for each shape and kind, the K-quant matmul (this process's kernel
+path) from memory, decode and prefill (--tokens), as G weights/s, GB/s of the GGML file bytes
+it covers, and ratios to numpy float32 and to the Q40 kernel (its default layout), each timed
+alternating with the K-quant kernel. With --kquant the Q40 table is skipped (--kquant-only is
+implied); the llama3.2-1b shapes are 2048x2048,8192x2048,2048x8192.
+Model (--gguf FILE): one decode token's matmuls over every 2-D Q4_0/Q4_K/Q5_K/Q6_K tensor of the file
+(the output head, or the tied embedding table in its place) in its own type, weights from memory:
+ms per token and GB/s of file bytes, best and median of --repeat rounds.
 Attention (--attention): one decode token of the Llama-3.2-1B shape (32 query heads, 8 KV heads,
 head_dim 64) at several positions, caches streaming from memory (16 layers' worth rotated),
 against the time to read the same K and V bytes once in order (ratio 1.0 = memory speed) and
@@ -51,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", default="16,64", help="prefill token counts (default 16,64)")
     p.add_argument("--stream-mb", type=float, default=256.0, help="bytes rotated per pass from memory (default 256)")
     p.add_argument("--min-seconds", type=float, default=0.25, help="least time spent timing each figure")
+    p.add_argument("--kquant", default="", help="K-quant kinds to time instead of the Q40 table (e.g. q4_k,q6_k,q5_k)")
+    p.add_argument("--gguf", default=None, help="also time one decode token's matmuls over every Q4_0/K-quant matrix of this GGUF file")
     p.add_argument("--attention", action="store_true", help="also time decode attention at long contexts")
     p.add_argument("--scaling", action="store_true", help="memory bandwidth and decode speed at 1..--threads threads")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -369,6 +379,107 @@ def measure_scaling(max_threads: int, rng: np.random.Generator) -> list[ScalingR
     return result
 
 
+@dataclass
+class KRow:
+    shape: str
+    kind: str
+    case: str  # decode | prefill
+    tokens: int
+    file_mb: float  # the GGML bytes of the matrix
+    ms: float
+    gws: float  # G weight-columns/s
+    gbs: float  # GB/s of file bytes (decode: the bandwidth it streams)
+    vs_f32: float  # numpy f32 time / K-quant time
+    vs_q40: float  # Q40 time / K-quant time
+
+
+def random_kquant(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """A random K-quant matrix as GGML bytes: random values and sub-block scales, f16 scales 1e-3."""
+    bb = quant.KQUANT_BLOCK_BYTES[kind]
+    ggml = rng.integers(0, 256, (rows, cols // 256, bb), dtype=np.uint8)  # (rows, nsb, bb) blocks
+    half = np.full((rows, cols // 256), 1e-3, "<f2").view(np.uint8).reshape(rows, cols // 256, 2)
+    for lo in ((208,) if kind == "q6_k" else (0, 2)):
+        ggml[:, :, lo : lo + 2] = half
+    return ggml.reshape(rows, -1)
+
+
+def measure_kquant(rows: int, cols: int, kinds: list[str], tokens: list[int], rng: np.random.Generator) -> list[KRow]:
+    shape = f"{rows}x{cols}"
+    stream = ARGS.stream_mb * 2**20
+    t_max = max([1] + tokens)
+    acts = kernels.new_activations(t_max, cols)
+    x = rng.standard_normal((t_max, cols)).astype(np.float32)  # (t_max, cols) f32
+    kernels.quantize_activations(acts, x)
+    q40s = q40_copies(random_q40(rows, cols, rng), q40.default_layout(), max(1, int(np.ceil(stream / (rows * cols // 32 * 18)))))
+    fs = [rng.random((rows, cols), dtype=np.float32) - 0.5 for _ in range(max(1, int(np.ceil(stream / (rows * cols * 4)))))]
+    out: list[KRow] = []
+    for kind in kinds:
+        ggml = random_kquant(kind, rows, cols, rng)
+        m = kernels.pack_kquant(kind, ggml)
+        ks = [m] + [kernels.KQuantMatrix(m.kind, m.rows, m.cols, m.w.copy()) for _ in range(int(np.ceil(stream / ggml.nbytes)) - 1)]
+        for case, T in [("decode", 1)] + [("prefill", t) for t in tokens]:
+            o = np.empty((T, rows), np.float32)  # (T, rows) f32
+
+            def k_pass() -> None:
+                for mk in ks:
+                    kernels.matmul_kquant(o, mk, acts, T)
+
+            def q_pass() -> None:
+                for mq in q40s:
+                    kernels.matmul_q40(o, mq, acts, T)
+
+            def f_pass() -> None:
+                for w in fs:
+                    np.matmul(x[:T], w.T, out=o)
+
+            tk, tf = best_pass_seconds(k_pass, f_pass, ARGS.min_seconds)
+            tk2, tq = best_pass_seconds(k_pass, q_pass, ARGS.min_seconds)
+            tk, tf, tq = min(tk, tk2) / len(ks), tf / len(fs), tq / len(q40s)
+            out.append(KRow(shape, kind, case, T, ggml.nbytes / 2**20, tk * 1e3, rows * cols * T / tk / 1e9,
+                            ggml.nbytes / tk / 1e9, tf / tk, tq / tk))
+        ks.clear()  # before the next kind's copies are made
+    return out
+
+
+def measure_gguf(path: str, rounds: int = 10) -> dict:
+    """One decode token's matmuls over every Q4_0/K-quant matrix of a GGUF file, in file order."""
+    import collections
+
+    from gguf import GGUFReader
+
+    kinds = {"Q4_0": "q40", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+    reader = GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    mats, counts, nbytes = [], collections.Counter(), 0
+    for t in reader.tensors:
+        if len(t.shape) < 2 or t.tensor_type.name not in kinds or (t.name == "token_embd.weight" and "output.weight" in names):
+            continue
+        data = np.asarray(t.data).reshape(int(t.shape[1]), -1)  # (rows, row bytes) uint8
+        kind = kinds[t.tensor_type.name]
+        mats.append((kind, kernels.pack_q40(data) if kind == "q40" else kernels.pack_kquant(kind, data)))
+        counts[kind] += 1
+        nbytes += data.nbytes
+    rng = np.random.default_rng(0)
+    acts = {c: kernels.new_activations(1, c) for c in {m.cols for _, m in mats}}
+    for c, a in acts.items():
+        kernels.quantize_activations(a, rng.standard_normal((1, c)).astype(np.float32))
+    outs = [np.empty((1, m.rows), np.float32) for _, m in mats]  # (1, rows) f32 each
+
+    def token() -> None:
+        for (kind, m), o in zip(mats, outs):
+            (kernels.matmul_q40 if kind == "q40" else kernels.matmul_kquant)(o, m, acts[m.cols], 1)
+
+    token()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        token()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"file": path, "matrices": dict(counts), "file_mb": nbytes / 2**20, "best_ms": best * 1e3,
+            "median_ms": float(np.median(times)) * 1e3, "gbs": nbytes / best / 1e9}
+
+
 def available_layouts() -> list[str]:
     if ARGS.layouts:
         return ARGS.layouts.split(",")
@@ -390,7 +501,19 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     l3 = l3_bytes()
     results: list[Row] = []
-    for rows, cols in shapes:
+    kq_kinds = [k for k in ARGS.kquant.split(",") if k]
+    kq_results: list[KRow] = []
+    for rows, cols in shapes if kq_kinds else []:
+        new_k = measure_kquant(rows, cols, kq_kinds, tokens, rng)
+        kq_results.extend(new_k)
+        if not ARGS.json:
+            for r in new_k:
+                print(
+                    f"{r.shape:>12} {r.kind:>5} {r.case:>7} T={r.tokens:<3} memory: {r.gws:6.1f} G/s ({r.ms:8.3f} ms, "
+                    f"{r.gbs:5.1f} GB/s of file bytes)  vs numpy f32 {r.vs_f32:5.2f}x  vs q40 {r.vs_q40:5.2f}x",
+                    flush=True,
+                )
+    for rows, cols in shapes if not kq_kinds else []:
         new = measure_shape(rows, cols, layouts, tokens, rng)
         results.extend(new)
         if not ARGS.json:
@@ -405,6 +528,11 @@ def main() -> None:
                     f"  ratio {r.ratio:5.2f}x" + fits,
                     flush=True,
                 )
+    gguf_row = measure_gguf(ARGS.gguf) if ARGS.gguf else None
+    if gguf_row and not ARGS.json:
+        g = gguf_row
+        print(f"{g['file']}: {g['matrices']} ({g['file_mb']:.1f} MiB): one decode token's matmuls {g['best_ms']:.1f} ms "
+              f"best, {g['median_ms']:.1f} ms median ({g['gbs']:.1f} GB/s of file bytes)", flush=True)
     att = measure_attention([512, 2000, 4000], rng) if ARGS.attention else []
     if att and not ARGS.json:
         for a in att:
@@ -426,7 +554,7 @@ def main() -> None:
     asm = asm_report() if ARGS.asm else None
     meta = {
         "threads": ARGS.threads,
-        "threading_layer": numba.threading_layer() if results or att or scaling else None,
+        "threading_layer": numba.threading_layer() if results or kq_results or gguf_row or att or scaling else None,
         "layouts": layouts,
         "kernel_path": kernels.kernel_path(),
         "machine": platform.machine(),
@@ -442,6 +570,7 @@ def main() -> None:
         import json
 
         doc = {"meta": meta, "asm": asm, "results": [asdict(r) for r in results], "attention": [asdict(a) for a in att],
+               "kquant": [asdict(r) for r in kq_results], "gguf": gguf_row,
                "scaling": [asdict(r) for r in scaling]}
         print(json.dumps(doc, indent=1))
         return

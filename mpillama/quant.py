@@ -1,6 +1,6 @@
 """Q40 / Q80 block formats in plain numpy, and the numpy reference ops the kernels are tested against.
 
-Owns: the byte layout of GGML Q4_0 ("q40") and Q8_0 ("q80") blocks (quantize, dequantize,
+Owns: the byte layout of GGML Q4_0 ("q40"), Q8_0 ("q80") and K-quant (Q4_K, Q5_K, Q6_K) blocks (quantize, dequantize,
 split into scale and values), and short readable float references for every kernel in
 mpillama.kernels (matmul, rmsnorm, rope, attention, silu*mul). Nothing here is on the hot path.
 
@@ -241,3 +241,193 @@ def silu_mul_ref(h1: np.ndarray, h3: np.ndarray) -> np.ndarray:
     """silu(h1) * h3 = h1 / (1 + exp(-h1)) * h3, in float64, returned as f32."""
     a = h1.astype(np.float64)
     return (a / (1 + np.exp(-a)) * h3).astype(np.float32)
+
+
+# ---------------------------------------------------------------- K-quants (Q4_K, Q5_K, Q6_K)
+# Super-blocks of QK_K = 256 values, byte-for-byte GGML (ggml-common.h's block_q4_K/q5_K/q6_K):
+#   Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128 bytes qs.
+#        8 sub-blocks of 32; qs byte 32c+i holds sub-block 2c element i (low nibble) and sub-block
+#        2c+1 element i (high); value = d*sc[j]*q - dmin*m[j]. Scale bytes: 0-3 = sc[0:4] | (sc[4:8]>>4)<<6,
+#        4-7 = m[0:4] | (m[4:8]>>4)<<6, 8-11 = (sc[4:8]&15) | (m[4:8]&15)<<4.
+#   Q5_K (176 bytes): d, dmin, the 12 scale bytes, qh[32], qs[128]: Q4_K's nibbles plus a fifth bit,
+#        bit j of qh[i] for sub-block j element i.
+#   Q6_K (210 bytes): ql[128], qh[64], int8 scales[16], f16 d; 16 sub-blocks of 16; value v =
+#        128h + 32k + l (h < 2, k < 4, l < 32): low 4 bits in ql[64h + 32(k&1) + l] (nibble k>>1),
+#        high 2 bits in qh[32h + l] (bits 2k, 2k+1); value = d*sc[v//16]*(q6 - 32).
+# Quantizing (ours, simple, no importance search): per sub-block an affine (Q4_K/Q5_K) or symmetric
+# (Q6_K) range, then the super-block scales rounded up to float16 and the sub-block scales rounded
+# up, so no value is clipped and every error is at most half a step of its sub-block.
+
+QK_K = 256  # values per K-quant super-block
+KQUANT_BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+
+
+def _kblocks_of(x: np.ndarray, what: str) -> np.ndarray:
+    """(..., n) -> (..., n//256, 256) f32, or an error naming the fix when n is not a multiple of 256."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] % QK_K:
+        raise MpillamaError(
+            f"{what}: last dimension {x.shape[-1] if x.ndim else 'scalar'} is not a multiple of {QK_K}: "
+            f"K-quants need whole {QK_K}-value super-blocks (use q40 or q80 for this tensor)"
+        )
+    return x.reshape(*x.shape[:-1], x.shape[-1] // QK_K, QK_K)
+
+
+def _f16_up(v: np.ndarray) -> np.ndarray:
+    """The float16 nearest above or at v (>= 0), as f32: a scale that never shrinks the range it covers."""
+    h = v.astype(np.float16)
+    h = np.where(h.astype(np.float32) < v, np.nextafter(h, np.float16(np.inf)), h)
+    return h.astype(np.float32)
+
+
+def _ceil_ratio(num: np.ndarray, den: np.ndarray, top: int) -> np.ndarray:
+    """ceil(num / den) clipped to [0, top] (0 where den is 0), as uint8."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(den > 0, np.ceil(num / np.where(den > 0, den, 1)), 0)
+    return np.clip(r, 0, top).astype(np.uint8)
+
+
+def _affine_k(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(..., nsb, 8, 32) f32 -> (d, dmin (..., nsb) f32 f16-exact, sc, m (..., nsb, 8) u8 < 64, q (..., nsb, 8, 32) u8)."""
+    lo = np.minimum(x.min(axis=-1), 0)  # (..., nsb, 8)
+    hi = x.max(axis=-1)
+    dmin = _f16_up((-lo).max(axis=-1) / np.float32(63))  # (..., nsb)
+    m = _ceil_ratio(-lo, dmin[..., None], 63)
+    off = dmin[..., None] * m.astype(np.float32)  # (..., nsb, 8): -(lowest representable value)
+    need = (hi + off) / np.float32(levels - 1)  # the step each sub-block needs
+    d = _f16_up(need.max(axis=-1) / np.float32(63))
+    sc = _ceil_ratio(need, d[..., None], 63)
+    step = (d[..., None] * sc.astype(np.float32))[..., None]  # (..., nsb, 8, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step > 0, _roundf((x + off[..., None]) / np.where(step > 0, step, 1)), 0)
+    return d, dmin, sc, m, np.clip(q, 0, levels - 1).astype(np.uint8)
+
+
+def _pack_scales_k(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """sc, m (..., 8) u8 < 64 -> (..., 12) u8: the 6-bit scale bytes of Q4_K/Q5_K."""
+    return np.concatenate(
+        [sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6), (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)],
+        axis=-1,
+    ).astype(np.uint8)
+
+
+def unpack_scales_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., 12) u8 scale bytes -> (sc, m) (..., 8) u8, each < 64 (the inverse of the packing, exact)."""
+    b = b.astype(np.uint8)
+    sc = np.concatenate([b[..., 0:4] & 63, (b[..., 8:12] & 15) | ((b[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([b[..., 4:8] & 63, (b[..., 8:12] >> 4) | ((b[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype("<f2")[..., None].view(np.uint8)  # (..., 2)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """f32 (..., n) -> uint8 (..., n//256*144): GGML Q4_K bytes."""
+    blocks = _kblocks_of(x, "quantize_q4_k")  # (..., nsb, 256)
+    d, dmin, sc, m, q = _affine_k(blocks.reshape(*blocks.shape[:-1], 8, 32), 16)
+    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(*q.shape[:-2], 128)
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k(sc, m), qs], axis=-1)  # (..., nsb, 144)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """f32 (..., n) -> uint8 (..., n//256*176): GGML Q5_K bytes."""
+    blocks = _kblocks_of(x, "quantize_q5_k")
+    d, dmin, sc, m, q = _affine_k(blocks.reshape(*blocks.shape[:-1], 8, 32), 32)
+    low = q & 15
+    qs = (low[..., 0::2, :] | (low[..., 1::2, :] << 4)).reshape(*q.shape[:-2], 128)
+    bits = (q >> 4).astype(np.uint16) << np.arange(8, dtype=np.uint16)[:, None]  # (..., nsb, 8, 32)
+    qh = bits.sum(axis=-2).astype(np.uint8)  # (..., nsb, 32)
+    out = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k(sc, m), qh, qs], axis=-1)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """f32 (..., n) -> uint8 (..., n//256*210): GGML Q6_K bytes."""
+    blocks = _kblocks_of(x, "quantize_q6_k")
+    sub = blocks.reshape(*blocks.shape[:-1], 16, 16)  # (..., nsb, 16, 16)
+    need = np.abs(sub).max(axis=-1) / np.float32(31)  # (..., nsb, 16): the step for q in [-31, 31]
+    d = _f16_up(need.max(axis=-1) / np.float32(127))  # (..., nsb)
+    sc = _ceil_ratio(need, d[..., None], 127)
+    step = (d[..., None] * sc.astype(np.float32))[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step > 0, _roundf(sub / np.where(step > 0, step, 1)), 0)
+    q6 = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(*blocks.shape[:-1], 2, 4, 32)  # [h, k, l]
+    low, high = q6 & 15, q6 >> 4
+    ql = (low[..., 0:2, :] | (low[..., 2:4, :] << 4)).reshape(*blocks.shape[:-1], 128)
+    qh = (high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6))
+    qh = qh.reshape(*blocks.shape[:-1], 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=-1)  # (..., nsb, 210)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def split_kquant(kind: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GGML K-quant bytes (..., nsb*block) -> (d, dmin (..., nsb) f32, scales (..., nsb, 2, n_sub) f32, q (..., nsb, 256)).
+
+    scales[..., 0, :] are the integer sub-block scales (8 per super-block, Q6_K: 16 signed ones),
+    scales[..., 1, :] the integer mins (Q6_K: zeros, and dmin 0); q the stored integers (Q4_K
+    0..15, Q5_K 0..31 as uint8, Q6_K -32..31 as int8). Value = d*scale*q - dmin*min.
+    """
+    if kind not in KQUANT_BLOCK_BYTES:
+        raise MpillamaError(f"unknown K-quant {kind!r}: use one of {', '.join(KQUANT_BLOCK_BYTES)}")
+    blocks = _bytes_blocks(b, KQUANT_BLOCK_BYTES[kind], f"split_kquant({kind})")
+    lead = blocks.shape[:-1]
+
+    def f16(lo: int) -> np.ndarray:
+        return np.ascontiguousarray(blocks[..., lo : lo + 2]).view("<f2")[..., 0].astype(np.float32)
+
+    if kind == "q6_k":
+        ql = blocks[..., :128].reshape(*lead, 2, 2, 32)  # [h, k&1, l]
+        qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)  # [h, -, l]
+        low = np.concatenate([ql & 15, ql >> 4], axis=-2)  # [h, k, l]: k = 2*(nibble) + (k&1)
+        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [h, k, l]
+        q = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(*lead, 256)
+        sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+        return f16(208), np.zeros(lead, np.float32), np.stack([sc, np.zeros_like(sc)], axis=-2), q
+    sc, m = unpack_scales_k(blocks[..., 4:16])
+    qs = blocks[..., -128:].reshape(*lead, 4, 1, 32)
+    q = ((qs >> np.array([0, 4], np.uint8)[:, None]) & 15).reshape(*lead, 8, 32)  # sub-block 2c, 2c+1
+    if kind == "q5_k":
+        qh = blocks[..., 16:48].reshape(*lead, 1, 32)
+        q = q | (((qh >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+    scales = np.stack([sc.astype(np.float32), m.astype(np.float32)], axis=-2)  # (..., nsb, 2, 8)
+    return f16(0), f16(2), scales, q.reshape(*lead, 256)
+
+
+def dequantize_kquant(kind: str, b: np.ndarray) -> np.ndarray:
+    """GGML K-quant bytes (..., nsb*block) -> f32 (..., nsb*256), the float32 arithmetic of GGML's dequantizer."""
+    d, dmin, scales, q = split_kquant(kind, b)
+    n_sub = scales.shape[-1]
+    qf = q.astype(np.float32).reshape(*q.shape[:-1], n_sub, 256 // n_sub)
+    ds = (d[..., None] * scales[..., 0, :])[..., None]  # (..., nsb, n_sub, 1)
+    dm = (dmin[..., None] * scales[..., 1, :])[..., None]
+    x = ds * qf - dm if kind != "q6_k" else ds * qf
+    return x.reshape(*x.shape[:-3], -1)
+
+
+def quantize_kquant(kind: str, x: np.ndarray) -> np.ndarray:
+    """f32 (..., n) -> GGML bytes of kind 'q4_k', 'q5_k' or 'q6_k'."""
+    quantizers = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
+    if kind not in quantizers:
+        raise MpillamaError(f"unknown K-quant {kind!r}: use one of {', '.join(quantizers)}")
+    return quantizers[kind](x)
+
+
+def matmul_kquant_ref(kind: str, w: np.ndarray, x_q80: np.ndarray) -> np.ndarray:
+    """w (rows, nsb*block) K-quant @ x (T, nsb*8*34) q80 -> (T, rows) f32.
+
+    The exact value of the products the kernels sum: weights d*scale*q - dmin*m and activations
+    q*d taken exactly in float64 (every factor is an f16 or a small integer), summed in float64;
+    only the kernels' float32 rounding and summation order differ.
+    """
+    d, dmin, scales, q = split_kquant(kind, w)  # (rows, nsb), (rows, nsb, 2, n_sub), (rows, nsb, 256)
+    n_sub = scales.shape[-1]
+    q64 = q.astype(np.float64).reshape(*q.shape[:-1], n_sub, 256 // n_sub)
+    w64 = d.astype(np.float64)[..., None, None] * scales[..., 0, :, None] * q64
+    w64 -= dmin.astype(np.float64)[..., None, None] * scales[..., 1, :, None]
+    xd, xq = split_q80(x_q80)  # (T, nb) f32, (T, nb, 32) int8
+    assert xd.shape[1] * QK == w64.shape[1] * QK_K, f"activations have {xd.shape[1] * QK} columns, weights {w64.shape[1] * QK_K}"
+    x64 = (xq.astype(np.float64) * xd.astype(np.float64)[..., None]).reshape(xd.shape[0], -1)
+    return (x64 @ w64.reshape(w64.shape[0], -1).T).astype(np.float32)

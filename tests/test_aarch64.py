@@ -55,8 +55,14 @@ KERNEL_SUBSET = [
     "tests/test_q80w.py::test_matmul_q80w_equals_reference[1thr-100-160-5-rows]",
     "tests/test_q80w.py::test_matmul_q80w_extremes[1thr-sdot]",
     "tests/test_quant.py",
+    # K-quants: the dot-product kernels (sdot here) on decode, prefill with a token tail, threaded; portable
+    "tests/test_kquant.py::test_pack_unpack_roundtrip[17-q4_k]",
+    "tests/test_kquant.py::test_matmul_against_reference[1thr-16-2-13-q4_k-arm-sdot]",
+    "tests/test_kquant.py::test_matmul_against_reference[1thr-33-3-3-q6_k-arm-sdot]",
+    "tests/test_kquant.py::test_matmul_against_reference[2thr-17-2-1-q5_k-arm-sdot]",
+    "tests/test_kquant.py::test_matmul_against_reference[1thr-17-2-1-q6_k-portable]",
 ]
-FULL = ["tests/test_kernels.py", "tests/test_q80w.py", "tests/test_quant.py"]
+FULL = ["tests/test_kernels.py", "tests/test_q80w.py", "tests/test_quant.py", "tests/test_kquant.py"]
 FULL_RUN = bool(os.environ.get("MPILLAMA_AARCH64_FULL"))  # everything, not the CI subset
 
 

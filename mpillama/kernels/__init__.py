@@ -9,6 +9,8 @@
     q40.py       Q40 weights: the two layouts, pack/unpack, matmul_q40 (runs the path's kernel)
     q80w.py      Q80 (Q8_0) weights: rows / vnni layouts, pack/unpack, matmul_q80w (+ q80w_x86.py)
     weights.py   the registry of weight kinds kept as stored, and matmul_weights (one dispatch)
+    kquant.py    Q4_K/Q5_K/Q6_K weights: the row-group layout, pack/unpack, matmul_kquant, whose kernels are
+    kquant_portable.py (plain loops, any CPU) and kquant_dot.py (x86 VNNI or ARM sdot)
     portable.py  the tiles-layout Q40 x Q80 matmul: plain numba loops, any CPU
     groups.py    the row-group ("vnni") layout's shapes and generic kernels, shared by:
     x86.py       the row-group Q40 x Q80 matmul with AVX-512 VNNI (vpdpbusd)
@@ -40,6 +42,7 @@ from mpillama.kernels import cache  # noqa: F401  (first: its locator must be in
 from mpillama.kernels import target  # noqa: F401  (before any kernel is decorated: it may set numba's target)
 from mpillama.kernels.attn import ATT_MIN_CHUNK, AttentionScratch, attention, new_attention_scratch
 from mpillama.kernels.dense import matmul_f32, rmsnorm, rope, rope_tables, swiglu
+from mpillama.kernels.kquant import KQUANT_KINDS, KQuantMatrix, matmul_kquant, pack_kquant, unpack_kquant
 from mpillama.kernels.portable import TILE
 from mpillama.kernels.q40 import LAYOUT_TILES, LAYOUT_VNNI, Q40Matrix, default_layout, matmul_q40, pack_q40, unpack_q40
 from mpillama.kernels.q80 import (
@@ -73,7 +76,9 @@ __all__ = [
     "VNNI_BLOCK_BYTES",
     "VNNI_CHUNK",
     "VNNI_ROWS",
+    "KQUANT_KINDS",
     "AttentionScratch",
+    "KQuantMatrix",
     "Q40Matrix",
     "Q80Activations",
     "activations_from_q80",
@@ -83,9 +88,11 @@ __all__ = [
     "dequantize_q80_add",
     "kernel_path",
     "matmul_f32",
+    "matmul_kquant",
     "matmul_q40",
     "new_activations",
     "new_attention_scratch",
+    "pack_kquant",
     "pack_q40",
     "quantize_activations",
     "quantize_q80_into",
@@ -94,6 +101,7 @@ __all__ = [
     "rope_tables",
     "simd_available",
     "swiglu",
+    "unpack_kquant",
     "unpack_q40",
     "using_threads",
 ]

@@ -50,6 +50,9 @@ class Q80Activations:
     group_scales: np.ndarray  # (slots, nb*16) f32: that row group's weight scales
     # threaded matmuls: the next chunk of rows to claim (threads take chunks until none are left)
     next_chunk: np.ndarray  # (1,) int64
+    # the K-quant matmul (kquant.py): Q6_K's 16-value sub-blocks need each block's two half sums,
+    # which its kernels fill from qs at the start of every call
+    half_sums: np.ndarray  # (max_tokens, nb, 2) int32
 
 
 def new_activations(max_tokens: int, cols: int) -> Q80Activations:
@@ -74,6 +77,7 @@ def new_activations(max_tokens: int, cols: int) -> Q80Activations:
         group_nibbles=np.zeros((slots, vnni), np.int32),  # (slots, nb*8*16) int32
         group_scales=np.zeros((slots, vnni // 8), np.float32),  # (slots, nb*16) f32
         next_chunk=np.zeros(1, np.int64),
+        half_sums=np.zeros((max_tokens, nb, 2), np.int32),  # (max_tokens, nb, 2) int32
     )
 
 
