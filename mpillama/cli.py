@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shape of a real model, or a test shape (the tiny ones: two layers, but a real "
                         "vocabulary makes them 26-28 MB as q40)")
     p.add_argument("--out", required=True)
-    p.add_argument("--type", choices=["q40", "q80", "f32"], default="q40")
+    p.add_argument("--type", choices=SynthTypes(), default="q40",
+                   help="the matrices' type; q4_k_m mixes Q4_K and Q6_K as llama-quantize does (K-quant types "
+                        "need widths that are multiples of 256: tiny-256 among the test shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
@@ -191,6 +193,15 @@ class SynthShapes:
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
+
+
+class SynthTypes(SynthShapes):
+    """The synth weight types, read as lazily as the shapes."""
+
+    def _names(self) -> list[str]:
+        from mpillama.formats.synth import WEIGHT_TYPES
+
+        return list(WEIGHT_TYPES)
 
 
 def _run_commands() -> Any:

@@ -37,18 +37,38 @@ def main_kind(tensors: dict[str, Any]) -> str:
     return kind.name if kind is not None and kind.quantize is not None else "q40"
 
 
-def matrix_kind(tensors: dict[str, Any], names: list[str], weight_type: str) -> str:
-    """What the named tensors, stacked, are kept as in memory: 'f32' or a registered kind.
+SPLIT_BLOCKS_KIND = "q80"  # what a slice of columns that would cut a stored block is kept as (finer than any K-quant)
+
+
+def tensor_kinds(tensors: dict[str, Any], names: list[str], weight_type: str,
+                 cols: tuple[int, int] | None = None) -> list[str]:
+    """What each named tensor (its columns cols) is kept as in memory: 'f32' or a registered kind.
 
     --weight-type f32 / q40: that, for every tensor. auto: the stored type when the registry keeps
-    it and all the stacked tensors share it (a matrix has one kernel), else main_kind (requantized;
-    Q4_0 with the reader's notice). F16/BF16/F32 matrices of a float file are requantized to q40."""
+    it, else main_kind (requantized; Q4_0 with the reader's notice). F16/BF16/F32 matrices of a
+    float file are requantized to q40. Tensors stacked into one matrix may differ (a Q4_K_M file's
+    wq, wk in Q4_K and wv in Q6_K): each keeps its own (weights.pack_stack). A slice of columns
+    that does not fall on the stored type's blocks (wo split by heads across more ranks than it has
+    256-column blocks) is requantized to SPLIT_BLOCKS_KIND, whose 32-value blocks any head ends on."""
     if weight_type in ("f32", "q40"):
-        return weight_type
+        return [weight_type] * len(names)
     assert weight_type == "auto", weight_type
-    stored = {weights.kind_name(tensors[n].kind) for n in names}
-    kind = stored.pop()
-    return kind if not stored and kind in weights.KINDS else main_kind(tensors)
+    kinds = []
+    for name in names:
+        kind = weights.registered(tensors[name].kind)
+        if kind is None:
+            kinds.append(main_kind(tensors))
+        elif cols is not None and (cols[0] % kind.block_values or cols[1] % kind.block_values):
+            kinds.append(SPLIT_BLOCKS_KIND)
+        else:
+            kinds.append(kind.name)
+    return kinds
+
+
+def matrix_kind(tensors: dict[str, Any], names: list[str], weight_type: str) -> str:
+    """What the named tensors, stacked, are kept as: their kind, or for a mixed stack the first
+    tensor's (the largest, wq: what memory accounting and `inspect` count it as)."""
+    return tensor_kinds(tensors, names, weight_type)[0]
 
 
 GROUP_TENSORS = {  # partition.GROUPS -> the tensors of layer 0 stacked into that matrix
@@ -91,12 +111,12 @@ def _requantized(mf: ModelFile, name: str, rows: slice | None, cols: slice | Non
 
 
 def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None,
-               kind: str) -> list[np.ndarray]:
-    """The named matrices' row ranges (and column range), in order, as matrix_kind's kind: GGML bytes
-    (views of the mapped file where it stores that kind, so that packing reads each byte once;
-    Q4_0 requantized from other types) or f32 copies."""
+               kinds: list[str]) -> list[np.ndarray]:
+    """The named matrices' row ranges (and column range), in order, each as its kind (tensor_kinds):
+    GGML bytes (views of the mapped file where it stores that kind, so that packing reads each byte
+    once; requantized from other types) or f32 copies."""
     parts = []
-    for i, name in enumerate(names):
+    for i, (name, kind) in enumerate(zip(names, kinds, strict=True)):
         r = slice(*rows[i]) if rows is not None else None
         c = slice(*cols) if cols is not None else None
         if kind == "f32":
@@ -110,21 +130,25 @@ def read_parts(mf: ModelFile, names: list[str], rows: list[tuple[int, int]] | No
     return parts
 
 
-def finish_matrix(parts: list[np.ndarray], kind: str) -> Any:
-    """Row blocks -> the matrix this rank computes with: the kind's, packed for its kernel, or f32 stacked."""
-    if kind != "f32":
-        return weights.pack(kind, parts)
+def finish_matrix(parts: list[np.ndarray], kinds: list[str]) -> Any:
+    """Row blocks -> the matrix this rank computes with: packed for their kinds' kernels, or f32 stacked."""
+    if kinds[0] != "f32":
+        return weights.pack_stack(kinds, parts)
     return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=np.float32)
 
 
-def raw_shape(tensors: dict[str, Any], names: list[str], rows: list[tuple[int, int]] | None,
-              cols: tuple[int, int] | None, kind: str) -> tuple[tuple[int, int], Any]:
-    """Shape and dtype of read_parts' blocks stacked, computed from the header alone."""
-    n_rows = sum(b - a for a, b in rows) if rows is not None else sum(tensors[n].shape[0] for n in names)
-    n_cols = cols[1] - cols[0] if cols is not None else tensors[names[0]].shape[1]
-    if kind != "f32":
-        return (n_rows, weights.KINDS[kind].row_bytes(n_cols)), np.uint8
-    return (n_rows, n_cols), np.float32
+def raw_shapes(tensors: dict[str, Any], names: list[str], rows: list[tuple[int, int]] | None,
+               cols: tuple[int, int] | None, kinds: list[str]) -> list[tuple[tuple[int, int], Any]]:
+    """Shape and dtype of each of read_parts' blocks, computed from the header alone."""
+    out = []
+    for i, (name, kind) in enumerate(zip(names, kinds, strict=True)):
+        n_rows = rows[i][1] - rows[i][0] if rows is not None else tensors[name].shape[0]
+        n_cols = cols[1] - cols[0] if cols is not None else tensors[name].shape[1]
+        if kind != "f32":
+            out.append(((n_rows, weights.KINDS[kind].row_bytes(n_cols)), np.uint8))
+        else:
+            out.append(((n_rows, n_cols), np.float32))
+    return out
 
 
 class FileSource:
@@ -134,8 +158,8 @@ class FileSource:
         self.mf, self.weight_type = mf, weight_type
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
-        kind = matrix_kind(self.mf.tensors, names, self.weight_type)
-        return finish_matrix(read_parts(self.mf, names, rows, cols, kind), kind)
+        kinds = tensor_kinds(self.mf.tensors, names, self.weight_type, cols)
+        return finish_matrix(read_parts(self.mf, names, rows, cols, kinds), kinds)
 
     def vector(self, name: str) -> np.ndarray:
         return self.mf.read_f32(name)
@@ -146,7 +170,7 @@ class FileSource:
             return "f32", self.mf.read_f32("token_embd")
         # GGML rows, a view of the map where stored so: embedding dequantizes only the prompt's rows
         # (pages), and the 140 MB table of a 128k vocabulary is neither copied at start-up nor private memory
-        return kind, read_parts(self.mf, ["token_embd"], None, None, kind)[0]
+        return kind, read_parts(self.mf, ["token_embd"], None, None, [kind])[0]
 
 
 class SendingSource:
@@ -161,8 +185,9 @@ class SendingSource:
         self.sent += data.nbytes
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> None:
-        kind = matrix_kind(self.mf.tensors, names, self.weight_type)
-        self._send(np.concatenate(read_parts(self.mf, names, rows, cols, kind)))
+        kinds = tensor_kinds(self.mf.tensors, names, self.weight_type, cols)
+        for part in read_parts(self.mf, names, rows, cols, kinds):  # one message a tensor: kinds may differ
+            self._send(np.ascontiguousarray(part))
 
     def vector(self, name: str) -> None:
         self._send(self.mf.read_f32(name))
@@ -184,16 +209,16 @@ class ReceivingSource:
         return out
 
     def matrix(self, names: list[str], rows: list[tuple[int, int]] | None, cols: tuple[int, int] | None) -> Any:
-        kind = matrix_kind(self.tensors, names, self.weight_type)
-        shape, dtype = raw_shape(self.tensors, names, rows, cols, kind)
-        return finish_matrix([self._recv(shape, dtype)], kind)
+        kinds = tensor_kinds(self.tensors, names, self.weight_type, cols)
+        parts = [self._recv(shape, dtype) for shape, dtype in raw_shapes(self.tensors, names, rows, cols, kinds)]
+        return finish_matrix(parts, kinds)
 
     def vector(self, name: str) -> np.ndarray:
         return self._recv(self.tensors[name].shape, np.float32)
 
     def embedding(self) -> tuple[str, np.ndarray]:
         kind = matrix_kind(self.tensors, ["token_embd"], self.weight_type)
-        shape, dtype = raw_shape(self.tensors, ["token_embd"], None, None, kind)
+        [(shape, dtype)] = raw_shapes(self.tensors, ["token_embd"], None, None, [kind])
         return kind, self._recv(shape, dtype)
 
 

@@ -35,7 +35,7 @@ from mpillama.errors import MpillamaError
 from mpillama.formats.gguf import T_BOOL, T_STRING, T_UINT32, GGUFValue, read_gguf_header
 from mpillama.formats.tensors import expected_tensors, llama3_rope_factors
 from mpillama.formats.vocab import vocab_gguf
-from mpillama.quant import quantize_q40, quantize_q80
+from mpillama.quant import QK_K, quantize_kquant, quantize_q40, quantize_q80
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,11 @@ SHAPES: dict[str, SynthShape] = {
     "tiny": SynthShape(
         _llama(dim=128, hidden_dim=352, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, seq_len=512,
                rope_scaling=_LLAMA32_ROPE, tied_embeddings=False), "llama-bpe", embed_std=2.0, chain_gain=4.0),  # fmt: skip
+    # tiny-256: every matrix's columns whole 256-value super-blocks, for the K-quant types (--type q4_k, ...);
+    # hidden 768 = 3 super-blocks, so two ranks share the FFN unevenly
+    "tiny-256": SynthShape(
+        _llama(dim=256, hidden_dim=768, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
+               tied_embeddings=False), "llama-bpe", embed_std=2.0, chain_gain=4.0),  # fmt: skip
     # qwen3-tiny: head_dim 64 with dim 128, so q_dim = 256 != dim, like real Qwen3. Untied (a tied head
     # cannot be a chain); the tied path is tested with f32 weights, where there is no Q8_0 noise.
     "qwen3-tiny": SynthShape(
@@ -125,7 +130,10 @@ SHAPES: dict[str, SynthShape] = {
 # has none, is chat.py's built-in one for the architecture
 _CHAT = {"llama": ("<|eot_id|>", True), "qwen3": ("<|im_end|>", False)}
 
-WEIGHT_TYPES = ("q40", "q80", "f32")  # the matrices' type (and the embedding's); norms are always f32
+# the matrices' type (and the embedding's); norms are always f32. q4_k_m mixes like llama-quantize's Q4_K_M:
+# Q6_K for the output head and, in some layers (_more_bits), attn_v and ffn_down; Q4_K elsewhere
+WEIGHT_TYPES = ("q40", "q80", "q4_k", "q5_k", "q6_k", "q4_k_m", "f32")
+K_TYPES = {"q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K, "q6_k": GGMLQuantizationType.Q6_K}
 _ROWS_PER_CHUNK_VALUES = 1 << 22  # values generated per step: bounds memory for 128k x 4096 tensors
 
 
@@ -183,14 +191,32 @@ def tensor_plan(shape: SynthShape) -> list[_Planned]:
 _QTYPES = {"q40": GGMLQuantizationType.Q4_0, "q80": GGMLQuantizationType.Q8_0, "f32": GGMLQuantizationType.F32}
 
 
-def _ggml_type(p: _Planned, weight_type: str) -> GGMLQuantizationType:
-    return _QTYPES[weight_type] if p.is_matrix else GGMLQuantizationType.F32
+_QTYPES |= K_TYPES
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """The layers whose attn_v and ffn_down a Q4_K_M file keeps in Q6_K: the first and last eighth, and
+    every third one between (the rule llama-quantize follows)."""
+    return layer < n_layers / 8 or layer >= 7 * n_layers / 8 or (layer - n_layers / 8) % 3 == 2
+
+
+def _ggml_type(p: _Planned, weight_type: str, n_layers: int) -> GGMLQuantizationType:
+    if not p.is_matrix:
+        return GGMLQuantizationType.F32
+    if weight_type != "q4_k_m":
+        return _QTYPES[weight_type]
+    parts = p.name.removesuffix(".weight").split(".")  # output | token_embd | blk.N.attn_v ...
+    finer = parts == ["output"] or (parts[-1] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), n_layers))
+    return GGMLQuantizationType.Q6_K if finer else GGMLQuantizationType.Q4_K
 
 
 def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """f32 rows -> the stored rows of qtype (quant.py's GGML-exact quantizers)."""
     if qtype == GGMLQuantizationType.Q4_0:
         return quantize_q40(x)
+    for kind, ktype in K_TYPES.items():
+        if qtype == ktype:
+            return quantize_kquant(kind, x)
     return quantize_q80(x) if qtype == GGMLQuantizationType.Q8_0 else x
 
 
@@ -261,8 +287,10 @@ def _tokenizer_kv(shape: SynthShape) -> dict[str, GGUFValue]:
 def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str) -> None:
     c, a = shape.config, shape.config.arch
     w.add_name(f"mpillama synthetic {name}")
-    w.add_file_type({"q40": LlamaFileType.MOSTLY_Q4_0, "q80": LlamaFileType.MOSTLY_Q8_0}.get(weight_type,
-                                                                                          LlamaFileType.ALL_F32))
+    file_types = {"q40": LlamaFileType.MOSTLY_Q4_0, "q80": LlamaFileType.MOSTLY_Q8_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
+                  "q5_k": LlamaFileType.MOSTLY_Q5_K_S, "q6_k": LlamaFileType.MOSTLY_Q6_K,
+                  "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}
+    w.add_file_type(file_types.get(weight_type, LlamaFileType.ALL_F32))
     if weight_type != "f32":
         w.add_quantization_version(2)
     # the architecture's keys, as formats/gguf.py's gguf_config reads them back
@@ -297,12 +325,18 @@ def write_shape(s: SynthShape, out: str | Path, weight_type: str = "q40", seed: 
         raise MpillamaError(f"synthetic weight type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
     out = Path(out)
     plan = tensor_plan(s)
+    if weight_type in K_TYPES or weight_type == "q4_k_m":
+        narrow = [p.name for p in plan if p.is_matrix and p.shape[-1] % QK_K]
+        if narrow:
+            raise MpillamaError(f"--type {weight_type} stores rows in super-blocks of {QK_K} values, and {name}'s "
+                                f"{narrow[0]} has {dict((p.name, p.shape[-1]) for p in plan)[narrow[0]]} columns: "
+                                "use a shape whose widths are multiples of 256 (tiny-256 for tests)")
     with atomic_write(out) as part:
         w = GGUFWriter(part, s.config.arch)
         try:
             _add_metadata(w, s, name, weight_type)
             for p in plan:
-                qtype = _ggml_type(p, weight_type)
+                qtype = _ggml_type(p, weight_type, s.config.n_layers)
                 w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p, qtype), raw_dtype=qtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -311,7 +345,7 @@ def write_shape(s: SynthShape, out: str | Path, weight_type: str = "q40", seed: 
             f = w.fout[0]
             # tensor data: each tensor starts aligned, as the offsets written in the tensor infos say
             for p in plan:
-                qtype = _ggml_type(p, weight_type)
+                qtype = _ggml_type(p, weight_type, s.config.n_layers)
                 _pad(f, w.data_alignment)
                 start = f.tell()
                 for chunk in _chunks(p, s, qtype, seed):

@@ -25,10 +25,16 @@ from typing import Any
 
 import numpy as np
 
+from functools import partial
+
+from mpillama.kernels.kquant import KQuantMatrix, matmul_kquant, pack_kquant
 from mpillama.kernels.q40 import Q40Matrix, matmul_q40, pack_q40
 from mpillama.kernels.q80 import Q80Activations
 from mpillama.kernels.q80w import Q80Matrix, matmul_q80w, pack_q80w
-from mpillama.quant import Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, dequantize_q40, dequantize_q80, quantize_q40, quantize_q80
+from mpillama.quant import (
+    KQUANT_BLOCK_BYTES, Q40_BLOCK_BYTES, Q80_BLOCK_BYTES, QK, QK_K, dequantize_kquant, dequantize_q40, dequantize_q80,
+    quantize_kquant, quantize_q40, quantize_q80,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ def register(kind: WeightKind) -> None:
 
 register(WeightKind("q40", QK, Q40_BLOCK_BYTES, pack_q40, matmul_q40, Q40Matrix, dequantize_q40, quantize_q40))
 register(WeightKind("q80", QK, Q80_BLOCK_BYTES, pack_q80w, matmul_q80w, Q80Matrix, dequantize_q80, quantize_q80))
+for _k in ("q4_k", "q5_k", "q6_k"):  # one matrix type and kernel entry for the three (KQuantMatrix.kind says which)
+    register(WeightKind(_k, QK_K, KQUANT_BLOCK_BYTES[_k], partial(pack_kquant, _k), matmul_kquant, KQuantMatrix,
+                        partial(dequantize_kquant, _k), partial(quantize_kquant, _k)))
 
 
 def kind_name(stored: str) -> str:
@@ -75,11 +84,48 @@ def pack(kind: str, parts: list[np.ndarray]) -> Any:
     return KINDS[kind].pack(parts)
 
 
+@dataclass
+class StackedMatrix:
+    """Row blocks of different kinds stacked into one matrix (a Q4_K_M file keeps wq and wk in Q4_K and
+    wv in Q6_K): each block runs its own kernel into its rows of the output."""
+
+    parts: list[Any]  # registered kinds' matrices, same columns, in row order
+    rows: int
+    cols: int
+
+
+def pack_stack(kinds: list[str], parts: list[np.ndarray]) -> Any:
+    """Row blocks of GGML bytes, each of its own kind -> one matrix: the kind's own when they share
+    one, else a StackedMatrix of consecutive same-kind blocks packed together."""
+    runs: list[tuple[str, list[np.ndarray]]] = []
+    for kind, part in zip(kinds, parts, strict=True):
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(part)
+        else:
+            runs.append((kind, [part]))
+    packed = [pack(kind, blocks) for kind, blocks in runs]
+    if len(packed) == 1:
+        return packed[0]
+    return StackedMatrix(packed, sum(p.rows for p in packed), packed[0].cols)
+
+
 def matmul_weights(out: np.ndarray, m: Any, acts: Q80Activations, T: int) -> None:
     """out (T, rows) f32 = m (rows, cols) @ acts rows [0, T), with the kernel of m's kind."""
-    _BY_TYPE[type(m)].matmul(out, m, acts, T)
+    if type(m) is not StackedMatrix:
+        _BY_TYPE[type(m)].matmul(out, m, acts, T)
+        return
+    r0 = 0
+    for part in m.parts:
+        r1 = r0 + part.rows
+        if T == 1:  # one row: its column range is contiguous, the kernel writes it in place
+            matmul_weights(out[:, r0:r1], part, acts, T)
+        else:
+            block = np.empty((T, part.rows), np.float32)  # (T, part rows): prefill, where a copy is cheap
+            matmul_weights(block, part, acts, T)
+            out[:, r0:r1] = block
+        r0 = r1
 
 
 def is_quantized(m: Any) -> bool:
-    """Whether m is a registered kind's matrix (else an f32 ndarray)."""
-    return type(m) in _BY_TYPE
+    """Whether m is a registered kind's matrix, or a stack of them (else an f32 ndarray)."""
+    return type(m) in _BY_TYPE or type(m) is StackedMatrix
