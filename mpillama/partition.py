@@ -92,10 +92,11 @@ def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None 
         raise MpillamaError(
             f"{n_ranks} ranks but the model has only {cfg.n_heads} attention heads: run at most {cfg.n_heads} ranks"
         )
-    ffn_blocks = cfg.hidden_dim // QK
+    ffn_blocks = cfg.ffn_dim // QK  # a mixture of experts: each expert's rows, split the same way in every expert
     if n_ranks > ffn_blocks:
+        what = "each expert" if cfg.is_moe else "the FFN"
         raise MpillamaError(
-            f"{n_ranks} ranks but the FFN has only {ffn_blocks} blocks of 32 rows: run at most {ffn_blocks} ranks"
+            f"{n_ranks} ranks but {what} has only {ffn_blocks} blocks of 32 rows: run at most {ffn_blocks} ranks"
         )
     weights = normalise_weights(n_ranks, rank_weights)
     group = cfg.group_size
@@ -161,9 +162,12 @@ def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str 
         matrix_bytes(slc.n_heads * hd, cfg.dim, weight_type)  # wq
         + 2 * matrix_bytes(slc.n_kv_heads * hd, cfg.dim, weight_type)  # wk, wv
         + matrix_bytes(cfg.dim, slc.n_heads * hd, weight_type)  # wo columns
-        + 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, weight_type)  # w1, w3
-        + matrix_bytes(cfg.dim, slc.n_ffn_rows, weight_type)  # w2 columns
     )
+    ffn = 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, weight_type) + matrix_bytes(cfg.dim, slc.n_ffn_rows, weight_type)
+    if cfg.is_moe:  # own rows of every expert, and the whole f32 router on every rank
+        per_layer += cfg.n_experts * ffn + cfg.n_experts * cfg.dim * 4
+    else:  # w1, w3 rows and w2 columns
+        per_layer += ffn
     head = matrix_bytes(slc.n_vocab_rows, cfg.dim, weight_type)
     kv = 2 * cfg.n_layers * max_seq_len * slc.n_kv_heads * hd * 4
     root = matrix_bytes(cfg.vocab_size, cfg.dim, weight_type) + (2 * cfg.n_layers + 1) * cfg.dim * 4
