@@ -20,6 +20,8 @@ CASES = {  # name: (model file stem, weight type)
     "tiny-q40": ("tiny-q40", "q40"),
     "qwen3-tiny-q40": ("qwen3-tiny-q40", "q40"),
     "tiny-f32": ("tiny-f32", "f32"),
+    "qwen3-moe-tiny-q40": ("qwen3-moe-tiny-q40", "q40"),  # mixture of experts: every rank routes alike
+    "qwen3-moe-tiny-f32": ("qwen3-moe-tiny-f32", "f32"),
 }
 
 
