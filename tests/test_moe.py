@@ -18,6 +18,7 @@ from mpillama.formats.hf import write_hf
 from mpillama.formats.synth import SHAPES
 from mpillama.partition import QK, plan, slice_cost
 from tests import reference
+from tests.mpi_launch import run_mpillama
 from tests.test_engine import PROMPT, STEPS, generate, prompt_ids
 
 MOE_30B = SHAPES["qwen3-30b-a3b"].config
@@ -150,3 +151,26 @@ def test_config_rejects_bad_expert_counts() -> None:
         dataclasses.replace(base, n_experts_used=0)
     assert not ModelConfig(**{**base.__dict__, "n_experts": 0, "n_experts_used": 0, "expert_hidden_dim": 0,
                               "arch": "qwen3"}).is_moe
+
+
+def test_trace_has_route_and_experts_segments_and_their_balance(models: dict[str, Path], tmp_path: Path) -> None:
+    from mpillama.trace.analysis import coverage, load_trace, segment_problems
+    from mpillama.trace.recorder import SEGMENTS
+    from tests.test_trace_engine import report
+
+    path = tmp_path / "moe.h5"
+    done = run_mpillama(2, "generate", "--model", str(models["qwen3-moe-tiny-q40"]), "--prompt", PROMPT, "--steps", "8",
+                        "--ignore-eos", "--trace", str(path), timeout=300)
+    assert done.returncode == 0, done.stderr
+    trace = load_trace(path)
+    assert segment_problems(trace) == [] and np.all(np.abs(coverage(trace)["ratio"] - 1) < 0.05)
+    s = trace.segments
+    for name in ("route", "experts"):  # once per layer per step on every rank, inside the layers
+        m = s.seg == SEGMENTS.index(name)
+        assert m.sum() == 2 * 2 * len(trace.steps) and set(s.layer[m].tolist()) == {0, 1}
+    tab = report(path)
+    for phase in ("prefill", "decode"):
+        ex = tab["experts"][phase]
+        assert len(ex["experts_ms_per_token"]) == 2 and min(ex["experts_ms_per_token"]) > 0
+        assert ex["experts_max_over_mean"] >= 1.0
+    assert "experts" not in load_trace(path).segment_names[:11]  # old segment codes unchanged
