@@ -10,6 +10,25 @@ edits the config.
 - The FFN is split along the hidden dimension in blocks of 32 rows (one Q40 block), so the
   columns of w2 that a rank owns are whole blocks.
 - The output head is split by vocabulary rows.
+- A mixture of experts (Qwen3 MoE) is split like the FFN, in every expert: each rank holds the same
+  32-row blocks of every expert's hidden rows (its w1/w3 rows, its w2 columns) and the whole router
+  (n_experts x dim, f32). Every rank computes the router from the same block input, so all pick the
+  same experts with no extra message, and runs its rows of each chosen expert; the block output is
+  summed as a dense FFN's (the same syncs). Work is balanced whatever the router picks.
+  The alternative, experts owned by ranks (rank r holds experts [r*E/n, (r+1)*E/n) whole), runs
+  fewer, larger matmuls but its load follows the router. Measured with bench/moe_split.py on
+  Qwen3-30B-A3B's shape (8 of 128 experts of 768 rows; uniform random routing, the best case for
+  ownership: trained routers favour some experts), busiest rank / mean per token:
+      ranks  tokens   owned   rows split (extra cost of 1/n-size matmuls, 1 thread, loaded host)
+        2       1     1.27    1.08
+        2      64     1.04    1.08
+        4       1     1.76    1.22
+        4      64     1.09    1.22
+  Decode, one token at a time, is where a cluster of boards spends its time, and there ownership
+  makes the slowest of the ranks wait for the one that drew most of the 8 experts (27% at 2 ranks,
+  76% at 4); splitting rows costs 8-22% of kernel call overhead, and none of it is waiting. Prefill
+  batches even ownership out (4-9%), but a prefill batch is already grouped by expert (each chosen
+  expert's weights read once per batch), so rows split keeps it. Hence rows split, for both.
 Shares follow the rank weights: a rank with weight 0.5 gets about half the work of one with 1.
 """
 
