@@ -209,8 +209,6 @@ class RankModel:
             self.moe_y = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) rows routed to one expert
             self.moe_acts = kernels.new_activations(T, dim)
             self.moe_out = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) one expert's partial
-            # (n_layers, n_experts) tokens each expert ran on this rank (the trace reports the balance)
-            self.expert_tokens = np.zeros((cfg.n_layers, cfg.n_experts), dtype=np.int64)
         self.partial = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) this rank's block output
         self.logits = np.zeros((1, slc.n_vocab_rows), dtype=np.float32)  # (1, vocab_local)
         self.vocab_rows = [s.vocab_rows for s in slices]
@@ -306,7 +304,6 @@ class RankModel:
         order = np.argsort(flat, kind="stable")  # (T*k,) assignments grouped by expert, tokens in order
         experts, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], flat.size)
-        self.expert_tokens[layer, experts] += ends - starts
         for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
             w13, w2 = lw.experts[e]
             n = b - a
