@@ -204,7 +204,7 @@ def test_gguf_unsupported_architecture(tmp_path: Path) -> None:
     path = write_small_gguf(tmp_path / "g.gguf", small_tensors(), arch="gemma")
     with pytest.raises(MpillamaError) as e:
         open_model(path)
-    one_line_error(e, "'gemma'", "llama and qwen3")
+    one_line_error(e, "'gemma'", "llama, qwen3 and qwen3moe")
 
 
 # ---------------------------------------------------------------- distributed-llama .m
