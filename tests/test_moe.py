@@ -174,3 +174,16 @@ def test_trace_has_route_and_experts_segments_and_their_balance(models: dict[str
         assert len(ex["experts_ms_per_token"]) == 2 and min(ex["experts_ms_per_token"]) > 0
         assert ex["experts_max_over_mean"] >= 1.0
     assert "experts" not in load_trace(path).segment_names[:11]  # old segment codes unchanged
+
+
+def test_long_prompt_same_text_on_1_2_3_ranks_with_chunked_prefill_output(models: dict[str, Path]) -> None:
+    """A 26-token prompt: experts grouped over a batch, and under allreduce the block output sent in chunks."""
+    prompt = "The capital of France is Paris, and the capital of Germany is Berlin; the capital of Italy is Rome and of Spain Madrid."
+    texts = []
+    for n, extra in ((1, []), (2, ["--sync", "allreduce", "--prefill-chunks", "3"]), (3, ["--sync", "star"])):
+        done = run_mpillama(n, "generate", "--model", str(models["qwen3-moe-tiny-f32"]), "--weight-type", "f32",
+                            "--buffer-float-type", "f32", "--prompt", prompt, "--steps", "16", "--ignore-eos", *extra,
+                            timeout=300)
+        assert done.returncode == 0, done.stderr
+        texts.append(done.stdout)
+    assert texts[0].strip() and texts[1] == texts[0] and texts[2] == texts[0]
