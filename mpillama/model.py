@@ -283,11 +283,11 @@ class RankModel:
         np.matmul(y, self.w.layers[layer].router.T, out=logits)
         # a stable sort of the negated logits: on a tie the lower expert index, on every rank alike
         top = np.argsort(-logits, axis=1, kind="stable")[:, : cfg.n_experts_used]  # (T, k) expert ids
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        weights = np.take_along_axis(probs, top, axis=1)  # (T, k) f32
-        if cfg.norm_topk_prob:
-            weights /= weights.sum(axis=1, keepdims=True)
+        chosen = np.take_along_axis(logits, top, axis=1)  # (T, k) f32, largest first
+        weights = np.exp(chosen - chosen[:, :1])  # softmax numerators, shifted by each row's largest logit
+        # renormalised over the k chosen, the softmax's sum over all experts cancels: only theirs is needed
+        total = weights if cfg.norm_topk_prob else np.exp(logits - chosen[:, :1])
+        weights /= total.sum(axis=1, keepdims=True)
         return top, weights
 
     def moe(self, layer: int, y: np.ndarray, acts: Any, T: int, tl: Timeline) -> Projection:
@@ -300,6 +300,17 @@ class RankModel:
         tl.mark(SEG_ROUTE, layer)
         partial = self.partial[:T]
         partial[:] = 0.0
+        if T == 1:  # decode: each chosen expert on the one token, in expert order as a batch sums them
+            out = self.moe_out[:1]
+            for j in np.argsort(top[0]).tolist():
+                w13, w2 = lw.experts[int(top[0, j])]
+                matmul(self.h13[:1], w13, y, acts, 1)
+                kernels.swiglu(self.h[:1], self.h13[:1])
+                quantize_and_matmul(out, w2, self.h[:1], self.h_acts, 1)
+                out *= weights[0, j]
+                partial += out
+            tl.mark(SEG_EXPERTS, layer)
+            return Projection(None, partial, None)
         flat = top.reshape(-1)
         order = np.argsort(flat, kind="stable")  # (T*k,) assignments grouped by expert, tokens in order
         experts, starts = np.unique(flat[order], return_index=True)
@@ -309,7 +320,7 @@ class RankModel:
             n = b - a
             tokens = order[a:b] // top.shape[1]  # (n,) distinct: a token picks an expert at most once
             h13, h, out = self.h13[:n], self.h[:n], self.moe_out[:n]
-            if n == T:  # every token (decode: the one token): y and its activations as they are
+            if n == T:  # every token of the batch: y and its activations as they are
                 matmul(h13, w13, y, acts, T)
             else:
                 rows = self.moe_y[:n]
