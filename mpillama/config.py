@@ -70,6 +70,9 @@ class ModelConfig:
             raise MpillamaError(
                 f"model header has n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if (self.arch == "qwen3moe") != self.is_moe:
+            raise MpillamaError(f"model header has architecture {self.arch} with {self.n_experts} experts: qwen3moe "
+                                "models have experts and the others none")
         if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
             raise MpillamaError(f"model header has {self.n_experts_used} experts used per token of {self.n_experts}: "
                                 "it must be between 1 and the expert count")

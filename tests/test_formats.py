@@ -313,7 +313,7 @@ def test_dllama_bad_files(tmp_path: Path) -> None:
     path.write_bytes(small_m_bytes({**SMALL_M, 1: 0xABCD02}))
     with pytest.raises(MpillamaError) as e:
         open_model(path)
-    one_line_error(e, "mixture-of-experts")
+    one_line_error(e, "qwen3-moe header without moe_hidden_dim", "key 21")
     path.write_bytes(struct.pack("<ii", 0xA00ABCD, 4096) + bytes(16))
     with pytest.raises(MpillamaError) as e:
         open_model(path)

@@ -149,6 +149,8 @@ def test_config_rejects_bad_expert_counts() -> None:
     base = SHAPES["qwen3-moe-tiny"].config
     with pytest.raises(MpillamaError, match="between 1 and the expert count"):
         dataclasses.replace(base, n_experts_used=0)
+    with pytest.raises(MpillamaError, match="qwen3moe models have experts and the others none"):
+        dataclasses.replace(base, n_experts=0, n_experts_used=0)
     assert not ModelConfig(**{**base.__dict__, "n_experts": 0, "n_experts_used": 0, "expert_hidden_dim": 0,
                               "arch": "qwen3"}).is_moe
 
@@ -187,3 +189,22 @@ def test_long_prompt_same_text_on_1_2_3_ranks_with_chunked_prefill_output(models
         assert done.returncode == 0, done.stderr
         texts.append(done.stdout)
     assert texts[0].strip() and texts[1] == texts[0] and texts[2] == texts[0]
+
+
+def test_dllama_m_round_trip(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """distributed-llama's qwen3-moe .m (arch 0xABCD02, keys 7, 8, 21; f32 router, experts w1 w2 w3): written
+    from the GGUF, read back tensor for tensor, and the same greedy tokens."""
+    from mpillama.formats.dllama import read_dllama_header, write_dllama
+
+    g = open_model(models["qwen3-moe-tiny-q40"])
+    path = write_dllama(g, tmp_path / "moe.m")
+    _, header = read_dllama_header(path, np.fromfile(path, np.uint8))
+    assert (header["arch"], header["n_experts"], header["n_active_experts"], header["moe_hidden_dim"]) == (
+        0xABCD02, 8, 2, 160)
+    m = open_model(path)
+    assert m.config == g.config and m.tensors["blk.1.ffn_gate_inp"].kind == "f32"
+    for n in ("blk.1.ffn_gate_inp", "blk.0.ffn_down_exps.6", "blk.1.ffn_up_exps.0", "blk.1.ffn_norm", "output"):
+        assert np.array_equal(m.read_f32(n), g.read_f32(n)), n
+    tokens = [np.argmax(generate(p, tmp_path, capsys, "--tokenizer", str(models["qwen3-moe-tiny-q40"])), axis=1)
+              for p in (path, models["qwen3-moe-tiny-q40"])]
+    assert np.array_equal(tokens[0], tokens[1])
