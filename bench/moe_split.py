@@ -42,7 +42,7 @@ class Experts:
 
     def __init__(self, rows: int, copies: int) -> None:
         rng = np.random.default_rng(rows)
-        q40 = lambda r, c: kernels.pack_q40(quantize_q40(rng.standard_normal((r, c), dtype=np.float32)))  # noqa: E731
+        q40 = lambda r, c: kernels.pack_q40(quantize_q40(rng.standard_normal((r, c), dtype=np.float32)))
         self.w = [(q40(2 * rows, DIM), q40(DIM, rows)) for _ in range(copies)]
         self.acts, self.h_acts = kernels.new_activations(1, DIM), kernels.new_activations(1, rows)
         self.h13, self.h = np.zeros((1, 2 * rows), np.float32), np.zeros((1, rows), np.float32)

@@ -30,9 +30,9 @@ import numpy as np
 
 from mpillama import kernels
 from mpillama.config import ModelConfig
+from mpillama.formats.tensors import expert_name
 from mpillama.partition import Slice, is_group_aligned, kv_groups
 from mpillama.quant import Q80_BLOCK_BYTES, QK, dequantize_q40
-from mpillama.formats.tensors import expert_name
 from mpillama.trace.recorder import (
     SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_EXPERTS, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_ROUTE, Timeline,
 )

@@ -7,8 +7,8 @@ from pathlib import Path
 from mpillama.formats.synth import write_synthetic
 
 # (shape, weight type): decisive chain-head models in both types, and a tied one (f32: exact math)
-TEST_MODELS = (("tiny", "q40"), ("tiny", "f32"), ("qwen3-tiny", "q40"), ("qwen3-tiny", "f32"), ("qwen3-tiny-tied", "f32"),
-               ("qwen3-moe-tiny", "q40"), ("qwen3-moe-tiny", "f32"))
+TEST_MODELS = (("tiny", "q40"), ("tiny", "f32"), ("qwen3-tiny", "q40"), ("qwen3-tiny", "f32"),
+               ("qwen3-tiny-tied", "f32"), ("qwen3-moe-tiny", "q40"), ("qwen3-moe-tiny", "f32"))
 
 
 def make_test_models(folder: Path) -> dict[str, Path]:

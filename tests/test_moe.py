@@ -35,7 +35,8 @@ def test_gguf_serves_each_expert_as_a_matrix(models: dict[str, Path]) -> None:
     path = models["qwen3-moe-tiny-q40"]
     m = open_model(path)
     c = m.config
-    assert (c.arch, c.n_experts, c.n_experts_used, c.expert_hidden_dim, c.norm_topk_prob) == ("qwen3moe", 8, 2, 160, True)
+    moe = (c.arch, c.n_experts, c.n_experts_used, c.expert_hidden_dim, c.norm_topk_prob)
+    assert moe == ("qwen3moe", 8, 2, 160, True)
     assert c.qk_norm and c.rope_style == "halves" and c.is_moe and c.ffn_dim == 160
     stacked = {t.name.removesuffix(".weight"): t for t in gguf.GGUFReader(path).tensors}  # the gguf package's view
     for part, rows, cols in (("ffn_gate_exps", 160, 128), ("ffn_up_exps", 160, 128), ("ffn_down_exps", 128, 160)):
@@ -180,7 +181,8 @@ def test_trace_has_route_and_experts_segments_and_their_balance(models: dict[str
 
 def test_long_prompt_same_text_on_1_2_3_ranks_with_chunked_prefill_output(models: dict[str, Path]) -> None:
     """A 26-token prompt: experts grouped over a batch, and under allreduce the block output sent in chunks."""
-    prompt = "The capital of France is Paris, and the capital of Germany is Berlin; the capital of Italy is Rome and of Spain Madrid."
+    prompt = ("The capital of France is Paris, and the capital of Germany is Berlin; the capital of Italy is Rome "
+              "and of Spain Madrid.")
     texts = []
     for n, extra in ((1, []), (2, ["--sync", "allreduce", "--prefill-chunks", "3"]), (3, ["--sync", "star"])):
         done = run_mpillama(n, "generate", "--model", str(models["qwen3-moe-tiny-f32"]), "--weight-type", "f32",

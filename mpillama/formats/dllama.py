@@ -302,7 +302,8 @@ def dllama_header(cfg: ModelConfig, weight_kind: str) -> bytes:
         values["rope_scaling_low_freq_factor"] = _int_header_value("rope low_freq_factor", s.low_freq_factor)
         values["rope_scaling_high_freq_factor"] = _int_header_value("rope high_freq_factor", s.high_freq_factor)
         values["rope_scaling_orig_max_seq_len"] = s.original_max_position
-    values["rope_type"] = ROPE_FALCON if cfg.arch in ("qwen3", "qwen3moe") else ROPE_LLAMA3_1 if cfg.rope_scaling else ROPE_LLAMA
+    qwen = cfg.arch in ("qwen3", "qwen3moe")
+    values["rope_type"] = ROPE_FALCON if qwen else ROPE_LLAMA3_1 if cfg.rope_scaling else ROPE_LLAMA
     values["head_dim"] = cfg.head_dim
     values["norm_eps"] = eps
     if cfg.is_moe:

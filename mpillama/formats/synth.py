@@ -129,7 +129,8 @@ SHAPES: dict[str, SynthShape] = {
     # token, so the router's choice changes every layer's output; a chain head as qwen3-tiny.
     "qwen3-moe-tiny": SynthShape(
         _qwen3moe(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
-                  n_experts=8, n_experts_used=2, expert_hidden_dim=160), "qwen2", embed_std=2.0, chain_gain=4.0),  # fmt: skip
+                  n_experts=8, n_experts_used=2, expert_hidden_dim=160),
+        "qwen2", embed_std=2.0, chain_gain=4.0),  # fmt: skip
     # Qwen3-30B-A3B: 48 layers, 128 experts of 768 rows, 8 used per token (~17 GB in Q4_0)
     "qwen3-30b-a3b": SynthShape(
         _qwen3moe(dim=2048, hidden_dim=6144, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, seq_len=40960,
@@ -207,8 +208,8 @@ def tensor_plan(shape: SynthShape) -> list[_Planned]:
 
 def _ggml_type(p: _Planned, weight_type: str) -> GGMLQuantizationType:
     # the router stays F32, as llama-quantize leaves it: routing is a discrete choice, worth exact inputs
-    router = p.name.endswith("ffn_gate_inp.weight")
-    return GGMLQuantizationType.Q4_0 if weight_type == "q40" and p.is_matrix and not router else GGMLQuantizationType.F32
+    q40 = weight_type == "q40" and p.is_matrix and not p.name.endswith("ffn_gate_inp.weight")
+    return GGMLQuantizationType.Q4_0 if q40 else GGMLQuantizationType.F32
 
 
 def _nbytes(p: _Planned, qtype: GGMLQuantizationType) -> int:
