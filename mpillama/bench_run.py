@@ -50,8 +50,11 @@ def matmul_ms(engine: Engine, repeats: int = 5) -> float:
     for _ in range(repeats):
         t = time.perf_counter()
         for lw in m.w.layers:
+            # a mixture of experts runs n_experts_used experts per token: time that many
+            ffn = [(lw.w13, lw.w2)] if lw.experts is None else lw.experts[: engine.cfg.n_experts_used]
             for w, out, acts in ((lw.wqkv, m.qkv[:1], acts_in), (lw.wo, m.partial[:1], m.z_acts),
-                                 (lw.w13, m.h13[:1], acts_in), (lw.w2, m.partial[:1], m.h_acts)):
+                                 *((w, o, a) for w13, w2 in ffn
+                                   for w, o, a in ((w13, m.h13[:1], acts_in), (w2, m.partial[:1], m.h_acts)))):
                 if isinstance(w, np.ndarray):
                     kernels.matmul_f32(out, w, np.ones((1, w.shape[1]), dtype=np.float32))
                 else:

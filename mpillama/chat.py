@@ -40,7 +40,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-FALLBACK_TEMPLATES = {"llama": LLAMA3_TEMPLATE, "qwen3": CHATML_TEMPLATE}
+FALLBACK_TEMPLATES = {"llama": LLAMA3_TEMPLATE, "qwen3": CHATML_TEMPLATE, "qwen3moe": CHATML_TEMPLATE}
 
 
 def render_chat(

@@ -18,7 +18,7 @@ from typing import Any
 from mpillama.errors import MpillamaError
 from mpillama.files import kind_of, reading, shown
 
-ARCHS = ("llama", "qwen3")
+ARCHS = ("llama", "qwen3", "qwen3moe")  # qwen3moe: Qwen3 attention, a mixture-of-experts FFN
 # How the two halves of a rotated pair sit in a head: "pairs" rotates (2i, 2i+1), the layout
 # of GGUF llama and distributed-llama files; "halves" rotates (i, i + head_dim/2), the layout
 # of Hugging Face checkpoints and of every Qwen model.
@@ -37,7 +37,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "qwen3"
+    arch: str  # "llama" | "qwen3" | "qwen3moe"
     dim: int  # residual stream width
     hidden_dim: int  # feed-forward width
     n_layers: int
@@ -52,6 +52,12 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tied_embeddings: bool = False  # the output head reuses the embedding table
     qk_norm: bool = False  # Qwen3: rmsnorm over each q and k head before rope
+    # Mixture of experts (Qwen3 MoE): every layer's FFN is n_experts SwiGLU experts of expert_hidden_dim
+    # rows and a router choosing n_experts_used of them per token; 0 experts: a dense FFN of hidden_dim
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_hidden_dim: int = 0
+    norm_topk_prob: bool = True  # the chosen experts' softmax weights renormalised to sum to 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -65,7 +71,15 @@ class ModelConfig:
             raise MpillamaError(
                 f"model header has n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}"
             )
-        for name in ("dim", "hidden_dim", "head_dim"):
+        if (self.arch == "qwen3moe") != self.is_moe:
+            raise MpillamaError(f"model header has architecture {self.arch} with {self.n_experts} experts: qwen3moe "
+                                "models have experts and the others none")
+        if self.n_experts and not 0 < self.n_experts_used <= self.n_experts:
+            raise MpillamaError(f"model header has {self.n_experts_used} experts used per token of {self.n_experts}: "
+                                "it must be between 1 and the expert count")
+        if self.n_experts and self.expert_hidden_dim <= 0:
+            raise MpillamaError(f"model header has expert_hidden_dim={self.expert_hidden_dim}: it must be positive")
+        for name in ("dim", "hidden_dim", "head_dim", "expert_hidden_dim"):
             if getattr(self, name) % 32:
                 raise MpillamaError(
                     f"model has {name}={getattr(self, name)}, not a multiple of 32 (one Q40 block): "
@@ -79,6 +93,15 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden rows of one FFN the ranks divide: the dense FFN's, or each expert's."""
+        return self.expert_hidden_dim if self.is_moe else self.hidden_dim
 
     @property
     def group_size(self) -> int:

@@ -55,6 +55,14 @@ def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None
     where = "rows read in place from the mapped file, " if kinds["token_embd"].kind == stored.lower() else ""
     lines.append(f"  rank 0 also uses the embedding table and norms: {mib(root)} "
                  f"({where}every rank with --sync allreduce)")
+    if cfg.is_moe:
+        s0 = slices[0]
+        expert = (2 * partition.matrix_bytes(s0.n_ffn_rows, cfg.dim, weight_type)
+                  + partition.matrix_bytes(cfg.dim, s0.n_ffn_rows, weight_type))
+        idle = cfg.n_layers * (cfg.n_experts - cfg.n_experts_used) * expert
+        lines.append(f"  mixture of experts: every rank holds its ffn rows of all {cfg.n_experts} experts of "
+                     f"each layer and the whole f32 router; a token reads {cfg.n_experts_used} experts: rank 0 about "
+                     f"{mib(partition.slice_cost(cfg, s0, seq, weight_type).weight_bytes - idle)} of weights per token")
     if rank_weights == "auto":
         lines.append("  (--rank-weights auto is measured at start-up; shown here with even weights)")
     mf.close()

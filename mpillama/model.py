@@ -10,6 +10,8 @@ Knows nothing of MPI: the whole math of a token is here, and a sync object from 
         block_output(partial, x)                        x += sum of every rank's partial
         y = block_input(x, ffn_norm)
         partial = ffn(y)                                own FFN rows, own W2 columns
+                                                        (MoE: the router on every rank, then own rows of
+                                                        each chosen expert, weighted: see moe())
         block_output(partial, x)
     y = block_input(x[last], output_norm); logits rows = wcls[own rows] @ y
     head: the greedy token (each rank's best row, the best of those) or the whole row on rank 0
@@ -28,10 +30,11 @@ import numpy as np
 
 from mpillama import kernels
 from mpillama.config import ModelConfig
+from mpillama.formats.tensors import expert_name
 from mpillama.partition import Slice, is_group_aligned, kv_groups
 from mpillama.quant import Q80_BLOCK_BYTES, QK
 from mpillama.trace.recorder import (
-    SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC, Timeline,
+    SEG_ATT, SEG_ATT_SYNC, SEG_EMBED, SEG_EXPERTS, SEG_FFN, SEG_FFN_SYNC, SEG_HEAD, SEG_HEAD_SYNC, SEG_ROUTE, Timeline,
 )
 
 Matrix = Any  # a registered kind's matrix (kernels.weights), or an f32 ndarray (rows, cols) with --weight-type f32
@@ -47,9 +50,10 @@ OVERLAP_MIN_TOKENS = 8  # a prefill chunk smaller than this would read its matri
 
 @dataclass(frozen=True)
 class Projection:
-    """A block's output projection still to run: partial (T, dim) = inp (T, cols) @ w.T."""
+    """A block's output projection still to run: partial (T, dim) = inp (T, cols) @ w.T.
+    w None: the partial is already computed (the experts' weighted sum, see RankModel.moe)."""
 
-    w: Matrix
+    w: Matrix | None
     inp: np.ndarray  # (T, cols) f32 rows this rank computed (attention's z, the FFN's h)
     acts: Any  # Q80 scratch for inp
 
@@ -72,7 +76,7 @@ class WeightSource(Protocol):
         """The named matrices' given row ranges (and column range), stacked by rows."""
 
     def vector(self, name: str) -> np.ndarray:
-        """A whole 1-D tensor as f32."""
+        """A whole tensor as f32: a norm, or a MoE router (n_experts, dim), which every rank holds whole."""
 
     def embedding(self) -> tuple[str, np.ndarray]:
         """(a registered kind, uint8 (vocab, GGML row bytes)) or ('f32', f32 (vocab, dim))."""
@@ -102,10 +106,12 @@ class LayerWeights:
     ffn_norm: np.ndarray | None  # (dim,) f32
     wqkv: Matrix  # (n_heads_local*hd + 2*n_kv_local*hd, dim): own q heads, own kv heads
     wo: Matrix  # (dim, n_heads_local*hd): the columns of own q heads
-    w13: Matrix  # (2*ffn_local, dim): own rows of w1 then of w3
-    w2: Matrix  # (dim, ffn_local): own columns
+    w13: Matrix | None  # (2*ffn_local, dim): own rows of w1 then of w3 (None in a MoE layer)
+    w2: Matrix | None  # (dim, ffn_local): own columns
     q_norm: np.ndarray | None  # (hd,) f32, Qwen3
     k_norm: np.ndarray | None  # (hd,) f32
+    router: np.ndarray | None = None  # MoE: (n_experts, dim) f32, whole on every rank
+    experts: list[tuple[Matrix, Matrix]] | None = None  # MoE: per expert (w13, w2) of own rows, as w13/w2
 
 
 @dataclass
@@ -122,20 +128,26 @@ def load_weights(cfg: ModelConfig, slc: Slice, src: WeightSource, owns_residual:
     q_rows = (slc.q_heads[0] * hd, slc.q_heads[1] * hd)
     kv_rows = (slc.kv_heads[0] * hd, slc.kv_heads[1] * hd)
     layers = []
+    rows = slc.ffn_rows
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        layers.append(
-            LayerWeights(
-                attn_norm=src.vector(p + "attn_norm") if owns_residual else None,
-                ffn_norm=src.vector(p + "ffn_norm") if owns_residual else None,
-                wqkv=src.matrix([p + "attn_q", p + "attn_k", p + "attn_v"], [q_rows, kv_rows, kv_rows], None),
-                wo=src.matrix([p + "attn_output"], None, q_rows),
-                w13=src.matrix([p + "ffn_gate", p + "ffn_up"], [slc.ffn_rows, slc.ffn_rows], None),
-                w2=src.matrix([p + "ffn_down"], None, slc.ffn_rows),
-                q_norm=src.vector(p + "attn_q_norm") if cfg.qk_norm else None,
-                k_norm=src.vector(p + "attn_k_norm") if cfg.qk_norm else None,
-            )
+        lw = LayerWeights(
+            attn_norm=src.vector(p + "attn_norm") if owns_residual else None,
+            ffn_norm=src.vector(p + "ffn_norm") if owns_residual else None,
+            wqkv=src.matrix([p + "attn_q", p + "attn_k", p + "attn_v"], [q_rows, kv_rows, kv_rows], None),
+            wo=src.matrix([p + "attn_output"], None, q_rows),
+            w13=None if cfg.is_moe else src.matrix([p + "ffn_gate", p + "ffn_up"], [rows, rows], None),
+            w2=None if cfg.is_moe else src.matrix([p + "ffn_down"], None, rows),
+            q_norm=src.vector(p + "attn_q_norm") if cfg.qk_norm else None,
+            k_norm=src.vector(p + "attn_k_norm") if cfg.qk_norm else None,
         )
+        if cfg.is_moe:  # every expert's own rows, like a dense FFN's (partition.py says why)
+            lw.router = src.vector(p + "ffn_gate_inp")
+            lw.experts = [(src.matrix([expert_name(i, "ffn_gate_exps", e), expert_name(i, "ffn_up_exps", e)],
+                                      [rows, rows], None),
+                           src.matrix([expert_name(i, "ffn_down_exps", e)], None, rows))
+                          for e in range(cfg.n_experts)]
+        layers.append(lw)
     head_name = "token_embd" if cfg.tied_embeddings else "output"
     return RankWeights(
         layers=layers,
@@ -192,6 +204,11 @@ class RankModel:
         self.h13 = np.zeros((T, 2 * nf), dtype=np.float32)  # (max_tokens, 2*ffn_local) w1 and w3 outputs
         self.h = np.zeros((T, nf), dtype=np.float32)  # (max_tokens, ffn_local) silu(w1 y) * w3 y
         self.h_acts = kernels.new_activations(T, nf)
+        if cfg.is_moe:  # the router's output, and one expert's gathered input rows and output
+            self.router_logits = np.zeros((T, cfg.n_experts), dtype=np.float32)  # (max_tokens, n_experts) f32
+            self.moe_y = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) rows routed to one expert
+            self.moe_acts = kernels.new_activations(T, dim)
+            self.moe_out = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) one expert's partial
         self.partial = np.zeros((T, dim), dtype=np.float32)  # (max_tokens, dim) this rank's block output
         self.logits = np.zeros((1, slc.n_vocab_rows), dtype=np.float32)  # (1, vocab_local)
         self.vocab_rows = [s.vocab_rows for s in slices]
@@ -257,6 +274,69 @@ class RankModel:
         kernels.swiglu(h, h13)
         return Projection(lw.w2, h, self.h_acts)
 
+    def route(self, layer: int, y: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """The experts each token uses and their weights, (T, k) each, as Hugging Face's
+        Qwen3MoeSparseMoeBlock and llama.cpp's qwen3moe graph: logits = router @ y in f32, softmax
+        over all experts, the k largest, renormalised to sum to 1 (norm_topk_prob). Every rank
+        computes it from the same y, so every rank picks the same experts with no message."""
+        cfg, logits, router = self.cfg, self.router_logits[:T], self.w.layers[layer].router
+        # a row at a time through the numba kernel (which follows --nthreads), not numpy's BLAS: its
+        # threads start with numpy's import, one per core, and on a busy host a batch's router product
+        # was measured at 183 ms a layer for 39 tokens instead of under 1 ms
+        for t in range(T):
+            kernels.matmul_f32(logits[t : t + 1], router, y[t : t + 1])
+        # a stable sort of the negated logits: on a tie the lower expert index, on every rank alike
+        top = np.argsort(-logits, axis=1, kind="stable")[:, : cfg.n_experts_used]  # (T, k) expert ids
+        chosen = np.take_along_axis(logits, top, axis=1)  # (T, k) f32, largest first
+        weights = np.exp(chosen - chosen[:, :1])  # softmax numerators, shifted by each row's largest logit
+        # renormalised over the k chosen, the softmax's sum over all experts cancels: only theirs is needed
+        total = weights if cfg.norm_topk_prob else np.exp(logits - chosen[:, :1])
+        weights /= total.sum(axis=1, keepdims=True)
+        return top, weights
+
+    def moe(self, layer: int, y: np.ndarray, acts: Any, T: int, tl: Timeline) -> Projection:
+        """The mixture of experts over this rank's rows of every expert: partial[t] = sum over the
+        token's chosen experts e of weight * W2_e[:, own] silu(W1_e[own] y) * W3_e[own] y. The batch's
+        tokens are grouped by expert, so each chosen expert's weights are read once per batch: its
+        tokens' rows are gathered, run as one matmul, and their weighted outputs added back."""
+        lw = self.w.layers[layer]
+        top, weights = self.route(layer, y, T)
+        tl.mark(SEG_ROUTE, layer)
+        partial = self.partial[:T]
+        partial[:] = 0.0
+        if T == 1:  # decode: each chosen expert on the one token, in expert order as a batch sums them
+            out = self.moe_out[:1]
+            for j in np.argsort(top[0]).tolist():
+                w13, w2 = lw.experts[int(top[0, j])]
+                matmul(self.h13[:1], w13, y, acts, 1)
+                kernels.swiglu(self.h[:1], self.h13[:1])
+                quantize_and_matmul(out, w2, self.h[:1], self.h_acts, 1)
+                out *= weights[0, j]
+                partial += out
+            tl.mark(SEG_EXPERTS, layer)
+            return Projection(None, partial, None)
+        flat = top.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # (T*k,) assignments grouped by expert, tokens in order
+        experts, starts = np.unique(flat[order], return_index=True)
+        ends = np.append(starts[1:], flat.size)
+        for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
+            w13, w2 = lw.experts[e]
+            n = b - a
+            tokens = order[a:b] // top.shape[1]  # (n,) distinct: a token picks an expert at most once
+            h13, h, out = self.h13[:n], self.h[:n], self.moe_out[:n]
+            if n == T:  # every token of the batch: y and its activations as they are
+                matmul(h13, w13, y, acts, T)
+            else:
+                rows = self.moe_y[:n]
+                np.take(y, tokens, axis=0, out=rows)
+                quantize_and_matmul(h13, w13, rows, self.moe_acts, n)
+            kernels.swiglu(h, h13)
+            quantize_and_matmul(out, w2, h, self.h_acts, n)
+            out *= weights.reshape(-1)[order[a:b], None]
+            partial[tokens] += out
+        tl.mark(SEG_EXPERTS, layer)
+        return Projection(None, partial, None)
+
     # -- between blocks: the residual stream and the wire ---------------------------------------
     def block_input(self, x: np.ndarray | None, norm: np.ndarray | None, T: int, tl: Timeline, layer: int,
                     seg: Segments) -> tuple[np.ndarray, Any]:
@@ -278,7 +358,7 @@ class RankModel:
         tl.mark(seg.sync, layer, payload.nbytes)
         if self.q80_wire:
             kernels.activations_from_q80(acts, payload)
-            if self.f32_weights:  # f32 weights read y itself: the values that were sent
+            if self.f32_weights or self.cfg.is_moe:  # f32 weights and the router read y itself: what was sent
                 y[:] = 0.0
                 kernels.dequantize_q80_add(y, payload)
         else:
@@ -295,7 +375,8 @@ class RankModel:
         if self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS and self.sync.name == "allreduce" and self.q80_wire:
             self._overlapped_output(proj, partial, x, T, tl, layer, seg)
             return
-        quantize_and_matmul(partial, proj.w, proj.inp, proj.acts, T)
+        if proj.w is not None:
+            quantize_and_matmul(partial, proj.w, proj.inp, proj.acts, T)
         if self.n_ranks == 1:
             x += partial
             tl.mark(seg.compute, layer)
@@ -342,7 +423,8 @@ class RankModel:
         pending = []
         bounds = np.linspace(0, T, self.overlap_chunks + 1).astype(int)
         for c0, c1 in zip(bounds[:-1], bounds[1:]):
-            quantize_and_matmul(partial[c0:c1], proj.w, proj.inp[c0:c1], proj.acts, c1 - c0)
+            if proj.w is not None:
+                quantize_and_matmul(partial[c0:c1], proj.w, proj.inp[c0:c1], proj.acts, c1 - c0)
             kernels.quantize_q80_into(send[c0:c1], partial[c0:c1])
             pending.append(self.sync.start_exchange(send[c0:c1], recv[:, c0:c1]))
         tl.mark(seg.compute, layer)
@@ -377,7 +459,8 @@ class RankModel:
             y, acts = self.block_input(x, lw.attn_norm, T, tl, layer, ATT)
             self.block_output(self.attention(layer, y, acts, pos0, T), x, T, tl, layer, ATT)
             y, acts = self.block_input(x, lw.ffn_norm, T, tl, layer, FFN)
-            self.block_output(self.ffn(layer, y, acts, T), x, T, tl, layer, FFN)
+            proj = self.moe(layer, y, acts, T, tl) if lw.experts is not None else self.ffn(layer, y, acts, T)
+            self.block_output(proj, x, T, tl, layer, FFN)
         if mode == LOGITS_NONE:
             return None
         last = x[T - 1 : T] if x is not None else None  # only the last token's row needs the head

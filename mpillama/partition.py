@@ -12,6 +12,25 @@ edits the config.
   a rank owns are whole blocks of its kind. A hidden size that is not a whole number of units
   leaves the remainder to the last rank.
 - The output head is split by vocabulary rows.
+- A mixture of experts (Qwen3 MoE) is split like the FFN, in every expert: each rank holds the same
+  32-row blocks of every expert's hidden rows (its w1/w3 rows, its w2 columns) and the whole router
+  (n_experts x dim, f32). Every rank computes the router from the same block input, so all pick the
+  same experts with no extra message, and runs its rows of each chosen expert; the block output is
+  summed as a dense FFN's (the same syncs). Work is balanced whatever the router picks.
+  The alternative, experts owned by ranks (rank r holds experts [r*E/n, (r+1)*E/n) whole), runs
+  fewer, larger matmuls but its load follows the router. Measured with bench/moe_split.py on
+  Qwen3-30B-A3B's shape (8 of 128 experts of 768 rows; uniform random routing, the best case for
+  ownership: trained routers favour some experts), busiest rank / mean per token:
+      ranks  tokens   owned   rows split (extra cost of 1/n-size matmuls, 1 thread, loaded host)
+        2       1     1.27    1.08
+        2      64     1.04    1.08
+        4       1     1.76    1.22
+        4      64     1.09    1.22
+  Decode, one token at a time, is where a cluster of boards spends its time, and there ownership
+  makes the slowest of the ranks wait for the one that drew most of the 8 experts (27% at 2 ranks,
+  76% at 4); splitting rows costs 8-22% of kernel call overhead, and none of it is waiting. Prefill
+  batches even ownership out (4-9%), but a prefill batch is already grouped by expert (each chosen
+  expert's weights read once per batch), so rows split keeps it. Hence rows split, for both.
 Shares follow the rank weights: a rank with weight 0.5 gets about half the work of one with 1.
 """
 
@@ -97,10 +116,11 @@ def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None 
         raise MpillamaError(
             f"{n_ranks} ranks but the model has only {cfg.n_heads} attention heads: run at most {cfg.n_heads} ranks"
         )
-    ffn_blocks = max(1, cfg.hidden_dim // ffn_unit)
+    ffn_blocks = max(1, cfg.ffn_dim // ffn_unit)  # a mixture of experts: each expert's rows, split alike in every expert
     if n_ranks > ffn_blocks:
+        what = "each expert" if cfg.is_moe else "the FFN"
         why = "" if ffn_unit == QK else " (the blocks of its weight type; --weight-type q40 splits in 32s)"
-        raise MpillamaError(f"{n_ranks} ranks but the FFN has only {ffn_blocks} blocks of {ffn_unit} rows{why}: "
+        raise MpillamaError(f"{n_ranks} ranks but {what} has only {ffn_blocks} blocks of {ffn_unit} rows{why}: "
                             f"run at most {ffn_blocks} ranks")
     weights = normalise_weights(n_ranks, rank_weights)
     group = cfg.group_size
@@ -108,7 +128,7 @@ def plan(cfg: ModelConfig, n_ranks: int, rank_weights: tuple[float, ...] | None 
         q_ranges = [(a * group, b * group) for a, b in split_units(cfg.n_kv_heads, weights)]
     else:
         q_ranges = split_units(cfg.n_heads, weights)
-    ffn_ranges = [(a * ffn_unit, b * ffn_unit if b < ffn_blocks else cfg.hidden_dim)
+    ffn_ranges = [(a * ffn_unit, b * ffn_unit if b < ffn_blocks else cfg.ffn_dim)
                   for a, b in split_units(ffn_blocks, weights)]
     vocab_ranges = split_units(cfg.vocab_size, weights)
     slices = []
@@ -186,9 +206,12 @@ def slice_cost(cfg: ModelConfig, slc: Slice, max_seq_len: int, weight_type: str 
         matrix_bytes(slc.n_heads * hd, cfg.dim, k["attn_qkv"])  # wq
         + 2 * matrix_bytes(slc.n_kv_heads * hd, cfg.dim, k["attn_qkv"])  # wk, wv
         + matrix_bytes(cfg.dim, slc.n_heads * hd, k["attn_output"])  # wo columns
-        + 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, k["ffn_gate_up"])  # w1, w3
-        + matrix_bytes(cfg.dim, slc.n_ffn_rows, k["ffn_down"])  # w2 columns
     )
+    ffn = 2 * matrix_bytes(slc.n_ffn_rows, cfg.dim, k["ffn_gate_up"]) + matrix_bytes(cfg.dim, slc.n_ffn_rows, k["ffn_down"])
+    if cfg.is_moe:  # own rows of every expert, and the whole f32 router on every rank
+        per_layer += cfg.n_experts * ffn + cfg.n_experts * cfg.dim * 4
+    else:  # w1, w3 rows and w2 columns
+        per_layer += ffn
     head = matrix_bytes(slc.n_vocab_rows, cfg.dim, k["output"])
     kv = 2 * cfg.n_layers * max_seq_len * slc.n_kv_heads * hd * 4
     root = matrix_bytes(cfg.vocab_size, cfg.dim, k["token_embd"]) + (2 * cfg.n_layers + 1) * cfg.dim * 4

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from mpillama.formats.synth import write_synthetic
 
-# (shape, weight type): decisive chain-head models in both types, a tied one (f32: exact math), and a
-# Q8_0 one (weights kept as stored)
+# (shape, weight type): decisive chain-head models in both types, a tied one (f32: exact math), models
+# whose weights are kept as stored (Q8_0; Q4_K_M: Q4_K and Q6_K mixed), and a mixture of experts
 TEST_MODELS = (("tiny", "q40"), ("tiny", "f32"), ("qwen3-tiny", "q40"), ("qwen3-tiny", "f32"), ("qwen3-tiny-tied", "f32"),
-               ("tiny", "q80"))
+               ("tiny", "q80"), ("tiny-256", "q4_k_m"), ("qwen3-moe-tiny", "q40"), ("qwen3-moe-tiny", "f32"))
 
 
 def make_test_models(folder: Path) -> dict[str, Path]:

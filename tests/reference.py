@@ -24,7 +24,8 @@ class RefModel:
     theta: float
     scaling: dict | None
     halves: bool
-    w: dict[str, np.ndarray]  # name -> f32 array in math orientation (out, in)
+    w: dict[str, np.ndarray]  # name -> f32 array in math orientation (out, in); experts (n_expert, out, in)
+    n_experts_used: int = 0  # qwen3moe: experts per token (0: dense FFN)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -69,6 +70,7 @@ def load(path: str) -> RefModel:
         scaling=scaling,
         halves=arch != "llama",
         w=w,
+        n_experts_used=_field(r, f"{arch}.expert_used_count", 0),
     )
 
 
@@ -141,12 +143,34 @@ def forward(m: RefModel, tokens: list[int]) -> np.ndarray:
             out[:, h] = scores @ v[:, h // group]
         x = x + out.reshape(T, -1) @ w[p + "attn_output"].T
         y = rmsnorm(x, w[p + "ffn_norm"], m.eps)
-        g = y @ w[p + "ffn_gate"].T
-        u = y @ w[p + "ffn_up"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
+        x = x + (moe_ffn(m, p, y) if m.n_experts_used else swiglu_ffn(y, w[p + "ffn_gate"], w[p + "ffn_up"],
+                                                                        w[p + "ffn_down"]))
     x = rmsnorm(x, w["output_norm"], m.eps)
     head = w.get("output", w["token_embd"])
     return (x @ head.T).astype(np.float32)
+
+
+def swiglu_ffn(y: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    g = y @ gate.T
+    u = y @ up.T
+    return (g / (1 + np.exp(-g)) * u) @ down.T
+
+
+def moe_ffn(m: RefModel, p: str, y: np.ndarray) -> np.ndarray:
+    """Qwen3 MoE, token by token as Hugging Face's Qwen3MoeSparseMoeBlock: softmax over the router's
+    logits, the top k, renormalised to sum to 1, the weighted sum of those experts' SwiGLU outputs."""
+    w, k = m.w, m.n_experts_used
+    out = np.zeros_like(y)
+    for t in range(y.shape[0]):
+        logits = w[p + "ffn_gate_inp"].astype(np.float64) @ y[t].astype(np.float64)  # (n_expert,)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        chosen = np.argsort(-probs, kind="stable")[:k]
+        weights = probs[chosen] / probs[chosen].sum()
+        for e, p_e in zip(chosen, weights):
+            out[t] += p_e * swiglu_ffn(y[t : t + 1], w[p + "ffn_gate_exps"][e], w[p + "ffn_up_exps"][e],
+                                       w[p + "ffn_down_exps"][e])[0]
+    return out
 
 
 def greedy(m: RefModel, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:

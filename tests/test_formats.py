@@ -206,7 +206,7 @@ def test_gguf_unsupported_architecture(tmp_path: Path) -> None:
     path = write_small_gguf(tmp_path / "g.gguf", small_tensors(), arch="gemma")
     with pytest.raises(MpillamaError) as e:
         open_model(path)
-    one_line_error(e, "'gemma'", "llama and qwen3")
+    one_line_error(e, "'gemma'", "llama, qwen3 and qwen3moe")
 
 
 # ---------------------------------------------------------------- distributed-llama .m
@@ -321,7 +321,7 @@ def test_dllama_bad_files(tmp_path: Path) -> None:
     path.write_bytes(small_m_bytes({**SMALL_M, 1: 0xABCD02}))
     with pytest.raises(MpillamaError) as e:
         open_model(path)
-    one_line_error(e, "mixture-of-experts")
+    one_line_error(e, "qwen3-moe header without moe_hidden_dim", "key 21")
     path.write_bytes(struct.pack("<ii", 0xA00ABCD, 4096) + bytes(16))
     with pytest.raises(MpillamaError) as e:
         open_model(path)

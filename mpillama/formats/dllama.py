@@ -14,7 +14,9 @@ Owns the byte layouts, as distributed-llama's converter writes them and its load
            head_dim 19 (default dim / n_heads), norm_eps 20 (5 -> 1e-5, 6 -> 1e-6),
            moe_hidden_dim 21. Arch 0xABCD00 llama, 0xABCD01 qwen3 (always halves), 0xABCD02 qwen3-moe.
            Tensors follow back to back, no alignment: embedding (f32); per layer q, k, v, wo,
-           w1 (gate), w2 (down), w3 (up), [qwen3: q_norm, k_norm], norm_0 (attention), norm_1
+           w1 (gate), w2 (down), w3 (up) (qwen3-moe instead: the router (n_experts, dim) in f32, then
+           per expert its w1, w2, w3 of moe_hidden_dim rows; distributed-llama always renormalises the
+           top-k weights), [qwen3: q_norm, k_norm], norm_0 (attention), norm_1
            (ffn); final norm; wcls (always present, the embedding again when tied). Matrices are
            in the weight type, rows of (out_features); everything else f32. The file ends exactly
            after wcls. Llama q/k rows are permuted for adjacent-pair rope ('pairs').
@@ -47,6 +49,7 @@ from mpillama.formats.tensors import (
     check_tensors,
     check_vectors,
     config_error,
+    expert_name,
     halves_to_pairs_rows,
     map_file,
     row_bytes,
@@ -87,10 +90,20 @@ def dllama_layout(cfg: ModelConfig, weight_kind: str) -> list[TensorInfo]:
             TensorInfo(b + "attn_k", w, (cfg.kv_dim, cfg.dim)),
             TensorInfo(b + "attn_v", w, (cfg.kv_dim, cfg.dim)),
             TensorInfo(b + "attn_output", w, (cfg.dim, cfg.q_dim)),
-            TensorInfo(b + "ffn_gate", w, (cfg.hidden_dim, cfg.dim)),
-            TensorInfo(b + "ffn_down", w, (cfg.dim, cfg.hidden_dim)),
-            TensorInfo(b + "ffn_up", w, (cfg.hidden_dim, cfg.dim)),
         ]
+        if cfg.is_moe:
+            h = cfg.expert_hidden_dim
+            out.append(TensorInfo(b + "ffn_gate_inp", f, (cfg.n_experts, cfg.dim)))
+            for e in range(cfg.n_experts):
+                out += [TensorInfo(expert_name(i, "ffn_gate_exps", e), w, (h, cfg.dim)),
+                        TensorInfo(expert_name(i, "ffn_down_exps", e), w, (cfg.dim, h)),
+                        TensorInfo(expert_name(i, "ffn_up_exps", e), w, (h, cfg.dim))]  # fmt: skip
+        else:
+            out += [
+                TensorInfo(b + "ffn_gate", w, (cfg.hidden_dim, cfg.dim)),
+                TensorInfo(b + "ffn_down", w, (cfg.dim, cfg.hidden_dim)),
+                TensorInfo(b + "ffn_up", w, (cfg.hidden_dim, cfg.dim)),
+            ]
         if cfg.qk_norm:
             out += [TensorInfo(b + "attn_q_norm", f, (cfg.head_dim,)),
                     TensorInfo(b + "attn_k_norm", f, (cfg.head_dim,))]  # fmt: skip
@@ -101,8 +114,9 @@ def dllama_layout(cfg: ModelConfig, weight_kind: str) -> list[TensorInfo]:
 
 def layer_bytes(cfg: ModelConfig, weight_kind: str) -> int:
     """Bytes of one layer's tensors in a .m file, from the config alone."""
-    matrices = 2 * cfg.q_dim * cfg.dim + 2 * cfg.kv_dim * cfg.dim + 3 * cfg.hidden_dim * cfg.dim
-    vectors = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    ffn = cfg.n_experts * cfg.expert_hidden_dim if cfg.is_moe else cfg.hidden_dim
+    matrices = 2 * cfg.q_dim * cfg.dim + 2 * cfg.kv_dim * cfg.dim + 3 * ffn * cfg.dim
+    vectors = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0) + cfg.n_experts * cfg.dim  # router: f32
     return row_bytes(weight_kind, matrices) + 4 * vectors
 
 
@@ -146,9 +160,19 @@ def dllama_config(path: Path, h: dict[str, int]) -> tuple[ModelConfig, str]:
     arch = ARCH_IDS.get(h.get("arch", -1))
     if arch is None:
         raise MpillamaError(f"{path}: unknown architecture id {h.get('arch', 'missing')} (key 1): "
-                            "mpillama runs llama (0xABCD00) and qwen3 (0xABCD01) models")
-    if arch == "qwen3-moe" or h.get("n_experts", 0) > 0:
-        raise MpillamaError(f"{path}: mixture-of-experts model: mpillama runs dense llama and qwen3 models only")
+                            "mpillama runs llama (0xABCD00), qwen3 (0xABCD01) and qwen3-moe (0xABCD02) models")
+    moe: dict[str, object] = {}
+    if arch == "qwen3-moe":
+        arch = "qwen3moe"
+        for key in ("n_experts", "n_active_experts", "moe_hidden_dim"):
+            if key not in h:
+                raise MpillamaError(f"{path}: a qwen3-moe header without {key} (key {KEY_IDS[key]}): "
+                                    "the file is damaged; re-convert it")
+        moe = dict(n_experts=h["n_experts"], n_experts_used=h["n_active_experts"],
+                   expert_hidden_dim=h["moe_hidden_dim"], norm_topk_prob=True)
+    elif h.get("n_experts", 0) > 0:
+        raise MpillamaError(f"{path}: a {arch} header with n_experts {h['n_experts']} (key 7): only qwen3-moe "
+                            "(0xABCD02) models have experts; the file is damaged, re-convert it")
     if "weight_type" not in h:
         raise MpillamaError(f"{path}: the header has no weight type (key 13): the file is damaged; re-convert it")
     kind = FLOAT_TYPES.get(h["weight_type"])
@@ -190,10 +214,11 @@ def dllama_config(path: Path, h: dict[str, int]) -> tuple[ModelConfig, str]:
             norm_eps=eps,
             rope_theta=float(h.get("rope_theta", 10000)),
             # distributed-llama runs qwen3 with falcon (halves) rope whatever the header says
-            rope_style="halves" if arch == "qwen3" or rope_type == ROPE_FALCON else "pairs",
+            rope_style="halves" if arch in ("qwen3", "qwen3moe") or rope_type == ROPE_FALCON else "pairs",
             rope_scaling=scaling,
             tied_embeddings=False,  # a .m always stores wcls
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **moe,  # type: ignore[arg-type]
         )
     except MpillamaError as e:
         raise config_error(path, e) from None
@@ -261,9 +286,10 @@ def dllama_header(cfg: ModelConfig, weight_kind: str) -> bytes:
                             "(1e-5 or 1e-6 only): use GGUF for this model")
     values = {
         "version": 0,
-        "arch": {"llama": 0xABCD00, "qwen3": 0xABCD01}[cfg.arch],
+        "arch": {"llama": 0xABCD00, "qwen3": 0xABCD01, "qwen3moe": 0xABCD02}[cfg.arch],
         "dim": cfg.dim, "hidden_dim": cfg.hidden_dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-        "n_kv_heads": cfg.n_kv_heads, "n_experts": 0, "n_active_experts": 0, "vocab_size": cfg.vocab_size,
+        "n_kv_heads": cfg.n_kv_heads, "n_experts": cfg.n_experts, "n_active_experts": cfg.n_experts_used,
+        "vocab_size": cfg.vocab_size,
         "seq_len": cfg.seq_len, "hidden_act": HIDDEN_ACT_SILU,
         "rope_theta": _int_header_value("rope_theta", cfg.rope_theta),
         "weight_type": {v: k for k, v in FLOAT_TYPES.items()}[weight_kind],
@@ -274,9 +300,15 @@ def dllama_header(cfg: ModelConfig, weight_kind: str) -> bytes:
         values["rope_scaling_low_freq_factor"] = _int_header_value("rope low_freq_factor", s.low_freq_factor)
         values["rope_scaling_high_freq_factor"] = _int_header_value("rope high_freq_factor", s.high_freq_factor)
         values["rope_scaling_orig_max_seq_len"] = s.original_max_position
-    values["rope_type"] = ROPE_FALCON if cfg.arch == "qwen3" else ROPE_LLAMA3_1 if cfg.rope_scaling else ROPE_LLAMA
+    qwen = cfg.arch in ("qwen3", "qwen3moe")
+    values["rope_type"] = ROPE_FALCON if qwen else ROPE_LLAMA3_1 if cfg.rope_scaling else ROPE_LLAMA
     values["head_dim"] = cfg.head_dim
     values["norm_eps"] = eps
+    if cfg.is_moe:
+        if not cfg.norm_topk_prob:
+            raise MpillamaError("a mixture of experts without norm_topk_prob cannot be stored in a .m file "
+                                "(distributed-llama always renormalises): use GGUF for this model")
+        values["moe_hidden_dim"] = cfg.expert_hidden_dim
     pairs = b"".join(struct.pack("<ii", KEY_IDS[k], v) for k, v in values.items())
     return struct.pack("<ii", MODEL_MAGIC, 8 + len(pairs)) + pairs
 

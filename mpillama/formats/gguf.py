@@ -29,6 +29,7 @@ from mpillama.config import ModelConfig, RopeScaling
 from mpillama.errors import MpillamaError
 from mpillama.files import shown
 from mpillama.formats.tensors import (
+    EXPERT_PARTS,
     MappedTensors,
     TensorData,
     TensorInfo,
@@ -39,6 +40,7 @@ from mpillama.formats.tensors import (
     config_error,
     fit_llama3_scaling,
     map_file,
+    row_bytes,
 )
 
 GGUF_MAGIC = b"GGUF"
@@ -63,7 +65,7 @@ _KIND_OF_TYPE = {
     GGMLQuantizationType.Q4_0: "q40",
     GGMLQuantizationType.Q8_0: "q80",
 }
-ARCH_ROPE_STYLE = {"llama": "pairs", "qwen3": "halves"}  # GGUF llama rows are permuted for pairs
+ARCH_ROPE_STYLE = {"llama": "pairs", "qwen3": "halves", "qwen3moe": "halves"}  # GGUF llama rows are permuted for pairs
 SMALL_ARRAY = 64  # longer arrays are summarised in `metadata` (the tokenizer tables)
 MAX_KEY_BYTES = 65535  # the GGUF specification's limit on a metadata key
 MAX_NAME_BYTES = 63  # llama.cpp's limit on a tensor name (GGML_MAX_NAME 64, with its terminating zero)
@@ -295,6 +297,7 @@ def _canonical(name: str) -> str:
 def gguf_tensors(path: Path, header: GGUFHeader, buf: np.ndarray) -> dict[str, TensorData]:
     """Canonical name -> TensorData, with every type known and every extent inside the file."""
     out: dict[str, TensorData] = {}
+    extents: dict[str, tuple[int, int]] = {}
     for e in header.tensors:
         kind, block = _kind(path, e)
         if e.ne[0] % block[0]:
@@ -304,16 +307,24 @@ def gguf_tensors(path: Path, header: GGUFHeader, buf: np.ndarray) -> dict[str, T
             raise MpillamaError(f"{path}: tensor {e.name!r} data at offset {e.offset} is not aligned to "
                                 f"{header.alignment} bytes: the file is damaged")
         shape = tuple(reversed(e.ne))
-        if len(shape) > 2:  # stored rows are what matter; fold the outer dimensions together
-            shape = (int(np.prod(shape[:-1])), shape[-1])
-        info = TensorInfo(_canonical(e.name), kind, shape)
-        if info.name in out:
-            raise MpillamaError(f"{path}: tensor {e.name!r} (info at offset {e.info_offset}) appears twice: "
-                                "the file is damaged")
-        data = TensorData(info, buf, e.offset, None if kind in _KIND_OF_TYPE.values() else e.ggml_type, block)
-        check_extent(path, e.name, e.offset, data.nbytes, len(buf))
-        out[info.name] = data
-    check_disjoint(path, {e.name: (d.offset, d.nbytes) for e, d in zip(header.tensors, out.values())})
+        name = _canonical(e.name)
+        foreign = None if kind in _KIND_OF_TYPE.values() else e.ggml_type
+        parts = [(name, shape, e.offset)]
+        if len(shape) == 3 and name.rsplit(".", 1)[-1] in EXPERT_PARTS:
+            # a layer's experts stacked (n_expert, rows, cols): served as one 2-D tensor per expert
+            expert_bytes = shape[1] * row_bytes(kind, shape[2], block)
+            parts = [(f"{name}.{x}", shape[1:], e.offset + x * expert_bytes) for x in range(shape[0])]
+        elif len(shape) > 2:  # stored rows are what matter; fold the outer dimensions together
+            parts = [(name, (int(np.prod(shape[:-1])), shape[-1]), e.offset)]
+        for part_name, part_shape, offset in parts:
+            if part_name in out:
+                raise MpillamaError(f"{path}: tensor {e.name!r} (info at offset {e.info_offset}) appears twice: "
+                                    "the file is damaged")
+            out[part_name] = TensorData(TensorInfo(part_name, kind, part_shape), buf, offset, foreign, block)
+        nbytes = int(np.prod(shape[:-1])) * row_bytes(kind, shape[-1], block)
+        check_extent(path, e.name, e.offset, nbytes, len(buf))
+        extents[e.name] = (e.offset, nbytes)
+    check_disjoint(path, extents)
     return out
 
 
@@ -372,7 +383,7 @@ def _tidy(x: float) -> float:
 def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorData]) -> ModelConfig:
     arch = _get(path, kv, "general.architecture", str)
     if arch not in ARCH_ROPE_STYLE:
-        raise MpillamaError(f"{path}: architecture {shown(arch)}: mpillama runs llama and qwen3 models")
+        raise MpillamaError(f"{path}: architecture {shown(arch)}: mpillama runs llama, qwen3 and qwen3moe models")
 
     def key(name: str, default: Any = None, kind: type = int) -> Any:
         return _get(path, kv, f"{arch}.{name}", kind, default)
@@ -390,11 +401,15 @@ def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorD
                             "re-convert it")
     vocab = embd.info.shape[0]  # the table is what the forward pass indexes (vocabularies may be padded)
     theta = _tidy(key("rope.freq_base", 10000.0, float))
+    moe: dict[str, Any] = {}
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+        moe = dict(n_experts=key("expert_count"), n_experts_used=key("expert_used_count"),
+                   expert_hidden_dim=key("expert_feed_forward_length"), norm_topk_prob=True)
     try:
         return ModelConfig(
             arch=arch,
             dim=dim,
-            hidden_dim=key("feed_forward_length"),
+            hidden_dim=key("feed_forward_length", moe.get("expert_hidden_dim")),
             n_layers=key("block_count"),
             n_heads=n_heads,
             n_kv_heads=key("attention.head_count_kv", n_heads),
@@ -406,7 +421,8 @@ def gguf_config(path: Path, kv: dict[str, GGUFValue], tensors: dict[str, TensorD
             rope_style=ARCH_ROPE_STYLE[arch],
             rope_scaling=_rope_scaling(path, arch, kv, tensors, head_dim, theta),
             tied_embeddings="output" not in tensors,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **moe,
         )
     except MpillamaError as e:
         raise config_error(path, e) from None

@@ -40,8 +40,8 @@ from mpillama.formats.tensors import (
     pairs_to_halves_rows,
 )
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3"}
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
+MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
 DTYPES = {"F32": ("f32", 4), "F16": ("f16", 2), "BF16": ("bf16", 2)}
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -58,7 +58,10 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # Qwen3 MoE: the router
 }
+# Qwen3 MoE: model.layers.{i}.mlp.experts.{e}.{projection} -> blk.{i}.{part}.{e} (formats.tensors.expert_name)
+_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -70,8 +73,12 @@ def canonical_name(hf_name: str) -> str:
     if base in _TOP_NAMES:
         return _TOP_NAMES[base]
     parts = base.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _LAYER_NAMES:
-        return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        if parts[3] in _LAYER_NAMES:
+            return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}"
+        expert = parts[3].split(".")
+        if len(expert) == 4 and expert[:2] == ["mlp", "experts"] and expert[2].isdigit() and expert[3] in _EXPERT_NAMES:
+            return f"blk.{parts[2]}.{_EXPERT_NAMES[expert[3]]}.{int(expert[2])}"
     return hf_name
 
 
@@ -82,7 +89,10 @@ def hf_name(canonical: str) -> str:
             return hf + ".weight"
     _, i, part = canonical.split(".", 2)
     inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    return f"model.layers.{i}.{inverse[part]}.weight"
+    if part in inverse:
+        return f"model.layers.{i}.{inverse[part]}.weight"
+    part, e = part.split(".")
+    return f"model.layers.{i}.mlp.experts.{e}.{ {v: k for k, v in _EXPERT_NAMES.items()}[part]}.weight"
 
 
 # ---------------------------------------------------------------- config.json
@@ -145,13 +155,22 @@ def hf_config(path: Path, c: dict[str, Any], has_lm_head: bool) -> ModelConfig:
     arch = next((ARCHS[a] for a in architectures if isinstance(a, str) and a in ARCHS), by_type)
     if arch is None:
         raise MpillamaError(f"{path}: architecture {shown(architectures or model_type)}: mpillama runs "
-                            "LlamaForCausalLM and Qwen3ForCausalLM models")
+                            "LlamaForCausalLM, Qwen3ForCausalLM and Qwen3MoeForCausalLM models")
     if c.get("hidden_act", "silu") != "silu":
         raise MpillamaError(f"{path}: hidden_act {shown(c['hidden_act'])}: mpillama runs silu models only")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise MpillamaError(f"{path}: the model has attention/mlp biases, which mpillama does not run")
     rope_params = _Settings(path, cs.typed("rope_parameters", dict, {}))  # newer transformers keep rope settings here
     dim, n_heads = cs.int("hidden_size"), cs.int("num_attention_heads")
+    moe: dict[str, Any] = {}
+    if arch == "qwen3moe":
+        if cs.int("decoder_sparse_step", 1) != 1 or cs.typed("mlp_only_layers", list, []):
+            raise MpillamaError(f"{path}: some layers are dense (decoder_sparse_step / mlp_only_layers): mpillama "
+                                "runs Qwen3 MoE models whose every layer is a mixture of experts")
+        # Qwen3MoeConfig's own defaults: norm_topk_prob false (Qwen3-30B-A3B's config.json sets it true)
+        moe = dict(n_experts=cs.int("num_experts"), n_experts_used=cs.int("num_experts_per_tok"),
+                   expert_hidden_dim=cs.int("moe_intermediate_size"),
+                   norm_topk_prob=cs.typed("norm_topk_prob", bool, False))
     try:
         return ModelConfig(
             arch=arch,
@@ -169,7 +188,8 @@ def hf_config(path: Path, c: dict[str, Any], has_lm_head: bool) -> ModelConfig:
             rope_style="halves",
             rope_scaling=_rope_scaling(path, cs.typed("rope_scaling", dict, {}) or rope_params.c),
             tied_embeddings=cs.typed("tie_word_embeddings", bool, False) and not has_lm_head,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **moe,
         )
     except MpillamaError as e:
         raise config_error(path, e) from None
@@ -299,8 +319,8 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def _hf_config_json(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM" if cfg.arch == "llama" else "Qwen3ForCausalLM"],
-        "model_type": cfg.arch,
+        "architectures": [{v: k for k, v in ARCHS.items()}[cfg.arch]],
+        "model_type": {v: k for k, v in MODEL_TYPES.items()}[cfg.arch],
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers,
@@ -317,6 +337,10 @@ def _hf_config_json(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         "attention_bias": False,
         "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[dtype],
     }
+    if cfg.is_moe:
+        out.update({"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_used,
+                    "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.norm_topk_prob,
+                    "decoder_sparse_step": 1, "mlp_only_layers": []})  # fmt: skip
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,

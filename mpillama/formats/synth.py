@@ -77,6 +77,12 @@ def _qwen3(**kw: object) -> ModelConfig:
     return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
+def _qwen3moe(**kw: object) -> ModelConfig:
+    base = dict(arch="qwen3moe", vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, rope_style="halves",
+                qk_norm=True, norm_topk_prob=True)  # fmt: skip
+    return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
 def _tied(dim: int) -> dict[str, float]:
     """Init for tied embeddings: logits of std ~4 from N(0, (4/sqrt(dim))^2) rows, and a zero-mean
     output_norm. With norms ~1 the residual keeps the input token's embedding, whose own logit
@@ -110,9 +116,9 @@ SHAPES: dict[str, SynthShape] = {
         _llama(dim=128, hidden_dim=352, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, seq_len=512,
                rope_scaling=_LLAMA32_ROPE, tied_embeddings=False), "llama-bpe", embed_std=2.0, chain_gain=4.0),  # fmt: skip
     # tiny-256: every matrix's columns whole 256-value super-blocks, for the K-quant types (--type q4_k, ...);
-    # hidden 768 = 3 super-blocks, so two ranks share the FFN unevenly
+    # hidden 1024 = 4 super-blocks, so three ranks share the FFN unevenly
     "tiny-256": SynthShape(
-        _llama(dim=256, hidden_dim=768, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
+        _llama(dim=256, hidden_dim=1024, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
                tied_embeddings=False), "llama-bpe", embed_std=2.0, chain_gain=4.0),  # fmt: skip
     # qwen3-tiny: head_dim 64 with dim 128, so q_dim = 256 != dim, like real Qwen3. Untied (a tied head
     # cannot be a chain); the tied path is tested with f32 weights, where there is no Q8_0 noise.
@@ -124,11 +130,21 @@ SHAPES: dict[str, SynthShape] = {
     "qwen3-tiny-tied": SynthShape(
         _qwen3(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512),
         "qwen2", embed_std=0.5, out_norm_mean=0.0, out_norm_std=1.0, head_spread=0.35),  # fmt: skip
+    # qwen3-moe-tiny: 8 experts of 160 rows (5 blocks of 32: uneven splits over 2-4 ranks), 2 used per
+    # token, so the router's choice changes every layer's output; a chain head as qwen3-tiny.
+    "qwen3-moe-tiny": SynthShape(
+        _qwen3moe(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, seq_len=512,
+                  n_experts=8, n_experts_used=2, expert_hidden_dim=160),
+        "qwen2", embed_std=2.0, chain_gain=4.0),  # fmt: skip
+    # Qwen3-30B-A3B: 48 layers, 128 experts of 768 rows, 8 used per token (~17 GB in Q4_0)
+    "qwen3-30b-a3b": SynthShape(
+        _qwen3moe(dim=2048, hidden_dim=6144, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, seq_len=40960,
+                  n_experts=128, n_experts_used=8, expert_hidden_dim=768), "qwen2"),  # fmt: skip
 }
 
 # per architecture: (end-of-turn token used as eos, add_bos); the chat template, when the vocabulary
 # has none, is chat.py's built-in one for the architecture
-_CHAT = {"llama": ("<|eot_id|>", True), "qwen3": ("<|im_end|>", False)}
+_CHAT = {"llama": ("<|eot_id|>", True), "qwen3": ("<|im_end|>", False), "qwen3moe": ("<|im_end|>", False)}
 
 # the matrices' type (and the embedding's); norms are always f32. q4_k_m mixes like llama-quantize's Q4_K_M:
 # Q6_K for the output head and, in some layers (_more_bits), attn_v and ffn_down; Q4_K elsewhere
@@ -147,7 +163,7 @@ class _Planned:
 
     @property
     def is_matrix(self) -> bool:
-        return len(self.shape) == 2
+        return len(self.shape) >= 2  # 3-D: a layer's experts stacked (n_expert, rows, cols)
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -176,6 +192,16 @@ def tensor_plan(shape: SynthShape) -> list[_Planned]:
         if c.qk_norm:
             plan += [_Planned(b + "attn_q_norm.weight", (c.head_dim,), norm, 1.0),
                      _Planned(b + "attn_k_norm.weight", (c.head_dim,), norm, 1.0)]  # fmt: skip
+        if c.is_moe:
+            e, h = c.n_experts, c.expert_hidden_dim
+            plan += [
+                _Planned(b + "ffn_norm.weight", (c.dim,), norm, 1.0),
+                _Planned(b + "ffn_gate_inp.weight", (e, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+                _Planned(b + "ffn_gate_exps.weight", (e, h, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+                _Planned(b + "ffn_up_exps.weight", (e, h, c.dim), s.gain / np.sqrt(c.dim), 0.0),
+                _Planned(b + "ffn_down_exps.weight", (e, c.dim, h), s.gain / np.sqrt(h), 0.0),
+            ]
+            continue
         plan += [
             _Planned(b + "ffn_norm.weight", (c.dim,), norm, 1.0),
             _Planned(b + "ffn_gate.weight", (c.hidden_dim, c.dim), s.gain / np.sqrt(c.dim), 0.0),
@@ -201,7 +227,8 @@ def _more_bits(layer: int, n_layers: int) -> bool:
 
 
 def _ggml_type(p: _Planned, weight_type: str, n_layers: int) -> GGMLQuantizationType:
-    if not p.is_matrix:
+    # the MoE router stays F32, as llama-quantize leaves it: routing is a discrete choice, worth exact inputs
+    if not p.is_matrix or p.name.endswith("ffn_gate_inp.weight"):
         return GGMLQuantizationType.F32
     if weight_type != "q4_k_m":
         return _QTYPES[weight_type]
@@ -236,7 +263,7 @@ def _chunks(p: _Planned, shape: SynthShape, qtype: GGMLQuantizationType, seed: i
         yield from _chain_head(shape, qtype, seed)
         return
     rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
-    rows, cols = (p.shape[0], p.shape[1]) if p.is_matrix else (1, p.shape[0])
+    rows, cols = (int(np.prod(p.shape[:-1])), p.shape[-1]) if p.is_matrix else (1, p.shape[0])
     spread = None
     if p.row_spread:
         spread = np.exp(p.row_spread * rng.standard_normal(rows, dtype=np.float32))  # (rows,) f32
@@ -300,6 +327,9 @@ def _add_metadata(w: GGUFWriter, shape: SynthShape, name: str, weight_type: str)
         "attention.head_count_kv": c.n_kv_heads, "attention.key_length": c.head_dim,
         "attention.value_length": c.head_dim, "rope.dimension_count": c.head_dim,
     }
+    if c.is_moe:
+        uint32.update({"expert_count": c.n_experts, "expert_used_count": c.n_experts_used,
+                       "expert_feed_forward_length": c.expert_hidden_dim})  # fmt: skip
     for key, value in uint32.items():
         w.add_uint32(f"{a}.{key}", value)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", c.norm_eps)

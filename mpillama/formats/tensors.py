@@ -104,9 +104,32 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[b + "attn_q_norm"] = (cfg.head_dim,)
             shapes[b + "attn_k_norm"] = (cfg.head_dim,)
         shapes[b + "ffn_norm"] = (cfg.dim,)
+        if cfg.is_moe:
+            shapes.update(expert_tensors(cfg, i))
+            continue
         shapes[b + "ffn_gate"] = (cfg.hidden_dim, cfg.dim)
         shapes[b + "ffn_up"] = (cfg.hidden_dim, cfg.dim)
         shapes[b + "ffn_down"] = (cfg.dim, cfg.hidden_dim)
+    return shapes
+
+
+EXPERT_PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # GGUF's names of the stacked expert tensors
+
+
+def expert_name(layer: int, part: str, expert: int) -> str:
+    """Canonical name of one expert's 2-D matrix: blk.3.ffn_gate_exps.17. GGUF stores a layer's experts
+    as one 3-D tensor and Hugging Face as one tensor per expert; readers serve both by this name."""
+    return f"blk.{layer}.{part}.{expert}"
+
+
+def expert_tensors(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """A mixture-of-experts layer's FFN tensors: the router and every expert's three matrices."""
+    h = cfg.expert_hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {f"blk.{layer}.ffn_gate_inp": (cfg.n_experts, cfg.dim)}
+    for e in range(cfg.n_experts):
+        shapes[expert_name(layer, "ffn_gate_exps", e)] = (h, cfg.dim)
+        shapes[expert_name(layer, "ffn_up_exps", e)] = (h, cfg.dim)
+        shapes[expert_name(layer, "ffn_down_exps", e)] = (cfg.dim, h)
     return shapes
 
 

@@ -508,6 +508,37 @@ class Analysis:
     coverage: dict[str, np.ndarray]
     load_s: np.ndarray
     problems: list[str] = field(default_factory=list)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # see expert_balance
+
+
+def expert_balance(trace: Trace, times: StepTimes) -> dict[str, dict[str, Any]]:
+    """Mixture of experts, per phase: each rank's ms per token in the router ("route") and in the chosen
+    experts ("experts"), and how balanced the experts' work was: the busiest rank's time over the mean.
+    Empty for a dense model (or a trace from before these segments existed)."""
+    names = trace.segment_names
+    if "experts" not in names:
+        return {}
+    s = trace.segments
+    row = _step_index(times.step, s.step)
+    dur = busy_dur(trace)
+    per = {}
+    for seg in ("route", "experts"):
+        m = (row >= 0) & (s.seg == names.index(seg))
+        if not m.any():
+            return {}
+        per[seg] = np.zeros((len(times.step), trace.n_ranks))  # (n_steps, n_ranks) s
+        np.add.at(per[seg], (row[m], s.rank[m]), dur[m])
+    out: dict[str, dict[str, Any]] = {}
+    for code, name in enumerate(trace.phase_names):
+        m = times.phase == code
+        if not m.any():
+            continue
+        per_tok = 1e3 / max(int(times.tokens[m].sum()), 1)
+        experts = per["experts"][m].sum(axis=0) * per_tok
+        mean = float(experts.mean())
+        out[name] = {"route_ms_per_token": per["route"][m].sum(axis=0) * per_tok, "experts_ms_per_token": experts,
+                     "experts_max_over_mean": float(experts.max()) / mean if mean > 0 else float("nan")}
+    return out
 
 
 def analyze(trace: Trace, n_worst: int = 10) -> Analysis:
@@ -521,4 +552,5 @@ def analyze(trace: Trace, n_worst: int = 10) -> Analysis:
         straggler=straggler(coll, trace.n_ranks), skew=skew_distribution(trace, coll),
         wait_phase=wait_phase, wait_layers=layers, wait_table_ms=table, worst=worst_segments(trace, n_worst),
         coverage=coverage(trace), load_s=load_seconds(trace), problems=segment_problems(trace),
+        experts=expert_balance(trace, times),
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 SEGMENTS: tuple[str, ...] = (
     "embed", "att", "att_sync", "ffn", "ffn_sync", "head", "head_sync", "sample", "ctrl_sync", "load", "other",
+    "route", "experts",  # mixture of experts: the router, then the chosen experts (after "other": old codes stay)
 )
 SEG_EMBED = 0
 SEG_ATT = 1
@@ -39,6 +40,8 @@ SEG_SAMPLE = 7
 SEG_CTRL_SYNC = 8
 SEG_LOAD = 9
 SEG_OTHER = 10
+SEG_ROUTE = 11  # MoE: router logits, softmax, top-k (every rank, the same work)
+SEG_EXPERTS = 12  # MoE: the chosen experts' own rows (where the router's choice can unbalance ranks)
 assert SEGMENTS[SEG_OTHER] == "other" and SEGMENTS[SEG_CTRL_SYNC] == "ctrl_sync"
 
 PHASES: tuple[str, ...] = ("prefill", "decode")

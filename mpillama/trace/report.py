@@ -75,6 +75,7 @@ def report_tables(a: Analysis) -> dict[str, Any]:
             }
             for name, row in a.phases.items()
         },
+        "experts": a.experts,
         "straggler": {
             "rank": st.rank,
             "most_often_last": st.most_often_last,
@@ -133,6 +134,11 @@ def format_report(tab: dict[str, Any]) -> str:
         for row in ph["ranks"]:
             lines.append(f"  {row['rank']:>4} {_f(row['compute_ms'], 3):>9} {_f(row['sync_ms'], 3):>9} "
                          f"{_f(row['wait_ms'], 3):>9} {_f(row['transfer_ms'], 3):>9}")
+        ex = tab.get("experts", {}).get(name)
+        if ex:  # mixture of experts: how evenly the chosen experts' work fell on the ranks
+            lines.append(f"  experts ms per token by rank: {' '.join(_f(v, 3) for v in ex['experts_ms_per_token'])}; "
+                         f"busiest / mean {_f(ex['experts_max_over_mean'], 3)}; router "
+                         f"{' '.join(_f(v, 3) for v in ex['route_ms_per_token'])}")
     if not tab["phases"]:
         lines.append("no finished steps")
     st = tab["straggler"]

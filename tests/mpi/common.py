@@ -21,6 +21,9 @@ CASES = {  # name: (model file stem, weight type)
     "qwen3-tiny-q40": ("qwen3-tiny-q40", "q40"),
     "tiny-f32": ("tiny-f32", "f32"),
     "tiny-q80": ("tiny-q80", "auto"),  # Q8_0 weights kept as stored
+    "tiny-256-q4_k_m": ("tiny-256-q4_k_m", "auto"),  # K-quants kept as stored, Q4_K and Q6_K in one matrix
+    "qwen3-moe-tiny-q40": ("qwen3-moe-tiny-q40", "q40"),  # mixture of experts: every rank routes alike
+    "qwen3-moe-tiny-f32": ("qwen3-moe-tiny-f32", "f32"),
 }
 
 

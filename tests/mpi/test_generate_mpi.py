@@ -6,7 +6,11 @@ with f32 weights and f32 sync buffers the partial sums differ from one rank's on
 rounding (EXACT_TOLERANCE); as soon as anything is rounded to Q8_0 (Q80 buffers, or the Q8_0
 activations that Q40 weights multiply), a float-rounding difference in a sum can move a value
 across a rounding boundary, and logits stay within Q8_TOLERANCE of one rank's. Both are
-fractions of the largest logit.
+fractions of the largest logit. A mixture of experts adds a discrete choice: where a token's k-th and
+(k+1)-th router logits nearly tie (gaps of 0.002 occur in the test model, Q8_0 rounding of the
+router's input moves its logits by about that), Q80 buffers can pick the other expert, and that
+token's FFN output, and through its K/V every later logit, moves by up to ~10% of the largest
+(measured 0.103): MOE_Q8_TOLERANCE. Tokens stay identical.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tests.mpi.common import CASES, PROMPT_IDS, expected, run_engine
 
 EXACT_TOLERANCE = 1e-4
 Q8_TOLERANCE = 0.03
+MOE_Q8_TOLERANCE = 0.2
 
 WORLD = MPI.COMM_WORLD
 
@@ -32,7 +37,7 @@ def check(case: str, tokens: list[int] | None, logits: np.ndarray | None, buffer
     if logits is not None:
         scale = np.abs(want_logits).max()
         exact = buffer == "f32" and CASES[case][1] == "f32"
-        tol = EXACT_TOLERANCE if exact else Q8_TOLERANCE
+        tol = EXACT_TOLERANCE if exact else MOE_Q8_TOLERANCE if "moe" in case and buffer == "q80" else Q8_TOLERANCE
         assert np.abs(logits - want_logits).max() <= tol * scale
 
 
