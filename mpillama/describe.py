@@ -8,7 +8,7 @@ from mpillama import partition
 from mpillama.config import DEFAULTS
 from mpillama.formats import open_model
 from mpillama.formats.tensors import check_max_seq_len, type_name
-from mpillama.weight_source import GROUP_TENSORS, ffn_unit, kept_kinds
+from mpillama.weight_source import ffn_unit, group_tensors, kept_kinds
 
 
 def mib(n: int) -> str:
@@ -74,12 +74,15 @@ def kept_lines(mf: object, weight_type: str) -> list[str]:
     cfg, tensors = mf.config, mf.tensors  # type: ignore[attr-defined]
     kinds = kept_kinds(tensors, weight_type)
     head = "output" if "output" in tensors else "token_embd"
-    names = {**{g: [n.replace("blk.0.", "") for n in ns] for g, ns in GROUP_TENSORS.items()},
+    groups = group_tensors(tensors)
+    names = {**{g: [n.replace("blk.0.", "") for n in ns] for g, ns in groups.items()},
              "output": [head], "token_embd": ["token_embd"]}
     lines = [f"weights in memory with --weight-type {weight_type} (stored -> kept, whole model):"]
     for group, kept in kinds.items():
-        layers = cfg.n_layers if group in GROUP_TENSORS else 1
-        first = [f"blk.0.{n}" for n in names[group]] if group in GROUP_TENSORS else names[group]
+        layers = cfg.n_layers if group in groups else 1
+        if cfg.is_moe and group in ("ffn_gate_up", "ffn_down"):
+            layers *= cfg.n_experts  # the first expert's tensors stand for every expert's
+        first = [f"blk.0.{n}" for n in names[group]] if group in groups else names[group]
         stored = sorted({type_name(tensors[n].kind, None) for n in first})
         n_bytes = layers * sum(partition.matrix_bytes(*tensors[n].shape, kept) for n in first)
         lines.append(f"  {group:>12}: {'/'.join(stored):>9} -> {kept.kind:<5} {mib(n_bytes):>12}"

@@ -33,7 +33,7 @@ _CHUNK_VALUES = 1 << 24  # values requantized per step: bounds the temporary f32
 def main_kind(tensors: dict[str, Any]) -> str:
     """The kind a model's other tensors are requantized to under auto: its FFN matrices' stored kind when
     that is registered with a quantizer (a Q8_0 .m file's f32 embedding becomes Q8_0), else q40."""
-    kind = weights.registered(tensors["blk.0.ffn_down"].kind)
+    kind = weights.registered(tensors[group_tensors(tensors)["ffn_down"][0]].kind)
     return kind.name if kind is not None and kind.quantize is not None else "q40"
 
 
@@ -75,12 +75,20 @@ GROUP_TENSORS = {  # partition.GROUPS -> the tensors of layer 0 stacked into tha
     "attn_qkv": ["blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v"], "attn_output": ["blk.0.attn_output"],
     "ffn_gate_up": ["blk.0.ffn_gate", "blk.0.ffn_up"], "ffn_down": ["blk.0.ffn_down"],
 }
+MOE_FFN_TENSORS = {  # the same for a mixture of experts: its first expert stands for all
+    "ffn_gate_up": ["blk.0.ffn_gate_exps.0", "blk.0.ffn_up_exps.0"], "ffn_down": ["blk.0.ffn_down_exps.0"],
+}
+
+
+def group_tensors(tensors: dict[str, Any]) -> dict[str, list[str]]:
+    """GROUP_TENSORS, with the first expert's tensors for the FFN of a mixture of experts."""
+    return GROUP_TENSORS if "blk.0.ffn_down" in tensors else {**GROUP_TENSORS, **MOE_FFN_TENSORS}
 
 
 def kept_kinds(tensors: dict[str, Any], weight_type: str) -> dict[str, Kept]:
     """partition.GROUPS -> what each group of matrices is kept as (from layer 0 and the header alone)."""
     head = "output" if "output" in tensors else "token_embd"
-    names = {**GROUP_TENSORS, "output": [head], "token_embd": ["token_embd"]}
+    names = {**group_tensors(tensors), "output": [head], "token_embd": ["token_embd"]}
     out = {}
     for group, group_names in names.items():
         kind = matrix_kind(tensors, group_names, weight_type)
