@@ -22,23 +22,27 @@ from mpillama.sampler import Sampler
 from mpillama.trace.recorder import SEGMENTS, NullRecorder, Recorder
 
 
-def rank0_records(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(step, segment code, seconds) of every record rank 0 holds: its recorder's, and under
+def rank0_records(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step, segment code, start s, end s) of every record rank 0 holds: its recorder's, and under
     --trace also those already flushed to the trace session."""
     rec, n = engine.rec, engine.rec.n
-    parts = [np.stack([rec.steps[:n], rec.segs[:n], rec.t_ends[:n] - rec.t_starts[:n]], axis=1).astype(np.float64)]
+    parts = [np.stack([rec.steps[:n], rec.segs[:n], rec.t_starts[:n], rec.t_ends[:n]], axis=1).astype(np.float64)]
     for packed in engine.session.flushed_records(0):  # (n, 6) rows, see Recorder.take
-        parts.append(np.stack([packed[:, 0], packed[:, 2], packed[:, 4] - packed[:, 3]], axis=1))
-    rows = np.concatenate(parts)  # (records, 3) f64
-    return rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2]
+        parts.append(np.stack([packed[:, 0], packed[:, 2], packed[:, 3], packed[:, 4]], axis=1))
+    rows = np.concatenate(parts)  # (records, 4) f64
+    return rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2], rows[:, 3]
 
 
-def decode_split(engine: Engine, decode_steps: set[int]) -> dict[str, float]:
-    """ms per decode step in each segment kind, from rank 0's records."""
-    steps, segs, dur = rank0_records(engine)
+def decode_split(engine: Engine, decode_steps: set[int]) -> tuple[dict[str, float], float]:
+    """ms per decode step in each segment kind, and the mean ms from a step's first record to its last
+    (what the segments tile; the time between steps is the engine's own), from rank 0's records."""
+    steps, segs, starts, ends = rank0_records(engine)
     mask = np.isin(steps, list(decode_steps))
     per_step = max(len(decode_steps), 1)
-    return {SEGMENTS[c]: float(dur[mask & (segs == c)].sum() / per_step * 1e3) for c in np.unique(segs[mask])}
+    dur = ends - starts
+    split = {SEGMENTS[c]: float(dur[mask & (segs == c)].sum() / per_step * 1e3) for c in np.unique(segs[mask])}
+    spans = [ends[steps == s].max() - starts[steps == s].min() for s in decode_steps if np.any(steps == s)]
+    return split, float(np.mean(spans) * 1e3) if spans else float("nan")
 
 
 def matmul_ms(engine: Engine, repeats: int = 5) -> float:
@@ -74,6 +78,7 @@ class Measured:
     prompt_tok_s: float
     gen_tok_s: float
     split: dict[str, float]  # ms per decode step in each segment kind
+    split_step_ms: float  # ms from a decode step's first record to its last, on average
     matmul_ms: float
     sync_ms: float
     outside_share: float  # of a decode token, outside the matmuls and the sync
@@ -87,7 +92,7 @@ def measure_once(engine: Engine, prompt: list[int], steps: int, traced: bool) ->
     recorder = engine.rec if traced else Recorder(0, engine.cfg.n_layers * 8 * (steps + 8) + 1024)
     with engine.recording(recorder):
         gen = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
-        split = decode_split(engine, set(range(engine.step - gen.decode_steps, engine.step)))
+        split, split_step_ms = decode_split(engine, set(range(engine.step - gen.decode_steps, engine.step)))
     # the matmuls alone and the unrecorded run come right after the tokens they are compared with:
     # the shares are differences of times, so all are taken while the machine is in the same state
     mm = matmul_ms(engine)
@@ -96,7 +101,7 @@ def measure_once(engine: Engine, prompt: list[int], steps: int, traced: bool) ->
     with engine.recording(NullRecorder(0)):
         plain = engine.generate(prompt, steps + 1, greedy, stop_on_eos=False)
     outside = 1 - (mm + sync_ms) * gen.gen_tok_s / 1e3 if gen.gen_tok_s else float("nan")
-    return Measured(gen.prompt_tok_s, gen.gen_tok_s, split, mm, sync_ms, outside, plain.gen_tok_s)
+    return Measured(gen.prompt_tok_s, gen.gen_tok_s, split, split_step_ms, mm, sync_ms, outside, plain.gen_tok_s)
 
 
 def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> dict[str, Any]:
@@ -128,5 +133,6 @@ def run_bench(engine: Engine, prompt_tokens: int, steps: int, repeat: int) -> di
         "recording_cost": round(median(1 - r.gen_tok_s / r.unrecorded_gen_tok_s for r in runs), 4) if plain else None,
         "load_s": round(engine.load_s, 2),
         "split_ms": {k: round(v, 3) for k, v in middle.split.items()},
+        "split_step_ms": round(middle.split_step_ms, 3),
     }
     return out

@@ -154,7 +154,9 @@ def test_bench_prints_speeds_and_the_time_split(traced: bool, models: dict[str, 
     assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0 and result["gen_tok_s_unrecorded"] > 0
     assert {"att", "ffn", "head"} <= set(result["split_ms"])
     assert "att_sync" not in result["split_ms"] and "ffn_sync" not in result["split_ms"]  # one rank moves nothing
-    assert 0.5 < sum(result["split_ms"].values()) / result["token_ms"] < 1.5  # the segments tile a decode step
+    # the segments tile a decode step (compared with the same steps' span: token_ms also holds the time
+    # between steps, which a busy machine stretches)
+    assert 0.9 < sum(result["split_ms"].values()) / result["split_step_ms"] < 1.01, result
     assert 0 <= result["outside_matmul_share"] < 1
 
 
