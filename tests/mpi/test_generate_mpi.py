@@ -79,6 +79,15 @@ def test_scatter_q80_weights() -> None:
 
 
 @pytest.mark.mpi(min_size=2)
+def test_scatter_mixed_kquant_weights() -> None:
+    """A Q4_K_M matrix stacks Q4_K and Q6_K tensors: rank 0 sends them one message a tensor, each as stored
+    (or as Q8_0 where a rank's column slice cuts a 256-value block)."""
+    tokens, logits = run_engine(WORLD, "tiny-256-q4_k_m", weight_source="scatter", chunk_bytes=4096,
+                                buffer_float_type="f32")
+    check("tiny-256-q4_k_m", tokens, logits, "f32")
+
+
+@pytest.mark.mpi(min_size=2)
 def test_auto_sync_is_measured_and_agreed() -> None:
     """--sync auto times both wires on this link; every rank must take the same choice."""
     comm = Comm(WORLD, timeout=120.0, chunk_bytes=1 << 20)
