@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import h5py
@@ -233,6 +234,7 @@ class TraceSession:
         self.flush_s = 0.0
         self.done = False
         self.writing = False
+        self.pending: tuple[str, Callable[[], None] | None] | None = None  # a write_partial that came mid-write
         self.checkpoint_s = CHECKPOINT_S
         self.n_checkpoints = 0
         self.checkpoint_cost = 0.0  # s the last checkpoint took
@@ -356,6 +358,9 @@ class TraceSession:
             write_trace(self.path, data, fsync=False)
         finally:
             self.writing = False
+            if self.pending is not None and not self.done:  # a signal came during this write
+                (reason, then), self.pending = self.pending, None
+                self.write_partial(reason, then)
 
     def _data(self, fits: list[ClockFit], stats: list[dict[str, Any]], summary: dict[str, Any]) -> TraceData:
         """Rank 0: what it holds now, as TraceData."""
@@ -391,14 +396,22 @@ class TraceSession:
         if problem:
             raise MpillamaError(problem)
 
-    def write_partial(self, reason: str) -> None:
-        """Rank 0 only, no communication: write what is held now, marked partial. Later calls and close() do nothing.
+    def write_partial(self, reason: str, then: Callable[[], None] | None = None) -> None:
+        """Rank 0 only, no communication: write what is held now, marked partial, then call `then`.
+        Later calls and close() do nothing.
 
         Safe from a signal handler. Records other ranks made since the last flush are not in the file.
-        If a checkpoint or the final file is being written at that moment, that write is left to finish.
+        If a checkpoint is being written at that moment (the handler interrupted it), this write is
+        deferred until that one ends: the handler returns, or raises to stop the program, and the
+        checkpoint's own finally writes this partial file and calls `then`.
         """
-        if not self.active or self.done or self.writing:
-            return  # while a checkpoint is written: not done, so a later call (after it unwinds) still writes
+        if not self.active or self.done:
+            return
+        if self.writing:
+            self.pending = (reason, then)
+            return
         self.done = True
         if self.rank == 0:
             self._write_partial(reason)
+        if then is not None:
+            then()

@@ -232,6 +232,31 @@ def test_single_rank_session_and_partial(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["one.h5"]
 
 
+def test_a_signal_during_a_checkpoint_writes_its_partial_file_after_it(tmp_path: Path) -> None:
+    """A handler's write_partial that interrupts a checkpoint's write is deferred, not dropped: the
+    checkpoint's write ends, then the partial file with the signal's reason is written and `then` runs."""
+    comm = MPI.COMM_SELF
+    path = str(tmp_path / "sig.h5")
+    sess = open_session(comm, path, capacity=32)
+    fake_run(comm, sess, n_steps=4, compute_s=0.0005)
+    called = []
+    real_write = session_mod.write_trace
+
+    def write_interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        sess.write_partial("SIGTERM", then=lambda: called.append(True))  # the signal arrives mid-write
+        assert not called  # deferred
+        return real_write(*args, **kwargs)
+
+    session_mod.write_trace = write_interrupted
+    try:
+        sess._write_partial("checkpoint: the run had not ended")
+    finally:
+        session_mod.write_trace = real_write
+    assert called == [True]
+    trace = load_trace(path)
+    assert trace.partial and trace.partial_reason == "SIGTERM" and len(trace.steps) == 4
+
+
 # ---------------------------------------------------------------------------------------- SIGTERM
 
 
@@ -244,9 +269,8 @@ def _sigterm_main(path: str) -> None:
         # Workers carry on, so that rank 0 is never left blocked in a collective with a rank
         # that has gone; mpirun ends them once rank 0 has left. (The engine's collectives
         # poll with a timeout and so return to Python, where the handler runs, either way.)
-        if comm.Get_rank() == 0:
-            sess.write_partial(signal.Signals(signum).name)
-            os._exit(0)
+        if comm.Get_rank() == 0:  # exits once the file is written (after a checkpoint it interrupted, if any)
+            sess.write_partial(signal.Signals(signum).name, then=lambda: os._exit(0))
 
     signal.signal(signal.SIGTERM, on_term)
     if comm.Get_rank() == 0:
