@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mpillama.errors import MpillamaError
-from mpillama.mpienv import needs_mpi
+from mpillama.mpienv import needs_mpi, report_process_failures
 
 # Every point-to-point tag of the job, in one table: no two kinds of message can ever match.
 TAG_GATHER = 11  # gather_to_root (block partials, logits, trace records)
@@ -36,12 +36,17 @@ class SyncTimeout(MpillamaError):
     """A collective did not complete within --sync-timeout seconds."""
 
 
+class PeerLost(MpillamaError):
+    """A rank's process failed mid-run (Open MPI reports it when the job spans hosts)."""
+
+
 MPI: Any = None  # the mpi4py.MPI module, imported (which starts MPI) only for jobs launched by MPI
 
 
 def start_mpi() -> Any:
     global MPI
     if MPI is None:
+        report_process_failures()
         from mpi4py import MPI as module
 
         MPI = module
@@ -138,11 +143,11 @@ class Comm:
         """Complete all requests; past the timeout, raise naming the peers of unfinished ones."""
         if timeout == -1.0:
             timeout = self.timeout
-        if MPI.Request.Testall(reqs):
+        if self._done(reqs, peers):
             return
         start = time.perf_counter()
         polls = 0
-        while not MPI.Request.Testall(reqs):
+        while not self._done(reqs, peers):
             polls += 1
             if polls < SPIN_TESTS:
                 continue
@@ -155,6 +160,37 @@ class Comm:
                     f"ranks that never arrived: {who}. Check those ranks' hosts, or raise --sync-timeout"
                 )
             time.sleep(0 if waited < 0.005 else 0.0005)  # yield the core to ranks still computing
+
+    def _done(self, reqs: list[Any], peers: list[int]) -> bool:
+        """Whether every request completed; a peer's process that failed (reported when the job spans
+        hosts: mpienv.report_process_failures) raises PeerLost naming it."""
+        try:
+            return MPI.Request.Testall(reqs)
+        except MPI.Exception:
+            raise PeerLost(f"rank {self.rank}: lost {self._failed(reqs, peers)} in {self.context or 'a collective'}: "
+                           "its process ended mid-run. Check that host (a crash, a kill, its power), then start the job "
+                           "again") from None
+
+    def _failed(self, reqs: list[Any], peers: list[int]) -> str:
+        """'rank 2 (host node2)': the failed ranks as MPI reports them, else the peers of failed requests."""
+        ranks: list[int] = []
+        try:
+            group = self.mpi.Get_failed()
+            ranks = [r for r in MPI.Group.Translate_ranks(group, list(range(group.Get_size())), self.mpi.Get_group())
+                     if r >= 0]
+            group.Free()
+        except MPI.Exception:
+            pass
+        if not ranks:
+            for req, peer in zip(reqs, peers):
+                try:
+                    req.Test()
+                except MPI.Exception:
+                    ranks.append(peer)
+        ranks = sorted({r for r in ranks if r >= 0})
+        if not ranks:
+            return "a peer"
+        return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(self.name_of(r) for r in ranks)
 
     def name_of(self, rank: int) -> str:
         """'3 (host rock4)', or just the number for a peer of a collective (-1: any rank)."""

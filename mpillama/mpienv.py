@@ -14,6 +14,8 @@ RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WOR
 # How many processes the launcher started (Slurm's per step first: SLURM_NTASKS is the allocation's)
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 FORCE_MPI = "MPILLAMA_MPI"  # "1": always start MPI (an unknown launcher); "0": never
+# Open MPI's run-time switch for process-failure reporting (ULFM, built into Open MPI 5)
+OPEN_MPI_FAILURE_REPORTS = "OMPI_MCA_mpi_ft_enable"
 
 
 def launched_rank() -> int | None:
@@ -81,3 +83,18 @@ def slurm_tasks_on_this_node() -> int | None:
             return None
         counts += [int(tasks)] * (int(repeat.rstrip(")")) if repeat else 1)
     return counts[int(node)] if int(node) < len(counts) else None
+
+
+def report_process_failures() -> None:
+    """Before MPI starts: under Open MPI, when the job spans hosts, turn on its reporting of failed
+    processes (ULFM's mpi_ft_enable), unless the user set it.
+
+    Without it, a rank killed on one host makes Open MPI's TCP transport abort the job from
+    whichever peer first sees that rank's socket close, and the job's last words name that peer,
+    not the rank that died. With it, the failure comes back to the waiting ranks as an MPI error,
+    and comm.Comm names the failed rank and its host. Within one host nothing changes: there
+    mpirun itself notices the exit first and names the rank.
+    """
+    size, local = os.environ.get("OMPI_COMM_WORLD_SIZE", ""), os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+    if size.isdigit() and local.isdigit() and int(local) < int(size):
+        os.environ.setdefault(OPEN_MPI_FAILURE_REPORTS, "1")

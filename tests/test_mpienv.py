@@ -46,6 +46,23 @@ def test_mpi_starts_only_under_a_launcher(env: dict[str, str], rank: int | None,
     assert (mpienv.launched_rank(), mpienv.needs_mpi()) == (rank, mpi)
 
 
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, None),  # no Open MPI launcher
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, None),  # one host: mpirun names the rank
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}, "1"),  # one rank per board
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, "1"),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "1", mpienv.OPEN_MPI_FAILURE_REPORTS: "0"}, "0"),
+])
+def test_failure_reports_on_when_a_job_spans_hosts(env: dict[str, str], expected: str | None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", mpienv.OPEN_MPI_FAILURE_REPORTS):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mpienv.report_process_failures()
+    assert os.environ.get(mpienv.OPEN_MPI_FAILURE_REPORTS) == expected  # the user's own setting is kept
+
+
 def test_threads_spin_only_when_the_host_has_room() -> None:
     from mpillama.kernels.threads import spin_pays
 
