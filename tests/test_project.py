@@ -57,7 +57,9 @@ def slice_weights(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = 
     """The weights each rank's slice holds per block, from the plan (the engine's)."""
     hd, dim = cfg.head_dim, cfg.dim
     return [{"att": ((s.n_heads + 2 * s.n_kv_heads) * hd * dim + dim * s.n_heads * hd), "ffn": 3 * s.n_ffn_rows * dim,
-             "head": s.n_vocab_rows * dim} for s in plan(cfg, n, weights)]
+             "head": s.n_vocab_rows * dim, "experts": 3 * s.n_ffn_rows * dim * cfg.n_experts_used,
+             "route": cfg.n_experts * dim * 4 / (18 / 32)}  # the f32 router, every rank, in Q40 weights' bytes
+            for s in plan(cfg, n, weights)]
 
 
 def model_cost(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = None, slow: dict[int, float] | None = None
@@ -67,6 +69,10 @@ def model_cost(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = Non
 
     def cost(rank: int, step: int, layer: int, block: str, tokens: int) -> float:
         extra = (slow or {}).get(rank, 0.0) if block == "att" else 0.0
+        if block == "route":  # the part of a MoE FFN's call that is its router
+            return C_W * w[rank]["route"] * tokens
+        if block == "ffn" and cfg.is_moe:
+            return C_W * (w[rank]["experts"] + w[rank]["route"]) * tokens + C_F
         return C_W * w[rank][block] * (1 if block == "head" else tokens) + C_F + extra
 
     return cost
@@ -132,16 +138,24 @@ def build(cfg: ModelConfig, n: int, sync: str, cost: Cost,
         for layer, b in blocks:
             dur = np.array([cost(r, s, layer, b, T) for r in range(n)])
             payload = row if b == "head" else T * row
+            if b == "ffn" and cfg.is_moe:  # recorded as the router, then the chosen experts
+                route = np.array([cost(r, s, layer, "route", T) for r in range(n)])
+                assert np.all(route < dur)
+                run.compute(s, layer, "route", route)
+                dur = dur - route
+                b_compute = "experts"
+            else:
+                b_compute = b
             if n == 1:
-                run.compute(s, layer, b, dur)
+                run.compute(s, layer, b_compute, dur)
                 if b == "head":
                     run.gather(s, layer, "head_sync", ARGMAX)
             elif sync == "star":
                 run.bcast(s, layer, b + "_sync", payload)
-                run.compute(s, layer, b, dur)
+                run.compute(s, layer, b_compute, dur)
                 run.gather(s, layer, b + "_sync", ARGMAX if b == "head" else payload)
             else:
-                run.compute(s, layer, b, dur)
+                run.compute(s, layer, b_compute, dur)
                 if b == "head":
                     run.gather(s, layer, "head_sync", ARGMAX)
                 else:
@@ -226,6 +240,26 @@ def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig
     got = project(cal, Target(n, sync, weights)).tok_s()
     _, table = build(cfg, n, sync, model_cost(cfg, n, weights))
     want = tok_s(table)
+    assert got["decode"] == pytest.approx(want["decode"], rel=1e-9)
+    assert got["prefill"] == pytest.approx(want["prefill"], rel=1e-9)
+
+
+@pytest.mark.parametrize("n, sync", [(1, "star"), (4, "allreduce"), (3, "star")])
+def test_a_mixture_of_experts_follows_its_rows_and_router(tmp_path: Path, models: dict[str, Path], n: int,
+                                                          sync: str) -> None:
+    """A MoE trace (its FFN recorded as route + experts): compute follows the rank's rows of the experts
+    a token runs, plus the router every rank runs whole; projections give the run built for them."""
+    path = models["qwen3-moe-tiny-q40"]
+    f = open_model(path)
+    cfg = f.config
+    f.close()
+    assert cfg.is_moe
+    one = write(tmp_path / "one.h5", path, cfg, 1, "star", model_cost(cfg, 1))
+    two = write(tmp_path / "two.h5", path, cfg, 2, "allreduce", model_cost(cfg, 2))
+    cal = calibrate(two, [one])
+    assert cal.coefs.coef[:, 2, 0] == pytest.approx(C_W, rel=1e-6)  # ffn, both phases: s per weight
+    got = project(cal, Target(n, sync)).tok_s()
+    want = tok_s(build(cfg, n, sync, model_cost(cfg, n))[1])
     assert got["decode"] == pytest.approx(want["decode"], rel=1e-9)
     assert got["prefill"] == pytest.approx(want["prefill"], rel=1e-9)
 

@@ -19,6 +19,9 @@ and any --calibrate ones):
             + c_f x calls                   fixed cost of a block call (Python, kernel launches)
             + c_r x dim x T x passes        where the residual lives: rmsnorm and the adds of the partials
 
+A mixture of experts' FFN (its route and experts segments) counts, per token, the rank's rows of
+the n_experts_used experts it runs and the whole f32 router every rank runs alike.
+
 A rank replays its own measured timings (its speed and its noise) scaled by new cost / old
 cost; a new rank, and one given --speed R=F, replays the fastest rank of the trace, divided by
 F. A term the calibration cannot tell from the others (no variation: the fixed cost when every
@@ -73,6 +76,10 @@ KINDS = ("bcast", "gather", "allgather", "allreduce")  # the wires
 BCAST, GATHER, ALLGATHER, ALLREDUCE = range(4)
 DECODE, PREFILL = PHASES.index("decode"), PHASES.index("prefill")
 ARGMAX_BYTES = 16  # a rank's best (value, index): two f64
+MOE_SEGMENTS = ("route", "experts")  # a mixture of experts' FFN: the router, then the chosen experts' rows
+# The MoE router is f32 (4 bytes a weight) where the matmuls' weights are counted as Q40 (18 bytes per
+# 32): in the weights feature it counts this many Q40 weights per weight, as decode reads them
+ROUTER_WEIGHT = 4 / (18 / 32)
 
 
 # ---------------------------------------------------------------------------------------- shapes and slices
@@ -243,6 +250,8 @@ def _block_of(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         base = name.removesuffix("_sync")
         if base in BLOCKS:
             block[code] = BLOCKS.index(base)
+        elif name in MOE_SEGMENTS:  # a mixture of experts' FFN, recorded in two parts
+            block[code] = FFN
         elif name == "ctrl_sync":
             block[code] = EMBED
     return block, is_sync
@@ -401,7 +410,10 @@ def features(cfg: ModelConfig, share: Share, rl: Role, steps: Steps) -> np.ndarr
     x[:, EMBED, R] = owns * T * dim
     x[:, ATT, W] = ((share.n_heads * hd + 2 * share.n_kv_heads * hd) * dim + dim * share.n_heads * hd) * T
     x[:, ATT, A] = share.n_heads * hd * steps.attended
-    x[:, FFN, W] = 3 * share.ffn_rows * dim * T
+    if cfg.is_moe:  # each token runs the rank's rows of n_experts_used experts; every rank runs the whole router
+        x[:, FFN, W] = (3 * share.ffn_rows * dim * cfg.n_experts_used + ROUTER_WEIGHT * cfg.n_experts * dim) * T
+    else:
+        x[:, FFN, W] = 3 * share.ffn_rows * dim * T
     x[:, (ATT, FFN), C] = 1.0
     x[:, (ATT, FFN), R] = (owns * T * dim * rl.passes)[:, None]
     x[:, HEAD, W] = on * share.vocab_rows * dim
