@@ -230,6 +230,7 @@ def test_forced_portable_path_in_a_new_process():
 MATMUL_SHAPES = [
     (1, 32, 1), (31, 64, 1), (40, 2048, 1), (256, 96, 3), (257, 32, 2), (600, 160, 5), (513, 64, 17),
     (17, 64, 4), (33, 96, 8), (48, 64, 9), (100, 256, 6), (20, 64, 15), (64, 128, 16),
+    (64, 64, 1), (100, 96, 1), (257, 32, 1), (600, 160, 1),  # decode over 4 row groups at a time, and its tail
 ]  # fmt: skip
 
 
@@ -246,6 +247,26 @@ def test_matmul_q40_equals_reference(nthreads, layout, rows, cols, T):
     kernels.matmul_q40(out, m, acts, T)
     ref = quant.matmul_q40_ref(wq, quant.quantize_q80(x))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(kernels.kernel_path() != "x86-vnni", reason="the x86 VNNI decode kernel runs only there")
+@pytest.mark.parametrize("rows", [64, 100, 600])
+def test_vnni_decode_four_groups_at_once_is_one_at_a_time(rows):
+    """The decode kernel runs four row groups side by side: each group's result is bit for bit the one
+    it gets alone (the same integer sums, the same float operations in the same order)."""
+    from mpillama.kernels.x86 import _q40v_one
+
+    rng = np.random.default_rng(rows)
+    cols = 256
+    m = kernels.pack_q40(quant.quantize_q40(rng.standard_normal((rows, cols)).astype(np.float32)), "vnni")
+    acts = kernels.new_activations(1, cols)
+    kernels.quantize_activations(acts, awkward(rng, (1, cols)))
+    together, alone = np.zeros((1, rows), np.float32), np.zeros((1, rows), np.float32)
+    n_groups = m.qs.shape[0]
+    _q40v_one(together, m.qs, acts.qs32, acts.d, acts.corr, rows, 0, n_groups)
+    for g in range(n_groups):  # a range of one group takes the one-group loop
+        _q40v_one(alone, m.qs, acts.qs32, acts.d, acts.corr, rows, g, g + 1)
+    assert np.array_equal(together, alone)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -57,9 +57,39 @@ def _q40v_one(out, w, xq, xd, corr, rows, g_lo, g_hi):
     # the high nibbles with word 4+k, xq (T, nb, 8) uint32), minus the -8 offset's correction,
     # times row scale x activation scale, added to 16 float32 accumulators that stay in a register.
     # Unsigned nibbles times int8 activations sum to int32 exactly (|sum| <= 32*15*128).
+    # Four row groups go side by side, four streams from memory: one core keeps more loads in flight
+    # than a single stream gets (from memory, 1 thread: 1.23-1.29x one group at a time, 95% of a
+    # plain read of the same bytes). Each group's sums are made in the same order either way.
     nb = w.shape[1]
     low = _vsplat_i32(0x0F0F0F0F)
-    for g in range(g_lo, g_hi):
+    st = nb * VNNI_BLOCK_BYTES  # one row group's bytes
+    g = g_lo
+    while g + 4 <= g_hi:
+        z = _vsplat_f32(0.0)
+        a0, a1, a2, a3 = z, z, z, z
+        for b in range(nb):
+            o = (g * nb + b) * VNNI_BLOCK_BYTES
+            zi = _vsplat_i32(0)
+            s0, s1, s2, s3 = zi, zi, zi, zi
+            for k in range(4):
+                xl, xh = _vbroadcast32(xq, b * 8 + k), _vbroadcast32(xq, b * 8 + 4 + k)
+                v0, v1 = _vload_i32(w, o + 64 * k), _vload_i32(w, o + st + 64 * k)
+                v2, v3 = _vload_i32(w, o + 2 * st + 64 * k), _vload_i32(w, o + 3 * st + 64 * k)
+                s0 = _vdpbusd(_vdpbusd(s0, _vand(v0, low), xl), _vand(_vshr4(v0), low), xh)
+                s1 = _vdpbusd(_vdpbusd(s1, _vand(v1, low), xl), _vand(_vshr4(v1), low), xh)
+                s2 = _vdpbusd(_vdpbusd(s2, _vand(v2, low), xl), _vand(_vshr4(v2), low), xh)
+                s3 = _vdpbusd(_vdpbusd(s3, _vand(v3, low), xl), _vand(_vshr4(v3), low), xh)
+            c, xs = _vsplat_i32(corr[0, b]), _vsplat_f32(xd[0, b])
+            a0 = _vfma(_vtofloat(_vsub(s0, c)), _vmul(_vload_f16(w, o + 256), xs), a0)
+            a1 = _vfma(_vtofloat(_vsub(s1, c)), _vmul(_vload_f16(w, o + st + 256), xs), a1)
+            a2 = _vfma(_vtofloat(_vsub(s2, c)), _vmul(_vload_f16(w, o + 2 * st + 256), xs), a2)
+            a3 = _vfma(_vtofloat(_vsub(s3, c)), _vmul(_vload_f16(w, o + 3 * st + 256), xs), a3)
+        _store_rows(out, g * VNNI_ROWS, a0, rows - g * VNNI_ROWS)
+        _store_rows(out, (g + 1) * VNNI_ROWS, a1, rows - (g + 1) * VNNI_ROWS)
+        _store_rows(out, (g + 2) * VNNI_ROWS, a2, rows - (g + 2) * VNNI_ROWS)
+        _store_rows(out, (g + 3) * VNNI_ROWS, a3, rows - (g + 3) * VNNI_ROWS)
+        g += 4
+    while g < g_hi:  # the last 1-3 groups
         acc = _vsplat_f32(0.0)
         for b in range(nb):
             o = (g * nb + b) * VNNI_BLOCK_BYTES
@@ -71,6 +101,7 @@ def _q40v_one(out, w, xq, xd, corr, rows, g_lo, g_hi):
             dot = _vtofloat(_vsub(s, _vsplat_i32(corr[0, b])))
             acc = _vfma(dot, _vmul(_vload_f16(w, o + 256), _vsplat_f32(xd[0, b])), acc)
         _store_rows(out, g * VNNI_ROWS, acc, rows - g * VNNI_ROWS)
+        g += 1
 
 
 # _q40v_eight, _q40v_four and _q40v_single are one kernel unrolled by hand for 8, 4 and 1 tokens
