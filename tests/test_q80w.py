@@ -10,6 +10,7 @@ import pytest
 from mpillama import kernels, quant
 from mpillama.errors import MpillamaError
 from mpillama.kernels import q80w, weights
+from mpillama.kernels.target import kernel_path
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
 # every layout this machine runs: vnni (x86 AVX-512 VNNI) or sdot (ARM dotprod, under tests/aarch64's
@@ -61,7 +62,8 @@ def test_pack_rejects_unknown_or_unavailable_layout(monkeypatch):
             kernels.pack_q80w(np.zeros((1, 34), np.uint8), layout)
 
 
-SHAPES = [(1, 32, 1), (31, 64, 1), (40, 2048, 1), (257, 32, 2), (100, 160, 5), (33, 96, 8), (48, 64, 9), (17, 64, 4)]
+SHAPES = [(1, 32, 1), (31, 64, 1), (40, 2048, 1), (257, 32, 2), (100, 160, 5), (33, 96, 8), (48, 64, 9), (17, 64, 4),
+          (64, 64, 1), (100, 96, 1), (600, 160, 1)]  # decode over 4 row groups at a time (vnni), and its tail
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -103,6 +105,25 @@ def test_matmul_q80w_extremes(nthreads, layout):
         kernels.matmul_weights(out, m, acts, T)
         # exact block sums; only the float32 sum over blocks (with cancellation) rounds
         np.testing.assert_allclose(out, ref[:T], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(kernel_path() != "x86-vnni", reason="the x86 VNNI decode kernel runs only there")
+@pytest.mark.parametrize("rows", [64, 100, 600])
+def test_vnni_decode_four_groups_at_once_is_one_at_a_time(rows):
+    """Four row groups side by side give each group bit for bit what it gets alone."""
+    from mpillama.kernels.q80w_x86 import _q80v_one
+
+    rng = np.random.default_rng(rows)
+    cols = 256
+    m = kernels.pack_q80w(quant.quantize_q80(rng.standard_normal((rows, cols)).astype(np.float32)), "vnni")
+    acts = kernels.new_activations(1, cols)
+    kernels.quantize_activations(acts, rng.standard_normal((1, cols)).astype(np.float32))
+    together, alone = np.zeros((1, rows), np.float32), np.zeros((1, rows), np.float32)
+    n_groups = m.qs.shape[0]
+    _q80v_one(together, m.qs, acts.qs32, acts.d, acts.corr, rows, 0, n_groups)
+    for g in range(n_groups):
+        _q80v_one(alone, m.qs, acts.qs32, acts.d, acts.corr, rows, g, g + 1)
+    assert np.array_equal(together, alone)
 
 
 def test_matmul_q80w_near_float_product():

@@ -34,9 +34,37 @@ _BLOCK = 544  # q80w.Q80V_BLOCK_BYTES (not imported: q80w imports this module)
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _q80v_one(out, w, xq, xd, corr, rows, g_lo, g_hi):
     # w row groups [g_lo, g_hi) of (n_groups, nb, 544) q80 @ x (1, cols) q80 -> out (1, rows) f32
-    # Two integer chains (even and odd byte groups) halve the vpdpbusd latency chain per block.
+    # Four row groups side by side, four streams from memory (as x86.py's _q40v_one: one core keeps
+    # more loads in flight than one stream gets), then the last 1-3 one at a time with two integer
+    # chains (even and odd byte groups) that halve the vpdpbusd latency chain per block. Either way a
+    # group's integer sums are exact and its float operations the same, in the same order.
     nb = w.shape[1]
-    for g in range(g_lo, g_hi):
+    st = nb * _BLOCK  # one row group's bytes
+    g = g_lo
+    while g + 4 <= g_hi:
+        z = _vsplat_f32(0.0)
+        a0, a1, a2, a3 = z, z, z, z
+        for b in range(nb):
+            o = (g * nb + b) * _BLOCK
+            zi = _vsplat_i32(0)
+            s0, s1, s2, s3 = zi, zi, zi, zi
+            for k in range(8):
+                x = _vbroadcast32(xq, b * 8 + k)
+                s0 = _vdpbusd(s0, _vload_i32(w, o + 64 * k), x)
+                s1 = _vdpbusd(s1, _vload_i32(w, o + st + 64 * k), x)
+                s2 = _vdpbusd(s2, _vload_i32(w, o + 2 * st + 64 * k), x)
+                s3 = _vdpbusd(s3, _vload_i32(w, o + 3 * st + 64 * k), x)
+            c, xs = _vsplat_i32(16 * corr[0, b]), _vsplat_f32(xd[0, b])  # 128 * sum(x), the +128 folded out
+            a0 = _vfma(_vtofloat(_vsub(s0, c)), _vmul(_vload_f16(w, o + 512), xs), a0)
+            a1 = _vfma(_vtofloat(_vsub(s1, c)), _vmul(_vload_f16(w, o + st + 512), xs), a1)
+            a2 = _vfma(_vtofloat(_vsub(s2, c)), _vmul(_vload_f16(w, o + 2 * st + 512), xs), a2)
+            a3 = _vfma(_vtofloat(_vsub(s3, c)), _vmul(_vload_f16(w, o + 3 * st + 512), xs), a3)
+        _store_rows(out, g * VNNI_ROWS, a0, rows - g * VNNI_ROWS)
+        _store_rows(out, (g + 1) * VNNI_ROWS, a1, rows - (g + 1) * VNNI_ROWS)
+        _store_rows(out, (g + 2) * VNNI_ROWS, a2, rows - (g + 2) * VNNI_ROWS)
+        _store_rows(out, (g + 3) * VNNI_ROWS, a3, rows - (g + 3) * VNNI_ROWS)
+        g += 4
+    while g < g_hi:
         acc = _vsplat_f32(0.0)
         for b in range(nb):
             o = (g * nb + b) * _BLOCK
@@ -48,6 +76,7 @@ def _q80v_one(out, w, xq, xd, corr, rows, g_lo, g_hi):
             dot = _vtofloat(_vsub(s0, _vsub(_vsplat_i32(16 * corr[0, b]), s1)))  # s0 + s1 - 128 * sum(x)
             acc = _vfma(dot, _vmul(_vload_f16(w, o + 512), _vsplat_f32(xd[0, b])), acc)
         _store_rows(out, g * VNNI_ROWS, acc, rows - g * VNNI_ROWS)
+        g += 1
 
 
 # _q80v_four and _q80v_single are one kernel unrolled by hand for 4 and 1 tokens on purpose
