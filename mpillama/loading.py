@@ -80,7 +80,8 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     max_seq_len = min(run.max_seq_len, cfg.seq_len)
     max_tokens = min(run.batch, max_seq_len)
     extra_att_s = None  # --sync auto: seconds per layer this rank would compute more with attention replicated
-    if run.sync == "auto" and comm.size > 1:
+    # replicated attention keeps x alike on every rank only if every rank rounds alike: one kernel path
+    if run.sync == "auto" and comm.size > 1 and len(set(paths)) == 1:
         speed = speed or measure_rank_speed(faults.throttle(comm.rank), seconds=REPLICATED_SPEED_S)
         extra_att_s = partition.replication_bytes(cfg, slc, run.weight_type, kinds) / (speed * 1e9 * Q40_BYTES_PER_WEIGHT)
     sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim), extra_att_s)
