@@ -53,17 +53,18 @@ def tiny(models: dict[str, Path]) -> tuple[Path, ModelConfig]:
     return path, cfg
 
 
-def slice_weights(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = None) -> list[dict[str, int]]:
+def slice_weights(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = None,
+                  replicated: bool = False) -> list[dict[str, int]]:
     """The weights each rank's slice holds per block, from the plan (the engine's)."""
     hd, dim = cfg.head_dim, cfg.dim
     return [{"att": ((s.n_heads + 2 * s.n_kv_heads) * hd * dim + dim * s.n_heads * hd), "ffn": 3 * s.n_ffn_rows * dim,
-             "head": s.n_vocab_rows * dim} for s in plan(cfg, n, weights)]
+             "head": s.n_vocab_rows * dim} for s in plan(cfg, n, weights, replicate_attention=replicated)]
 
 
-def model_cost(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = None, slow: dict[int, float] | None = None
-               ) -> Cost:
+def model_cost(cfg: ModelConfig, n: int, weights: tuple[float, ...] | None = None, slow: dict[int, float] | None = None,
+               replicated: bool = False) -> Cost:
     """Compute that follows the model exactly: C_W x weights x T + C_F per call; slow: rank -> extra s per att call."""
-    w = slice_weights(cfg, n, weights)
+    w = slice_weights(cfg, n, weights, replicated)
 
     def cost(rank: int, step: int, layer: int, block: str, tokens: int) -> float:
         extra = (slow or {}).get(rank, 0.0) if block == "att" else 0.0
@@ -140,6 +141,8 @@ def build(cfg: ModelConfig, n: int, sync: str, cost: Cost,
                 run.bcast(s, layer, b + "_sync", payload)
                 run.compute(s, layer, b, dur)
                 run.gather(s, layer, b + "_sync", ARGMAX if b == "head" else payload)
+            elif sync == "replicated" and b == "att":  # every head on every rank: nothing to exchange
+                run.compute(s, layer, b, dur)
             else:
                 run.compute(s, layer, b, dur)
                 if b == "head":
@@ -161,7 +164,7 @@ def write(path: Path, model: Path, cfg: ModelConfig, n: int, sync: str, cost: Co
     run, table = build(cfg, n, sync, cost, lambda h, b: overhead + h * latency + b / rate)
     rows = [{"host": f"node{r}", "pid": r, "nthreads": 1, "weight_share": s.weight, "n_heads": s.n_heads,
              "n_kv_heads": s.n_kv_heads, "ffn_rows": s.n_ffn_rows, "vocab_rows": s.n_vocab_rows}
-            for r, s in enumerate(plan(cfg, n, weights))]
+            for r, s in enumerate(plan(cfg, n, weights, replicate_attention=sync == "replicated"))]
     fits = [ZERO_FIT] + [ClockFit(ClockSample(0.0, 0.0, 2 * latency)) for _ in range(n - 1)]
     steps = {"step": [x[0] for x in table], "phase": [["prefill", "decode"].index(x[1]) for x in table],
              "tokens": [x[2] for x in table], "position": [x[3] for x in table],
@@ -228,6 +231,24 @@ def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig
     want = tok_s(table)
     assert got["decode"] == pytest.approx(want["decode"], rel=1e-9)
     assert got["prefill"] == pytest.approx(want["prefill"], rel=1e-9)
+
+
+@pytest.mark.parametrize("measured, sync", [("replicated", "replicated"), ("replicated", "allreduce"),
+                                             ("allreduce", "replicated")])
+def test_replicated_attention_is_replayed(tmp_path: Path, tiny: tuple[Path, ModelConfig], measured: str,
+                                          sync: str) -> None:
+    """--sync replicated (every head on every rank, no attention collective): a trace of it projects onto
+    itself and onto allreduce, and an allreduce trace onto it, as the runs built for them."""
+    model, cfg = tiny
+    one = write(tmp_path / "one.h5", model, cfg, 1, "star", model_cost(cfg, 1))
+    two = write(tmp_path / "two.h5", model, cfg, 2, measured, model_cost(cfg, 2, replicated=measured == "replicated"))
+    cal = calibrate(two, [one])
+    for n in (2, 3):
+        got = project(cal, Target(n, sync)).tok_s()
+        _, table = build(cfg, n, sync, model_cost(cfg, n, replicated=sync == "replicated"))
+        want = tok_s(table)
+        assert got["decode"] == pytest.approx(want["decode"], rel=1e-9)
+        assert got["prefill"] == pytest.approx(want["prefill"], rel=1e-9)
 
 
 @pytest.mark.parametrize("n, sync", [(2, "star"), (4, "star"), (4, "allreduce")])
