@@ -376,8 +376,8 @@ class RankModel:
         every rank computed it from the same x)."""
         partial = self.partial[:T]
         local = self.n_ranks == 1 or (seg is ATT and self.sync.name == "replicated")  # the whole sum is here
-        if not local and self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS and self.sync.name != "star" \
-                and self.q80_wire:
+        exchanged = not local and self.sync.name != "star" and self.q80_wire  # Q80 partials to every rank
+        if exchanged and self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS:
             self._overlapped_output(proj, partial, x, T, tl, layer, seg)
             return
         if proj.w is not None:
