@@ -238,7 +238,9 @@ def test_compute_follows_the_slice(tmp_path: Path, tiny: tuple[Path, ModelConfig
 def test_replicated_attention_is_replayed(tmp_path: Path, tiny: tuple[Path, ModelConfig], measured: str,
                                           sync: str) -> None:
     """--sync replicated (every head on every rank, no attention collective): a trace of it projects onto
-    itself and onto allreduce, and an allreduce trace onto it, as the runs built for them."""
+    itself, and an allreduce trace onto it, as the runs built for them. From replicated onto allreduce the
+    attention's fixed cost per call cannot be told from its per-weight cost (every rank of the trace and the
+    one-rank calibration hold the same heads), so that projection is approximate: within 2% here."""
     model, cfg = tiny
     one = write(tmp_path / "one.h5", model, cfg, 1, "star", model_cost(cfg, 1))
     two = write(tmp_path / "two.h5", model, cfg, 2, measured, model_cost(cfg, 2, replicated=measured == "replicated"))
@@ -247,8 +249,9 @@ def test_replicated_attention_is_replayed(tmp_path: Path, tiny: tuple[Path, Mode
         got = project(cal, Target(n, sync)).tok_s()
         _, table = build(cfg, n, sync, model_cost(cfg, n, replicated=sync == "replicated"))
         want = tok_s(table)
-        assert got["decode"] == pytest.approx(want["decode"], rel=1e-9)
-        assert got["prefill"] == pytest.approx(want["prefill"], rel=1e-9)
+        rel = 2e-2 if (measured, sync) == ("replicated", "allreduce") else 1e-9
+        assert got["decode"] == pytest.approx(want["decode"], rel=rel)
+        assert got["prefill"] == pytest.approx(want["prefill"], rel=rel)
 
 
 @pytest.mark.parametrize("n, sync", [(2, "star"), (4, "star"), (4, "allreduce")])
