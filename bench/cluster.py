@@ -1,14 +1,15 @@
 """mpillama on the emulated cluster (tests/cluster): a grid of hosts x one-way delay x sync.
 
     python bench/cluster.py [--synthetic llama3.2-1b | --model FILE] [--hosts 2] [--delays 0,0.1,0.5]
-                            [--syncs star,allreduce,auto] [--rate-gbit R] [--steps 32] [--prompt-tokens 64]
+                            [--syncs star,allreduce,replicated,auto] [--rate-gbit R] [--steps 32] [--prompt-tokens 64]
                             [--repeat 1] [--rounds 3] [--dllama PATH] [--hop]
 
 Root only. One rank per host, one thread per rank, mpirun by hostfile through the cluster's
 launch agent; the switch adds the one-way delay D (and the rate) to every link. Per point:
 prefill and decode tok/s of `mpillama bench --json` (median of --repeat inside one run), rank 0's
 sync ms per decode token, and each figure's ratio to the first D (0 by default) at the same hosts
-and sync. --rounds R runs the whole grid R times, interleaved (every D and system once per round),
+and sync. replicated holds every attention head on every rank: one sync per layer instead of two, for
+more weights read per token (auto takes it only where the start-up timings say it pays). --rounds R runs the whole grid R times, interleaved (every D and system once per round),
 and takes the median of each figure over the rounds.
 First, per D, the MPI round trip of an 8-byte message between node0 and node1 (median and best
 of 2000), and how late the switch let delayed frames go. --hop also measures that round trip
@@ -156,7 +157,7 @@ def main() -> int:
     g.add_argument("--synthetic", default="llama3.2-1b")
     p.add_argument("--hosts", default="2", help="comma list of host counts")
     p.add_argument("--delays", default="0,0.1,0.5", help="comma list of one-way delays, ms")
-    p.add_argument("--syncs", default="star,allreduce,auto")
+    p.add_argument("--syncs", default="star,allreduce,replicated,auto")
     p.add_argument("--rate-gbit", type=float, default=None, help="link rate (default: unlimited)")
     p.add_argument("--buffer-float-type", default="q80")
     p.add_argument("--steps", type=int, default=32)

@@ -6,7 +6,8 @@ transfers split into --chunk-bytes pieces, and a --sync-timeout that ends the jo
 the ranks that never arrived instead of hanging. Gathers to rank 0 are point-to-point
 receives, so rank 0 knows exactly which ranks are missing.
 
-The two sync strategies (DESIGN.md "One token, end to end") are StarSync and AllreduceSync:
+The sync strategies (DESIGN.md "One token, end to end") are StarSync, AllreduceSync and
+ReplicatedSync (allreduce's wire, used only after the FFN: attention is computed whole on every rank):
 wires only. What travels on them (a block's normalised input, the ranks' partial outputs, Q80
 or f32) and what is computed from it is model.py's business.
 """
@@ -434,15 +435,25 @@ class AllreduceSync:
         self.comm.gather_to_root(send, recv)
 
 
-SYNCS = {"star": StarSync, "allreduce": AllreduceSync}
+class ReplicatedSync(AllreduceSync):
+    """allreduce's wire after the FFN only: every rank holds every attention head (partition.plan with
+    replicate_attention) and adds the whole attention output to its own residual stream, no message."""
+
+    name = "replicated"
+
+
+SYNCS = {"star": StarSync, "allreduce": AllreduceSync, "replicated": ReplicatedSync}
 STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is this much faster
+# --sync auto replicates attention only when the extra compute per layer is under this share of the wire
+# time per layer it saves: the speed is measured on a short matmul, the wire on its fastest round
+REPLICATED_MARGIN = 0.5
 WIRE_ROUNDS = 24  # rounds of each wire pattern timed at start-up (--sync auto); the fastest counts
 OVERLAP_ROUNDS = 6  # rounds timing a full prefill block's exchange
 OVERLAP_MIN_S = 5e-4  # overlap prefill chunks only when a block's exchange takes longer than this
 OVERLAP_CHUNKS = 2  # token chunks of an overlapped prefill block output
 
 
-def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync:
+def make_sync(kind: str, comm: Comm) -> StarSync | AllreduceSync | ReplicatedSync:
     return SYNCS[kind](comm)
 
 
@@ -476,7 +487,7 @@ def choose_overlap(comm: Comm, sync_kind: str, block_bytes: int, requested: int 
     the next chunk computes (allreduce, Q80). Chunks re-read the output matrix once each, so they
     pay only where the wire is slow: when one full prefill block output (block_bytes per rank)
     takes more than OVERLAP_MIN_S to exchange, measured here."""
-    if sync_kind != "allreduce" or comm.size == 1:
+    if sync_kind == "star" or comm.size == 1:
         return 1, "no overlap: " + ("one rank" if comm.size == 1 else "star sync")
     if requested:
         return requested, f"--prefill-chunks {requested}"
@@ -494,20 +505,42 @@ def choose_overlap(comm: Comm, sync_kind: str, block_bytes: int, requested: int 
     return chunks, f"a prefill block output takes {t_wire * 1e3:.2f} ms on the wire: {chunks} chunk(s)"
 
 
-def choose_sync(comm: Comm, requested: str, payload_bytes: int) -> tuple[str, str]:
-    """(strategy, why): what --sync asked for, or under 'auto' the wire that measured faster here.
+def pick_sync(wire: dict[str, float], extra_att_s: float | None) -> tuple[str, str]:
+    """(strategy, why) from start-up timings: wire = seconds of one block's sync per strategy (time_wires),
+    extra_att_s = the seconds per layer the slowest rank would compute more with attention replicated
+    (None: not measured, replicated not considered). Pure: the measuring is choose_sync's.
 
-    Both strategies compute the same tokens; they differ in hops per block (star: a Bcast and a
+    Per layer, star and allreduce pay two block syncs; replicated pays one allreduce exchange (after
+    the FFN) and computes the attention weights the other ranks held: it is picked only when that
+    extra compute is under REPLICATED_MARGIN of the wire time it saves."""
+    # star only when clearly faster: within the noise, allreduce's single trip per block is the safer bet
+    kind = "star" if wire["star"] < STAR_MARGIN * wire["allreduce"] else "allreduce"
+    why = (f"auto: one block's sync measured {wire['allreduce'] * 1e6:.0f} us with allreduce, "
+           f"{wire['star'] * 1e6:.0f} us with star")
+    if extra_att_s is None:
+        return kind, why
+    saved = 2 * wire[kind] - wire["allreduce"]  # per layer: two of the chosen syncs become one exchange
+    replicate = extra_att_s < REPLICATED_MARGIN * saved
+    why += (f"; replicated attention would save {saved * 1e6:.0f} us of wire and cost "
+            f"{extra_att_s * 1e6:.0f} us of compute per layer")
+    return ("replicated" if replicate else kind), why
+
+
+def choose_sync(comm: Comm, requested: str, payload_bytes: int,
+                extra_att_s: float | None = None) -> tuple[str, str]:
+    """(strategy, why): what --sync asked for, or under 'auto' the fastest by what is measured here.
+
+    star and allreduce compute the same tokens; they differ in hops per block (star: a Bcast and a
     Gather, two one-way trips; allreduce: one exchange) and in who adds the partials (rank 0 alone,
     or every rank: a few microseconds at these sizes). So the link decides, and it is measured,
     not guessed: on shared memory the two are close, on a network allreduce's single trip wins.
+    replicated trades hops for compute: extra_att_s is this rank's measured extra seconds per layer
+    (None: do not consider it); the slowest rank's counts, since every layer waits for it.
     """
     if requested != "auto":
         return requested, "--sync " + requested
     if comm.size == 1:
         return "star", "auto: one rank, nothing crosses a wire"
     t = time_wires(comm, payload_bytes)
-    # star only when clearly faster: within the noise, allreduce's single trip per block is the safer bet
-    kind = "star" if t["star"] < STAR_MARGIN * t["allreduce"] else "allreduce"
-    return kind, (f"auto: one block's sync measured {t['allreduce'] * 1e6:.0f} us with allreduce, "
-                  f"{t['star'] * 1e6:.0f} us with star")
+    extra = comm.allgather_obj(extra_att_s)
+    return pick_sync(t, None if None in extra else max(extra))

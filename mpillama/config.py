@@ -128,7 +128,8 @@ def model_config_from_json(text: str) -> ModelConfig:
         raise MpillamaError(f"the recorded model shapes are not readable ({e}): pass --model FILE") from None
 
 
-SYNC_KINDS = ("auto", "star", "allreduce")  # auto: the faster wire, measured at start-up
+SYNC_KINDS = ("auto", "star", "allreduce", "replicated")  # auto: the fastest, measured at start-up
+# replicated: allreduce of the FFN only; every rank computes the whole attention block (partition.plan)
 FLAGS = {"weight_source": "weights"}  # RunConfig fields whose command-line flag is named otherwise
 BUFFER_TYPES = ("q80", "f32")
 WEIGHT_TYPES = ("auto", "q40", "f32")  # auto: each tensor as stored when a kernel runs it, else q40

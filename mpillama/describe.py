@@ -54,7 +54,14 @@ def describe(path: str, ranks: int, rank_weights: tuple[float, ...] | str | None
     stored = mf.tensors["token_embd"].kind
     where = "rows read in place from the mapped file, " if kinds["token_embd"].kind == stored.lower() else ""
     lines.append(f"  rank 0 also uses the embedding table and norms: {mib(root)} "
-                 f"({where}every rank with --sync allreduce)")
+                 f"({where}every rank with --sync allreduce or replicated)")
+    if ranks > 1:  # what the one-sync-per-layer option costs in memory
+        rep = partition.slice_cost(cfg, partition.plan(cfg, ranks, weights, unit, replicate_attention=True)[0], seq,
+                                   weight_type, kinds)
+        split = partition.slice_cost(cfg, slices[0], seq, weight_type, kinds)
+        lines.append(f"  with --sync replicated every rank holds all attention heads: rank 0 {mib(rep.weight_bytes)} "
+                     f"of weights (+{100 * (rep.weight_bytes / split.weight_bytes - 1):.0f}%), KV cache "
+                     f"{mib(rep.kv_cache_bytes)} (x{rep.kv_cache_bytes / split.kv_cache_bytes:.1f})")
     if cfg.is_moe:
         s0 = slices[0]
         expert = (2 * partition.matrix_bytes(s0.n_ffn_rows, cfg.dim, weight_type)

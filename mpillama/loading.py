@@ -23,6 +23,7 @@ from mpillama.config import RunConfig, model_config_json
 from mpillama.engine import Engine
 from mpillama.model import LOGITS_ARGMAX, LOGITS_FULL, LOGITS_NONE, RankModel, load_weights, q80_row_bytes
 from mpillama.output import end_job, say
+from mpillama.quant import Q40_BLOCK_BYTES, QK
 from mpillama.rank_speed import measure_rank_speed
 from mpillama.trace.recorder import SEG_LOAD, NullRecorder, Timeline
 from mpillama.trace.session import TraceSession
@@ -30,6 +31,8 @@ from mpillama.weight_source import describe_kinds, ffn_unit, kept_kinds, open_we
 
 
 WARM_UP_TIMEOUT = 900.0  # s the warm-up's collectives may wait for a rank still compiling
+REPLICATED_SPEED_S = 0.1  # s of timed Q40 matmul behind --sync auto's cost of replicated attention
+Q40_BYTES_PER_WEIGHT = Q40_BLOCK_BYTES / QK
 
 
 def load_engine(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfig,
@@ -60,6 +63,7 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     t_open = time.perf_counter()
 
     shares: tuple[float, ...] | None = None  # each rank's relative share of the work (None: even)
+    speed = None  # G Q40 weights/s of this rank's kernels, when measured
     if run.rank_weights == "auto":
         speed = measure_rank_speed(faults.throttle(comm.rank))
         speeds = comm.allgather_obj(speed)
@@ -68,13 +72,22 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     elif isinstance(run.rank_weights, tuple):
         shares = run.rank_weights
     kinds = kept_kinds(src.tensors, run.weight_type)  # what each matrix group is kept as (its kernel, its blocks)
-    slices = partition.plan(cfg, comm.size, shares, ffn_unit(src.tensors, run.weight_type))
+    unit = ffn_unit(src.tensors, run.weight_type)
+    slices = partition.plan(cfg, comm.size, shares, unit)
     if run.rank_weights == "auto":
         say(comm.rank, "mpillama: rank shares: " + ", ".join(f"rank {s.rank} share {s.weight:.3f}" for s in slices))
     slc = slices[comm.rank]
     max_seq_len = min(run.max_seq_len, cfg.seq_len)
     max_tokens = min(run.batch, max_seq_len)
-    sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim))
+    extra_att_s = None  # --sync auto: seconds per layer this rank would compute more with attention replicated
+    # replicated attention keeps x alike on every rank only if every rank rounds alike: one kernel path
+    if run.sync == "auto" and comm.size > 1 and len(set(paths)) == 1:
+        speed = speed or measure_rank_speed(faults.throttle(comm.rank), seconds=REPLICATED_SPEED_S)
+        extra_att_s = partition.replication_bytes(cfg, slc, run.weight_type, kinds) / (speed * 1e9 * Q40_BYTES_PER_WEIGHT)
+    sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim), extra_att_s)
+    if sync_kind == "replicated":  # decided before any weight is read: every rank loads every head
+        slices = partition.plan(cfg, comm.size, shares, unit, replicate_attention=True)
+        slc = slices[comm.rank]
     sync = make_sync(sync_kind, comm)
     overlap, overlap_why = choose_overlap(comm, sync_kind, max_tokens * q80_row_bytes(cfg.dim), run.prefill_chunks)
     if verbose:

@@ -8,6 +8,7 @@ Knows nothing of MPI: the whole math of a token is here, and a sync object from 
         y = block_input(x, attn_norm)                   rmsnorm, Q80; star: rank 0 spreads it
         partial = attention(y)                          own heads, own KV cache, own Wo columns
         block_output(partial, x)                        x += sum of every rank's partial
+                                                        (replicated: every head here, x += own, no message)
         y = block_input(x, ffn_norm)
         partial = ffn(y)                                own FFN rows, own W2 columns
                                                         (MoE: the router on every rank, then own rows of
@@ -370,14 +371,18 @@ class RankModel:
     def block_output(self, proj: Projection, x: np.ndarray | None, T: int, tl: Timeline, layer: int,
                      seg: Segments) -> None:
         """partial = this rank's output projection; x += the sum of every rank's partial, where x lives
-        (rank 0 under star, every rank under allreduce)."""
+        (rank 0 under star, every rank under allreduce). Replicated attention holds every head: its
+        partial is the whole sum, added on every rank with no message (the same x everywhere, since
+        every rank computed it from the same x)."""
         partial = self.partial[:T]
-        if self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS and self.sync.name == "allreduce" and self.q80_wire:
+        local = self.n_ranks == 1 or (seg is ATT and self.sync.name == "replicated")  # the whole sum is here
+        exchanged = not local and self.sync.name != "star" and self.q80_wire  # Q80 partials to every rank
+        if exchanged and self.overlap_chunks > 1 and T >= 2 * OVERLAP_MIN_TOKENS:
             self._overlapped_output(proj, partial, x, T, tl, layer, seg)
             return
         if proj.w is not None:
             quantize_and_matmul(partial, proj.w, proj.inp, proj.acts, T)
-        if self.n_ranks == 1:
+        if local:
             x += partial
             tl.mark(seg.compute, layer)
             return

@@ -249,7 +249,7 @@ class ModelSource:
         assert self.mf is not None
         try:  # a failure here would leave the workers waiting: end the whole job
             for other in slices[1:]:
-                owns_residual = sync_kind == "allreduce"
+                owns_residual = sync_kind != "star"
                 load_weights(self.config, other, SendingSource(self.mf, wt, self.comm, other.rank), owns_residual)
         except Exception as e:
             end_job(MpillamaError(f"sending weights failed: {e}"), self.comm.rank, self.comm.size)

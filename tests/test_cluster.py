@@ -90,10 +90,11 @@ def test_weights_scatter_from_the_only_host_with_the_file(cluster: Cluster, mode
     assert done.stdout == one_rank["q80"]
 
 
-def test_auto_sync_takes_one_trip_per_block_on_a_slow_link(cluster: Cluster, models: dict[str, Path],
+def test_auto_sync_takes_one_trip_per_layer_on_a_slow_link(cluster: Cluster, models: dict[str, Path],
                                                             one_rank: dict[str, str], tmp_path: Path) -> None:
-    """At 0.5 ms one way, star's two trips per block cost twice allreduce's one: the measured choice
-    must see it, and the report must count 2 collectives per layer + 2 per decode token."""
+    """At 0.5 ms one way a block's sync costs over 0.5 ms, and the tiny model's attention microseconds:
+    the measured choice must replicate attention (one trip per layer), and must have seen star's two trips
+    cost more than allreduce's one. The report counts 1 collective per layer + 2 per decode token."""
     cluster.set_links(delay_ms=0.5)
     try:
         trace = tmp_path / "auto.h5"
@@ -102,10 +103,16 @@ def test_auto_sync_takes_one_trip_per_block_on_a_slow_link(cluster: Cluster, mod
         cluster.set_links(delay_ms=0.0)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == one_rank["q80"]
-    assert "sync allreduce (auto: one block's sync measured" in done.stderr, done.stderr
-    decode = report(trace)["phases"]["decode"]
+    m = re.search(r"sync replicated \(auto: one block's sync measured (\d+) us with allreduce, (\d+) us with star; "
+                  r"replicated attention would save (\d+) us of wire and cost (\d+) us of compute per layer", done.stderr)
+    assert m, done.stderr
+    allreduce_us, star_us, saved_us, extra_us = (int(g) for g in m.groups())
+    assert star_us > allreduce_us >= 500 and saved_us >= 500 and extra_us < saved_us / 2
+    tab = report(trace)
+    assert tab["run"]["sync"] == "replicated" and tab["run"]["sync_reason"].startswith(m.group(0)[len("sync replicated ("):])
+    decode = tab["phases"]["decode"]
     n_layers = 2  # the tiny test model
-    assert decode["collectives_per_step"] == 2 * n_layers + 2 and decode["hops_per_step"] == 2 * n_layers + 2
+    assert decode["collectives_per_step"] == n_layers + 2 and decode["hops_per_step"] == n_layers + 2
 
 
 def test_a_killed_rank_on_one_host_ends_the_job(cluster: Cluster, models: dict[str, Path]) -> None:

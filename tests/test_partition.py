@@ -6,7 +6,7 @@ import pytest
 
 from mpillama.config import ModelConfig
 from mpillama.errors import MpillamaError
-from mpillama.partition import QK, is_group_aligned, kv_groups, plan, slice_cost, split_units
+from mpillama.partition import QK, is_group_aligned, kv_groups, plan, replication_bytes, slice_cost, split_units
 
 LLAMA_1B = ModelConfig(arch="llama", dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                        vocab_size=128256, seq_len=131072, norm_eps=1e-5, rope_theta=500000.0, rope_style="pairs",
@@ -82,3 +82,36 @@ def test_slice_cost_adds_up_to_the_whole_model() -> None:
     whole = slice_cost(LLAMA_1B, plan(LLAMA_1B, 1)[0], 4096).weight_bytes
     assert total >= whole  # KV heads may be computed twice, nothing is lost
     assert total == whole  # 3 ranks <= 8 KV heads: nothing is duplicated either
+
+
+@pytest.mark.parametrize("n", range(1, 6))
+@pytest.mark.parametrize("weights", [None, (0.4, 1.0, 2.0, 1.0, 0.7)], ids=["even", "uneven"])
+@pytest.mark.parametrize("cfg", [LLAMA_1B, TINY], ids=["1b", "tiny"])
+def test_replicated_attention_gives_every_rank_every_head(cfg: ModelConfig, n: int,
+                                                          weights: tuple[float, ...] | None) -> None:
+    """--sync replicated: all q and KV heads on every rank; the FFN and vocabulary split as without it."""
+    if n > cfg.n_heads:
+        return
+    w = None if weights is None else weights[:n]
+    split, rep = plan(cfg, n, w), plan(cfg, n, w, replicate_attention=True)
+    for s, r in zip(split, rep):
+        assert (r.q_heads, r.kv_heads) == ((0, cfg.n_heads), (0, cfg.n_kv_heads))
+        assert (r.rank, r.n_ranks, r.weight, r.ffn_rows, r.vocab_rows) == (
+            s.rank, s.n_ranks, s.weight, s.ffn_rows, s.vocab_rows)
+        assert is_group_aligned(cfg, r) and kv_groups(cfg, r) == [(k, k * cfg.group_size, (k + 1) * cfg.group_size)
+                                                                  for k in range(cfg.n_kv_heads)]
+
+
+def test_replication_costs_the_attention_the_other_ranks_hold() -> None:
+    # Llama-3.2-1B attention per layer in Q4_0 (18 bytes per 32 weights): wq and wo 2048 x 2048, wk and wv 512 x 2048
+    whole = (2 * 2048 * 2048 + 2 * 512 * 2048) * 18 // 32
+    assert whole == 5898240
+    split = plan(LLAMA_1B, 2)
+    assert [replication_bytes(LLAMA_1B, s) for s in split] == [whole // 2, whole // 2]
+    assert replication_bytes(LLAMA_1B, plan(LLAMA_1B, 1)[0]) == 0
+    assert replication_bytes(LLAMA_1B, split[0], "f32") == whole // 2 * 32 * 4 // 18
+    for n in (2, 3, 4):  # inspect's extra memory: that, per layer, and the whole KV cache
+        for s, r in zip(plan(LLAMA_1B, n), plan(LLAMA_1B, n, replicate_attention=True)):
+            a, b = slice_cost(LLAMA_1B, s, 4096), slice_cost(LLAMA_1B, r, 4096)
+            assert b.weight_bytes - a.weight_bytes == LLAMA_1B.n_layers * replication_bytes(LLAMA_1B, s)
+            assert b.kv_cache_bytes == 2 * 16 * 4096 * 512 * 4

@@ -46,6 +46,11 @@ its own timeline, and every change is the model's difference between two configu
 
 Waits fall out as in the engine: the slowest arrival sets the pace.
 
+--sync replicated (every rank holds every attention head) is replayed as allreduce without the
+attention's collective, its attention compute scaled by the same linear model to all heads. That is
+approximate: a replicated trace's attention features hardly vary between ranks, so the fit of the
+attention block leans on the other traces; --sync auto in a projection weighs star and allreduce only.
+
 Imports numpy and the trace, partition and format readers; no MPI, no numba.
 """
 
@@ -96,8 +101,10 @@ class Share:
     weight: float
 
 
-def shares_of_plan(cfg: ModelConfig, n_ranks: int, weights: tuple[float, ...] | None) -> list[Share]:
-    return [Share(s.n_heads, s.n_kv_heads, s.n_ffn_rows, s.n_vocab_rows, s.weight) for s in plan(cfg, n_ranks, weights)]
+def shares_of_plan(cfg: ModelConfig, n_ranks: int, weights: tuple[float, ...] | None,
+                   replicate_attention: bool = False) -> list[Share]:
+    return [Share(s.n_heads, s.n_kv_heads, s.n_ffn_rows, s.n_vocab_rows, s.weight)
+            for s in plan(cfg, n_ranks, weights, replicate_attention=replicate_attention)]
 
 
 def model_config(trace: Trace, model: str | Path | None) -> ModelConfig:
@@ -224,7 +231,7 @@ class Measured:
 
     trace: Trace
     cfg: ModelConfig
-    sync: str  # star | allreduce (what one rank records: nothing crosses a wire either way)
+    sync: str  # star | allreduce | replicated (what one rank records: nothing crosses a wire either way)
     buffer: str  # q80 | f32
     shares: list[Share]
     steps: Steps
@@ -349,8 +356,8 @@ def measure(trace: Trace, cfg: ModelConfig) -> Measured:
         raise MpillamaError(f"{trace.path} has no finished steps: there is nothing to project from")
     steps = st.step[done].astype(np.int64)
     sync = str(trace.attrs.get("sync") or "star")
-    if sync not in ("star", "allreduce"):
-        raise MpillamaError(f"{trace.path} ran sync {sync!r}: trace project knows star and allreduce")
+    if sync not in ("star", "allreduce", "replicated"):
+        raise MpillamaError(f"{trace.path} ran sync {sync!r}: trace project knows star, allreduce and replicated")
     buffer = str(trace.attrs.get("buffer_float_type") or "q80")
     comp = _compute_pieces(trace, steps, cfg.n_layers)
     if sync != "star" or trace.n_ranks == 1:
@@ -603,7 +610,7 @@ class Target:
     speed: rank -> factor relative to the trace's fastest rank; delay and bandwidth None: the trace's link."""
 
     n_ranks: int
-    sync: str  # star | allreduce | auto (both, the faster kept)
+    sync: str  # star | allreduce | replicated | auto (star and allreduce, the faster kept)
     weights: tuple[float, ...] | None = None
     speed: dict[int, float] = field(default_factory=dict)
     delay_ms: float | None = None
@@ -625,8 +632,8 @@ def check_target(t: Target) -> None:
     """Bad values -> one line saying which flag and what it takes."""
     if t.n_ranks < 1:
         raise MpillamaError(f"--ranks {t.n_ranks}: project onto 1 rank or more")
-    if t.sync not in ("star", "allreduce", "auto"):
-        raise MpillamaError(f"--sync {t.sync!r}: choose star, allreduce or auto")
+    if t.sync not in ("star", "allreduce", "replicated", "auto"):
+        raise MpillamaError(f"--sync {t.sync!r}: choose star, allreduce, replicated or auto")
     for r, f in t.speed.items():
         if not 0 <= r < t.n_ranks:
             raise MpillamaError(f"--speed {r}={f:g}: there is no rank {r} among {t.n_ranks} ranks")
@@ -744,7 +751,7 @@ def replay_excess(cal: Calibrated, t: Target, sources: list[int]) -> np.ndarray:
     m = cal.measured
     out = np.zeros((len(m.steps.step), t.n_ranks) + cal.excess.shape[2:])
     for r, src in enumerate(sources):
-        same_wire = t.sync == m.sync and (t.sync == "allreduce" or (r == 0) == (src == 0))
+        same_wire = t.sync == m.sync and (t.sync != "star" or (r == 0) == (src == 0))
         if same_wire and t.n_ranks > 1 and m.n_ranks > 1:
             out[:, r] = cal.excess[:, src]
     return out
@@ -816,7 +823,7 @@ def simulate(m: Measured, comp: np.ndarray, noise: np.ndarray, shares: list[Shar
         for layer, b in layers + ([(-1, HEAD)] if st.head[i] else []):
             pc = comp[i, :, layer + 1, b]  # (M, 3)
             nz = noise[i, :, layer + 1, b]  # (M, 2)
-            if M == 1:
+            if M == 1 or (sync == "replicated" and b == ATT):  # replicated attention: no message
                 tl.compute(step, layer, code[b], pc.sum(-1))
             elif sync == "star":
                 tl.compute(step, layer, code[b], pc[:, PRE])
@@ -881,10 +888,13 @@ def project(cal: Calibrated, target: Target) -> Projection:
     if target.sync == "auto":
         runs = [project(cal, replace(target, sync=s)) for s in ("star", "allreduce")]
         return max(runs, key=lambda p: (p.tok_s().get("decode", 0.0), p.tok_s().get("prefill", 0.0)))
-    if target.weights is None and target.n_ranks == m.n_ranks:
+    replicated = target.sync == "replicated"
+    if target.weights is None and target.n_ranks == m.n_ranks and replicated == (m.sync == "replicated"):
         shares = m.shares
-    else:
-        shares = shares_of_plan(m.cfg, target.n_ranks, target.weights)
+    else:  # the trace's own rank weights at its rank count, its attention split (or not) as the target's
+        same = target.weights is None and target.n_ranks == m.n_ranks
+        weights = tuple(s.weight for s in m.shares) if same else target.weights
+        shares = shares_of_plan(m.cfg, target.n_ranks, weights, replicated)
     link = target_link(cal, target)
     fastest = int(np.argmin(cal.speeds))
     sources = [r if r < m.n_ranks and r not in target.speed else fastest for r in range(target.n_ranks)]

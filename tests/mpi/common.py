@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,14 +34,18 @@ def models_dir() -> Path:
 
 
 def run_engine(mpi_comm: Any, case: str, dump: bool = True, prompt: list[int] | None = None,
+               on_done: Callable[[Any], None] | None = None,
                **fields: Any) -> tuple[list[int] | None, np.ndarray | None]:
-    """Greedy tokens and logits rows on rank 0 (None elsewhere)."""
+    """Greedy tokens and logits rows on rank 0 (None elsewhere). on_done(engine) runs on every rank after
+    the last forward pass, before the engine closes."""
     stem, weight_type = CASES[case]
     comm = Comm(mpi_comm, timeout=120.0, chunk_bytes=fields.pop("chunk_bytes", 256 * 1024))
     run = RunConfig(weight_type=weight_type, **fields)
     engine = load_engine(comm, str(models_dir() / f"{stem}.gguf"), None, run, verbose=False, need_tokenizer=False)
     if comm.rank != 0:
         engine.worker_loop()
+        if on_done is not None:
+            on_done(engine)
         engine.close()
         return None, None
     logits = np.zeros((STEPS, engine.cfg.vocab_size), dtype=np.float32) if dump else None
@@ -51,6 +55,8 @@ def run_engine(mpi_comm: Any, case: str, dump: bool = True, prompt: list[int] | 
         # the workers are waiting for rank 0's next command: end the job rather than hang the suite
         traceback.print_exc()
         abort(3)
+    if on_done is not None:
+        on_done(engine)
     engine.close()
     return gen.tokens, logits
 

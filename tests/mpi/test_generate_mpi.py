@@ -15,6 +15,8 @@ token's FFN output, and through its K/V every later logit, moves by up to ~10% o
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -50,8 +52,31 @@ def test_same_tokens_as_one_rank(case: str, sync: str, buffer: str) -> None:
     check(case, tokens, logits, buffer)
 
 
+def state_digest(engine: object) -> str:
+    """The residual stream and the KV cache of a rank, bit for bit."""
+    m = engine.model  # type: ignore[attr-defined]
+    h = hashlib.sha256()
+    for a in (m.x, m.k_cache, m.v_cache):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("sync", ["star", "allreduce"])
+@pytest.mark.parametrize("buffer", ["f32", "q80"])
+@pytest.mark.parametrize("case", ["tiny-q40", "qwen3-tiny-q40", "qwen3-moe-tiny-q40", "tiny-f32"])
+def test_replicated_attention_same_tokens_and_the_same_state_everywhere(case: str, buffer: str) -> None:
+    """--sync replicated: every rank holds every head and computes the whole attention from its own x; the
+    residual stream and the whole KV cache must be the same bits on every rank (else the ranks drift)."""
+    seen: list[tuple[bool, str]] = []
+    tokens, logits = run_engine(WORLD, case, sync="replicated", buffer_float_type=buffer,
+                                on_done=lambda e: seen.append((e.model.slc.n_heads == e.cfg.n_heads, state_digest(e))))
+    check(case, tokens, logits, buffer)
+    everywhere = WORLD.allgather(seen[0])
+    assert everywhere[0][0] and len(set(everywhere)) == 1, everywhere
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("sync", ["star", "allreduce", "replicated"])
 def test_greedy_without_full_logits(sync: str) -> None:
     """Greedy decoding gathers only each rank's best (value, index), not the whole row."""
     tokens, _ = run_engine(WORLD, "tiny-q40", dump=False, sync=sync, buffer_float_type="f32")
@@ -96,6 +121,12 @@ def test_auto_sync_is_measured_and_agreed() -> None:
     assert kind in ("star", "allreduce") and len(set(kinds)) == 1, kinds
     assert why.startswith("auto: one block's sync measured") and " us with star" in why
     assert choose_sync(comm, "star", 64) == ("star", "--sync star")
+    assert choose_sync(comm, "replicated", 64) == ("replicated", "--sync replicated")
+    # replicated attention weighed with the slowest rank's extra compute: 10 s per layer on one rank never pays
+    extra = 0.0 if comm.rank == 0 else 10.0
+    kind, why = choose_sync(comm, "auto", 2048 // 32 * 34, extra)
+    assert kind in ("star", "allreduce") and len(set(WORLD.allgather(kind))) == 1
+    assert why.endswith("and cost 10000000 us of compute per layer"), why
 
 
 @pytest.mark.mpi(min_size=2)
