@@ -8,6 +8,7 @@ and checks several things, to keep the file within a few minutes on a 2-core mac
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
