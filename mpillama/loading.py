@@ -32,6 +32,7 @@ from mpillama.weight_source import describe_kinds, ffn_unit, kept_kinds, open_we
 
 WARM_UP_TIMEOUT = 900.0  # s the warm-up's collectives may wait for a rank still compiling
 REPLICATED_SPEED_S = 0.1  # s of timed Q40 matmul behind --sync auto's cost of replicated attention
+REPLICATED_STREAM_MB = 64  # ... rotating over this much of it, more than a board's caches: weights from memory
 Q40_BYTES_PER_WEIGHT = Q40_BLOCK_BYTES / QK
 
 
@@ -82,8 +83,8 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     extra_att_s = None  # --sync auto: seconds per layer this rank would compute more with attention replicated
     # replicated attention keeps x alike on every rank only if every rank rounds alike: one kernel path
     if run.sync == "auto" and comm.size > 1 and len(set(paths)) == 1:
-        speed = speed or measure_rank_speed(faults.throttle(comm.rank), seconds=REPLICATED_SPEED_S)
-        extra_att_s = partition.replication_bytes(cfg, slc, run.weight_type, kinds) / (speed * 1e9 * Q40_BYTES_PER_WEIGHT)
+        read = measure_rank_speed(faults.throttle(comm.rank), REPLICATED_SPEED_S, REPLICATED_STREAM_MB)
+        extra_att_s = partition.replication_bytes(cfg, slc, run.weight_type, kinds) / (read * 1e9 * Q40_BYTES_PER_WEIGHT)
     sync_kind, sync_why = choose_sync(comm, run.sync, q80_row_bytes(cfg.dim), extra_att_s)
     if sync_kind == "replicated":  # decided before any weight is read: every rank loads every head
         slices = partition.plan(cfg, comm.size, shares, unit, replicate_attention=True)
