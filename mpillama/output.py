@@ -2,7 +2,9 @@
 
 Generated text goes to stdout, progress and speed to stderr, only from rank 0. An error is
 one line on stderr, "mpillama: error: ...", tagged with the rank that hit it when that is
-not rank 0. Imports comm only for abort(); never mpi4py itself.
+not rank 0. Imports comm (and so numpy) only inside end_job, for abort(): cli imports this
+module, and must not load numpy before it has set the BLAS thread count (blas_threads.py).
+Never imports mpi4py itself.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from mpillama.comm import abort
 from mpillama.errors import MpillamaError
 
 
@@ -51,5 +52,7 @@ def end_job(error: BaseException, rank: int, n_ranks: int) -> NoReturn:
     error_line(describe_error(error), rank if not isinstance(error, KeyboardInterrupt) else 0)
     code = exit_code(error)
     if n_ranks > 1:
+        from mpillama.comm import abort
+
         abort(code)
     raise SystemExit(code)
