@@ -14,6 +14,7 @@ RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WOR
 # How many processes the launcher started (Slurm's per step first: SLURM_NTASKS is the allocation's)
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 FORCE_MPI = "MPILLAMA_MPI"  # "1": always start MPI (an unknown launcher); "0": never
+PRTE_LAUNCHED = "PRTE_LAUNCHED"  # "1" in every process PRRTE started (Open MPI 5's mpirun, prterun)
 
 
 def launched_rank() -> int | None:
@@ -81,3 +82,10 @@ def slurm_tasks_on_this_node() -> int | None:
             return None
         counts += [int(tasks)] * (int(repeat.rstrip(")")) if repeat else 1)
     return counts[int(node)] if int(node) < len(counts) else None
+
+
+def launcher_ends_job_on_failure() -> bool:
+    """Whether the launcher ends every rank of the job as soon as one exits with a non-zero code, so
+    that a failing rank may simply exit: PRRTE does (unless run with --enable-recovery). Elsewhere
+    (srun ends a step only with --kill-on-bad-exit) a failing rank must call MPI Abort."""
+    return os.environ.get(PRTE_LAUNCHED) == "1"
