@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -538,10 +539,11 @@ class FakeClock:
         return self.now
 
 
-def checkpoint_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step_s: float, write_s: float,
-                      run_s: float) -> list[float]:
-    """Seconds into a one-rank traced run of steps of step_s at which the session began a checkpoint,
-    each checkpoint taking write_s (the real session code; only its clock and its writer are fakes)."""
+def checkpoint_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step_s: float | Callable[[float], float],
+                      write_s: float, run_s: float) -> list[float]:
+    """Seconds into a one-rank traced run of steps of step_s (or step_s(seconds into the run)) at which
+    the session began a checkpoint, each taking write_s (the real session code; only its clock and
+    its writer are fakes)."""
     from mpillama.comm import Comm, SingleProcess
 
     clock = FakeClock()
@@ -560,8 +562,9 @@ def checkpoint_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step_s: f
     while clock.now - origin < run_s:
         rec.step += 1
         rec.begin_step("decode", 1, rec.step, clock.now)
-        clock.now += step_s
-        rec.add(SEG_SAMPLE, -1, clock.now - step_s, clock.now)
+        dt = step_s(clock.now - origin) if callable(step_s) else step_s
+        clock.now += dt
+        rec.add(SEG_SAMPLE, -1, clock.now - dt, clock.now)
         rec.end_step(clock.now)
         sess.end_step()
     return [t - origin for t in starts]
@@ -574,6 +577,17 @@ def test_checkpoints_come_every_checkpoint_s(monkeypatch: pytest.MonkeyPatch, tm
     gaps = np.diff(starts)
     assert starts[0] < 0.1 and len(gaps) >= 10, starts  # the first after the first step
     assert np.all(np.abs(gaps - session.CHECKPOINT_S) <= 0.1), gaps  # within two steps of the mark
+
+
+def test_steps_changing_speed_keep_checkpoints_a_few_seconds_apart(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    # a busy host: for 2 s at a time steps take 0.2-0.3 s, so a flush planned in steps from the last
+    # interval's speed comes early or late (a loaded 1B run showed such swings, and 9.3 s gaps among the
+    # 5 s ones with the first version of the fix). Steps 2x slower than planned would still stretch a
+    # gap 2x: flushes are counted in steps, so that the ranks agree on them without talking.
+    speeds = np.random.default_rng(3).uniform(0.2, 0.3, size=100)
+    gaps = np.diff(checkpoint_starts(monkeypatch, tmp_path, lambda t: float(speeds[int(t // 2)]), 0.01, 120))
+    assert len(gaps) >= 15 and np.all(gaps >= 2.5) and np.all(gaps <= 7.5), gaps
 
 
 def test_a_slow_checkpoint_spaces_the_next_out_within_the_budget(monkeypatch: pytest.MonkeyPatch,
@@ -596,9 +610,10 @@ def test_steps_longer_than_the_cadence_checkpoint_after_each(monkeypatch: pytest
 
 
 def test_checkpoint_due_picks_the_flush_nearest_the_mark() -> None:
-    due = session.checkpoint_due
-    assert due(4.9, 4.9, 0.0, 5.0) and due(4.6, 1.0, 0.0, 5.0)  # the next flush would come later past the mark
-    assert not due(4.4, 1.0, 0.0, 5.0) and not due(1.0, 1.0, 0.0, 5.0)
+    due = session.checkpoint_due  # (since the last, the next flush in, the last one's cost, cadence)
+    assert due(4.9, 4.9, 0.0, 5.0) and due(4.6, 1.0, 0.0, 5.0)  # the next flush would land further past the mark
+    assert due(3.0, 5.0, 0.0, 5.0)  # a flush that came early (steps sped up): nearer the mark than the next
+    assert not due(4.4, 1.0, 0.0, 5.0) and not due(2.0, 5.0, 0.0, 5.0) and not due(1.0, 1.0, 0.0, 5.0)
     assert not due(7.0, 1.0, 0.15, 5.0) and due(7.5, 1.0, 0.15, 5.0)  # 0.15 s writes: 2% of 7.5 s, a hard floor
     assert due(9.6, 1.0, 100.0, 5.0) and not due(9.4, 1.0, 100.0, 5.0)  # the flush nearest the cap, whatever the cost
 

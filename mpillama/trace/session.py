@@ -13,9 +13,9 @@ every CHECKPOINT_S seconds; it is broadcast at each flush, so all ranks agree wi
 any per-step communication.
 
 Checkpoints: at a flush, rank 0 rewrites the file (atomically) marked partial, about every
-CHECKPOINT_S seconds: at the flush nearest that mark (flushes come about that often, a little
-sooner, so "at least CHECKPOINT_S since the last one" would skip every other flush and double
-the interval). A checkpoint that takes longer than CHECKPOINT_BUDGET of the time since the
+CHECKPOINT_S seconds: at the flush nearest that mark (flushes are planned that far apart but
+come a little sooner or later: "at least CHECKPOINT_S since the last one" skipped every other
+flush and doubled the interval). A checkpoint that takes longer than CHECKPOINT_BUDGET of the time since the
 last one spaces the next ones out, up to about CHECKPOINT_MAX_S (see checkpoint_due). Partial
 files are written without compression (several times faster; the final file is compressed).
 A job killed outright (mpirun kills every rank within milliseconds of its own SIGTERM, often
@@ -207,17 +207,19 @@ def write_trace(path: str | Path, data: TraceData, fsync: bool = True, compress:
 # ---------------------------------------------------------------------------------------- the session
 
 
-def checkpoint_due(since: float, period: float, cost: float, checkpoint_s: float) -> bool:
-    """Whether a flush `since` s after the last checkpoint began, flushes coming every `period` s,
-    should write one, the last having taken `cost` s.
+def checkpoint_due(since: float, next_flush_s: float, cost: float, checkpoint_s: float) -> bool:
+    """Whether a flush `since` s after the last checkpoint began, the next flush expected in
+    next_flush_s, should write one, the last having taken `cost` s.
 
-    Flushes come about every checkpoint_s, a little sooner or later: a checkpoint goes at the flush
-    nearest a mark (waiting for the next would overshoot it more than this one falls short). The
-    mark is checkpoint_s, unless the budget (cost at most CHECKPOINT_BUDGET of the time since the
-    last one) asks for more: then at least that long, but at the flush nearest CHECKPOINT_MAX_S at
-    the latest, whatever the budget says.
+    Flushes are planned about checkpoint_s apart, but steps change speed (a busy host), so a flush
+    comes a little sooner or later than planned: a checkpoint goes at the flush nearest a mark
+    (waiting for the next would overshoot it more than this one falls short). "The first flush
+    past the mark" would skip the flush just before it and make the interval twice as long.
+    The mark is checkpoint_s, unless the budget (cost at most CHECKPOINT_BUDGET of the time since
+    the last one) asks for more: then at least that long, but at the flush nearest
+    CHECKPOINT_MAX_S at the latest, whatever the budget says.
     """
-    nearest = since + period / 2  # this flush is the nearest to any mark up to here
+    nearest = since + next_flush_s / 2  # past the mark: this flush is nearer it than the next
     return nearest >= checkpoint_s and (since >= cost / CHECKPOINT_BUDGET or nearest >= CHECKPOINT_MAX_S)
 
 
@@ -335,10 +337,9 @@ class TraceSession:
             by_capacity = max(1, int(HEADROOM * rec.capacity / max(rate, 1.0)))
             by_time = max(1, int(self.checkpoint_s / step_s)) if self.checkpoint_s > 0 else by_capacity
             nxt = np.array([min(by_capacity, by_time)], np.int64)
-            period = t - self.last_flush_t
             self.last_flush_t = t
             if not final:
-                self._checkpoint(period)
+                self._checkpoint(int(nxt[0]) * step_s)
         else:
             comm.gather_to_root(packed, None)
             nxt = np.zeros(1, np.int64)
@@ -351,12 +352,12 @@ class TraceSession:
         if not final:
             rec.add(SEG_OTHER, -1, t, now)
 
-    def _checkpoint(self, period: float) -> None:
-        """Rank 0, inside a flush that came `period` s after the previous one: rewrite the file
-        marked partial, if one is due."""
+    def _checkpoint(self, next_flush_s: float) -> None:
+        """Rank 0, inside a flush, the next expected in next_flush_s: rewrite the file marked
+        partial, if one is due."""
         now = time.perf_counter()
         if self.checkpoint_s <= 0 or (self.n_checkpoints and not checkpoint_due(
-                now - self.last_checkpoint_t, period, self.checkpoint_cost, self.checkpoint_s)):
+                now - self.last_checkpoint_t, next_flush_s, self.checkpoint_cost, self.checkpoint_s)):
             return
         try:
             self._write_partial(f"checkpoint: the run had not ended (last step {self.recorder.step})")
