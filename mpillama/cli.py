@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Callable
 
+from mpillama.blas_threads import limit_blas_threads
 from mpillama.config import (
     BUFFER_TYPES, DEFAULTS, RUN_FIELDS, SYNC_KINDS, WEIGHT_SOURCES, WEIGHT_TYPES, build_run_config, parse_rank_weights,
 )
@@ -245,17 +247,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return command(args)
 
 
-def limit_blas_threads(nthreads: int | None) -> None:
-    """numpy's BLAS (used for f32 batches) must not start a thread per core on every rank: it
-    follows --nthreads like the numba kernels. Only effective before numpy is first imported."""
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(nthreads or 1))
-
-
 def main(argv: list[str] | None = None) -> int:
+    # the console script's entry: nothing above has loaded numpy yet (a test keeps it so), so the
+    # BLAS thread count can still be set (python -m mpillama has set it already, see __main__.py)
+    limit_blas_threads(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if hasattr(args, "nthreads"):  # only commands that run the model; sweep passes the environment on untouched
-        limit_blas_threads(args.nthreads)
     # numba's message highlighting wraps stdout with colorama, which then writes a colour reset
     # escape at exit (seen under mpirun): the generated text on stdout must stay clean
     os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")

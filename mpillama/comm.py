@@ -447,7 +447,8 @@ STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is
 # --sync auto replicates attention only when the extra compute per layer is under this share of the wire
 # time per layer it saves: the speed is measured on a short matmul, the wire on its fastest round
 REPLICATED_MARGIN = 0.5
-WIRE_ROUNDS = 24  # rounds of each wire pattern timed at start-up (--sync auto); the fastest counts
+WIRE_ROUNDS = 4  # timed passes of each wire pattern at start-up (--sync auto); the fastest counts
+WIRE_RUN = 8  # syncs back to back per pass: the skew a barrier leaves (a one-way trip) spreads over them
 OVERLAP_ROUNDS = 6  # rounds timing a full prefill block's exchange
 OVERLAP_MIN_S = 5e-4  # overlap prefill chunks only when a block's exchange takes longer than this
 OVERLAP_CHUNKS = 2  # token chunks of an overlapped prefill block output
@@ -462,22 +463,27 @@ def time_wires(comm: Comm, payload_bytes: int, rounds: int = WIRE_ROUNDS) -> dic
     decode token's payload (one Q80 row of dim): star = Bcast of the input + Gather of the partials,
     allreduce = one Allgather of the partials. Rounds alternate between the two, so both see the
     same state of the machine; the fastest round of each is rank 0's figure, shared with every rank:
-    other load only ever adds to a round, so the fastest is what the link itself costs."""
+    other load only ever adds to a round, so the fastest is what the link itself costs.
+    A round is WIRE_RUN syncs back to back, as a token's blocks run them: a barrier lets the ranks go a
+    one-way trip apart, and a single sync timed after it would count that trip too (at 0.5 ms one way
+    the allgather measured two trips, as long as star's Bcast + Gather)."""
     send = np.zeros(payload_bytes, np.uint8)  # (payload,) one rank's Q80 row
     recv = np.zeros((comm.size, payload_bytes), np.uint8)  # (n_ranks, payload)
     gathered = list(recv) if comm.rank == 0 else None
     star, allreduce = [], []
-    comm.barrier()
     for _ in range(rounds):
-        t = time.perf_counter()
-        comm.bcast(send)
-        comm.gather_to_root(send, gathered)
-        star.append(time.perf_counter() - t)
         comm.barrier()
         t = time.perf_counter()
-        comm.allgather(send, recv)
-        allreduce.append(time.perf_counter() - t)
+        for _ in range(WIRE_RUN):
+            comm.bcast(send)
+            comm.gather_to_root(send, gathered)
+        star.append((time.perf_counter() - t) / WIRE_RUN)
         comm.barrier()
+        t = time.perf_counter()
+        for _ in range(WIRE_RUN):
+            comm.allgather(send, recv)
+        allreduce.append((time.perf_counter() - t) / WIRE_RUN)
+    comm.barrier()
     mine = {"star": float(np.min(star)), "allreduce": float(np.min(allreduce))}
     return comm.bcast_obj(mine)
 

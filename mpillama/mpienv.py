@@ -16,6 +16,7 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SL
 FORCE_MPI = "MPILLAMA_MPI"  # "1": always start MPI (an unknown launcher); "0": never
 # Open MPI's run-time switch for process-failure reporting (ULFM, built into Open MPI 5)
 OPEN_MPI_FAILURE_REPORTS = "OMPI_MCA_mpi_ft_enable"
+PRTE_LAUNCHED = "PRTE_LAUNCHED"  # "1" in every process PRRTE started (Open MPI 5's mpirun, prterun)
 
 
 def launched_rank() -> int | None:
@@ -98,3 +99,10 @@ def report_process_failures() -> None:
     size, local = os.environ.get("OMPI_COMM_WORLD_SIZE", ""), os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
     if size.isdigit() and local.isdigit() and int(local) < int(size):
         os.environ.setdefault(OPEN_MPI_FAILURE_REPORTS, "1")
+
+
+def launcher_ends_job_on_failure() -> bool:
+    """Whether the launcher ends every rank of the job as soon as one exits with a non-zero code, so
+    that a failing rank may simply exit: PRRTE does (unless run with --enable-recovery). Elsewhere
+    (srun ends a step only with --kill-on-bad-exit) a failing rank must call MPI Abort."""
+    return os.environ.get(PRTE_LAUNCHED) == "1"

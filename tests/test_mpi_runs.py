@@ -5,6 +5,7 @@ that never arrives at a collective."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from mpillama.comm import world
 from tests.mpi import common
-from tests.mpi_launch import run_mpi, run_mpillama
+from tests.mpi_launch import ROOT, mpi_command, mpi_env, run_mpi, run_mpillama
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,25 @@ def test_a_killed_rank_ends_the_job(models: dict[str, Path]) -> None:
     assert re.search(r"rank 1\b", done.stdout + done.stderr), done.stderr
 
 
+def control_bytes(data: bytes) -> list[int]:
+    """Offsets of bytes no text line holds (all below 32 but tab and newline)."""
+    return [i for i, b in enumerate(data) if b < 32 and b not in (9, 10)]
+
+
+def test_a_killed_rank_leaves_clean_lines_on_stderr(models: dict[str, Path]) -> None:
+    """Issue 15 item 14: rank 0, stopped by mpirun after rank 1 died, said "interrupted" after a NUL
+    byte. The NUL came with Open MPI 5's MPI_ABORT notice; under mpirun a failing rank now exits
+    without MPI Abort (mpirun ends the others), so the job's stderr is text lines only."""
+    done = subprocess.run(mpi_command(2, sys.executable, "-m", "mpillama", "generate", "--model",
+                                      str(models["tiny-q40"]), "--prompt", "hi", "--steps", "400", "--ignore-eos",
+                                      "--sync-timeout", "20"),
+                          env=mpi_env(MPILLAMA_TEST_DIE="1:5"), capture_output=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    assert control_bytes(done.stderr) == [], done.stderr[-2000:]
+    assert re.search(rb"rank 1\b", done.stderr), done.stderr[-2000:]
+    assert b"\nmpillama: error: interrupted\n" in done.stderr, done.stderr[-2000:]
+
+
 def test_a_rank_that_never_arrives_times_out(models: dict[str, Path]) -> None:
     done = run_mpillama(3, "generate", "--model", str(models["tiny-q40"]), "--prompt", "hi", "--steps", "4",
                         "--sync-timeout", "3", timeout=120, MPILLAMA_TEST_SLOW="2:30")
@@ -78,6 +98,7 @@ def test_a_rank_that_never_arrives_times_out(models: dict[str, Path]) -> None:
     lines = error_lines(done.stderr)
     assert lines and "never arrived: 2" in lines[0], done.stderr
     assert "--sync-timeout" in lines[0]
+    assert control_bytes(done.stderr.encode()) == [], done.stderr
 
 
 def test_two_ranks_print_once(models: dict[str, Path]) -> None:

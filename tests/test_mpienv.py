@@ -97,3 +97,36 @@ def test_each_task_its_own_job_stops_with_one_line(models) -> None:
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--mpi=pmix" in lines[0], done.stderr
+
+
+class Ended(Exception):
+    """Stands for the end of the process in the test below."""
+
+
+@pytest.mark.parametrize(("prte_launched", "expected"), [("1", "exit"), (None, "abort")])
+def test_a_failing_rank_exits_under_prrte_and_aborts_elsewhere(prte_launched: str | None, expected: str,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # PRRTE ends the job on a non-zero exit (MPI Abort there printed a notice ending in a NUL byte);
+    # srun without --kill-on-bad-exit would leave the other ranks running: they need MPI Abort
+    from mpillama import comm, output
+    from mpillama.errors import MpillamaError
+
+    ended: list[tuple[str, int]] = []
+
+    def end(how: str):  # noqa: ANN202
+        def call(code: int) -> None:
+            ended.append((how, code))
+            raise Ended
+
+        return call
+
+    monkeypatch.setattr(output.os, "_exit", end("exit"))
+    monkeypatch.setattr(comm, "abort", end("abort"))
+    monkeypatch.delenv(mpienv.PRTE_LAUNCHED, raising=False)
+    if prte_launched:
+        monkeypatch.setenv(mpienv.PRTE_LAUNCHED, prte_launched)
+    with pytest.raises(Ended):
+        output.end_job(MpillamaError("the disk is full"), rank=1, n_ranks=2)
+    assert ended == [(expected, 2)]
+    assert capsys.readouterr().err == "mpillama: error: rank 1: the disk is full\n"

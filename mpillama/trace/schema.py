@@ -6,7 +6,8 @@ the layout is a change to FORMAT_VERSION, and readers refuse versions they do no
     /            root attributes ROOT_ATTRS (+ any run metadata, + "summary_<key>" summary values)
     /ranks       one row per rank: RANK_COLUMNS (what the engine knows) + RANK_TRACE_COLUMNS
                  (what the session measured: clock offsets, record counts)
-    /segments    SEGMENT_COLUMNS, equal-length, chunked + compressed; attribute "names" = SEGMENTS
+    /segments    SEGMENT_COLUMNS, equal-length, chunked + compressed (not compressed in a partial
+                 file: it is written while the run goes on); attribute "names" = SEGMENTS
     /steps       STEP_COLUMNS; attribute "phases" = PHASES
 
 A partial file (partial=True) holds what rank 0 had when the run stopped; partial_reason

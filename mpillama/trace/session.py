@@ -12,10 +12,14 @@ rank 0 so that the fullest rank stays under half its capacity and a flush comes 
 every CHECKPOINT_S seconds; it is broadcast at each flush, so all ranks agree without
 any per-step communication.
 
-Checkpoints: at a flush, rank 0 rewrites the file (atomically) marked partial, at most
-every CHECKPOINT_S seconds and within CHECKPOINT_BUDGET of its time. A job killed
-outright (mpirun kills every rank within milliseconds of its own SIGTERM, often before
-a handler can finish) still leaves the last checkpoint; write_partial, when it gets to
+Checkpoints: at a flush, rank 0 rewrites the file (atomically) marked partial, about every
+CHECKPOINT_S seconds: at the flush nearest that mark (flushes are planned that far apart but
+come a little sooner or later: "at least CHECKPOINT_S since the last one" skipped every other
+flush and doubled the interval). A checkpoint that takes longer than CHECKPOINT_BUDGET of the time since the
+last one spaces the next ones out, up to about CHECKPOINT_MAX_S (see checkpoint_due). Partial
+files are written without compression (several times faster; the final file is compressed).
+A job killed outright (mpirun kills every rank within milliseconds of its own SIGTERM, often
+before a handler can finish) still leaves the last checkpoint; write_partial, when it gets to
 run, replaces it with everything rank 0 holds.
 
 Talks through comm.Comm (its --sync-timeout and its tag table); never imports mpi4py.
@@ -47,7 +51,8 @@ from mpillama.trace.recorder import PHASES, SEG_OTHER, SEGMENTS, NullRecorder, R
 DEFAULT_CAPACITY = 1 << 16  # records per rank between flushes (~2.8 MB of columns)
 HEADROOM = 0.5  # flush when the fullest rank is expected to be half full: steps vary in length
 CHECKPOINT_S = 5.0  # flush, and rewrite the file marked partial, about this often (s)
-CHECKPOINT_BUDGET = 0.02  # at most this fraction of rank 0's time goes into checkpoints
+CHECKPOINT_BUDGET = 0.02  # at most this fraction of rank 0's time goes into checkpoints (up to CHECKPOINT_MAX_S)
+CHECKPOINT_MAX_S = 10.0  # the budget never spaces checkpoints further apart than the flush nearest this (s)
 
 
 @dataclass
@@ -153,22 +158,24 @@ def _derived_summary(seg_cols: dict[str, np.ndarray], step_cols: dict[str, np.nd
     return out
 
 
-def _write_columns(group: h5py.Group, cols: dict[str, np.ndarray], chunked: bool) -> None:
+def _write_columns(group: h5py.Group, cols: dict[str, np.ndarray], chunked: bool, compress: bool = True) -> None:
     for name, values in cols.items():
         if not chunked:
             group.create_dataset(name, data=values)
             continue
+        packing = dict(compression=schema.COMPRESSION, compression_opts=schema.COMPRESSION_LEVEL, shuffle=True)
         group.create_dataset(
             name, data=values, maxshape=(None,), chunks=(max(1, min(len(values), schema.CHUNK_ROWS)),),
-            compression=schema.COMPRESSION, compression_opts=schema.COMPRESSION_LEVEL, shuffle=True,
+            **(packing if compress else {}),
         )
 
 
-def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
+def write_trace(path: str | Path, data: TraceData, fsync: bool = True, compress: bool = True) -> Path:
     """Write data to path atomically (see mpillama.atomic). Returns path.
 
     fsync=False skips forcing the bytes to disk before the rename (partial writes racing a kill:
     the rename alone already guarantees no process ever sees a half-written file).
+    compress=False stores /segments uncompressed (checkpoints: several times faster to write).
     """
     path = Path(path)
     seg_cols, step_cols = aligned_columns(data)
@@ -189,7 +196,7 @@ def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
             f.attrs[key] = h5_value(value)
         _write_columns(f.create_group(schema.RANKS), _rank_columns(data, seg_cols), chunked=False)
         g = f.create_group(schema.SEGMENTS_GROUP)
-        _write_columns(g, seg_cols, chunked=True)
+        _write_columns(g, seg_cols, chunked=True, compress=compress)
         g.attrs[schema.SEGMENT_NAMES_ATTR] = np.array(SEGMENTS, dtype=h5py.string_dtype())
         s = f.create_group(schema.STEPS)
         _write_columns(s, step_cols, chunked=False)
@@ -198,6 +205,22 @@ def write_trace(path: str | Path, data: TraceData, fsync: bool = True) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- the session
+
+
+def checkpoint_due(since: float, next_flush_s: float, cost: float, checkpoint_s: float) -> bool:
+    """Whether a flush `since` s after the last checkpoint began, the next flush expected in
+    next_flush_s, should write one, the last having taken `cost` s.
+
+    Flushes are planned about checkpoint_s apart, but steps change speed (a busy host), so a flush
+    comes a little sooner or later than planned: a checkpoint goes at the flush nearest a mark
+    (waiting for the next would overshoot it more than this one falls short). "The first flush
+    past the mark" would skip the flush just before it and make the interval twice as long.
+    The mark is checkpoint_s, unless the budget (cost at most CHECKPOINT_BUDGET of the time since
+    the last one) asks for more: then at least that long, but at the flush nearest
+    CHECKPOINT_MAX_S at the latest, whatever the budget says.
+    """
+    nearest = since + next_flush_s / 2  # past the mark: this flush is nearer it than the next
+    return nearest >= checkpoint_s and (since >= cost / CHECKPOINT_BUDGET or nearest >= CHECKPOINT_MAX_S)
 
 
 def _check_writable(path: str) -> str | None:
@@ -238,7 +261,7 @@ class TraceSession:
         self.checkpoint_s = CHECKPOINT_S
         self.n_checkpoints = 0
         self.checkpoint_cost = 0.0  # s the last checkpoint took
-        self.last_checkpoint_t = 0.0
+        self.last_checkpoint_t = 0.0  # when the last checkpoint began
         self.last_flush_t = 0.0
 
     @classmethod
@@ -316,7 +339,7 @@ class TraceSession:
             nxt = np.array([min(by_capacity, by_time)], np.int64)
             self.last_flush_t = t
             if not final:
-                self._checkpoint()
+                self._checkpoint(int(nxt[0]) * step_s)
         else:
             comm.gather_to_root(packed, None)
             nxt = np.zeros(1, np.int64)
@@ -329,11 +352,12 @@ class TraceSession:
         if not final:
             rec.add(SEG_OTHER, -1, t, now)
 
-    def _checkpoint(self) -> None:
-        """Rank 0, inside a flush: rewrite the file marked partial, if one is due."""
+    def _checkpoint(self, next_flush_s: float) -> None:
+        """Rank 0, inside a flush, the next expected in next_flush_s: rewrite the file marked
+        partial, if one is due."""
         now = time.perf_counter()
-        wait = max(self.checkpoint_s, self.checkpoint_cost / CHECKPOINT_BUDGET)
-        if self.checkpoint_s <= 0 or (self.n_checkpoints and now - self.last_checkpoint_t < wait):
+        if self.checkpoint_s <= 0 or (self.n_checkpoints and not checkpoint_due(
+                now - self.last_checkpoint_t, next_flush_s, self.checkpoint_cost, self.checkpoint_s)):
             return
         try:
             self._write_partial(f"checkpoint: the run had not ended (last step {self.recorder.step})")
@@ -342,11 +366,12 @@ class TraceSession:
             self.meta["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
             return
         self.n_checkpoints += 1
-        self.last_checkpoint_t = time.perf_counter()
-        self.checkpoint_cost = self.last_checkpoint_t - now
+        self.last_checkpoint_t = now
+        self.checkpoint_cost = time.perf_counter() - now
 
     def _write_partial(self, reason: str) -> None:
-        """Rank 0: write what it holds now, marked partial, without forcing it to disk."""
+        """Rank 0: write what it holds now, marked partial, without forcing it to disk or compressing
+        it: every partial write races a kill (the final file, written by close, is compressed)."""
         fits = [ClockFit(s) for s in self.start_samples]
         fits[0] = ZERO_FIT
         stats = [{"n_dropped": int(d)} for d in self.worker_dropped]
@@ -355,7 +380,7 @@ class TraceSession:
         data.partial, data.partial_reason = True, reason
         self.writing = True
         try:
-            write_trace(self.path, data, fsync=False)
+            write_trace(self.path, data, fsync=False, compress=False)
         finally:
             self.writing = False
             if self.pending is not None and not self.done:  # a signal came during this write
