@@ -64,7 +64,6 @@ def _load(comm: Comm, model_path: str, tokenizer_path: str | None, run: RunConfi
     t_open = time.perf_counter()
 
     shares: tuple[float, ...] | None = None  # each rank's relative share of the work (None: even)
-    speed = None  # G Q40 weights/s of this rank's kernels, when measured
     if run.rank_weights == "auto":
         speed = measure_rank_speed(faults.throttle(comm.rank))
         speeds = comm.allgather_obj(speed)
