@@ -380,13 +380,17 @@ def test_idle_connections_take_no_thread_and_are_closed(server: Server) -> None:
     A client turned away while sending a body larger than the socket buffers still reads its 503
     (a server that closes with unread input sends a reset instead)."""
     threads = threads_of(server.pid)
+    start = time.monotonic()
     socks = [socket.create_connection(server.address) for _ in range(CAPACITY + 30)]
     try:
         assert status_of(read_all(socks[-1])) == 503  # at most CAPACITY are admitted, in connection order
         assert threads_of(server.pid) == threads  # every connection has been accepted by now
         with socket.create_connection(server.address) as big:
             big.sendall(post_bytes({"prompt": "word " * 400_000, "max_tokens": 1}))
-            assert status_of(read_all(big)) == 503
+            full = time.monotonic() - start < READ_TIMEOUT  # else the admitted idle ones may have timed out
+            # turned away: its 503 arrives whole, not a reset; a loaded machine may have freed a place
+            # (the idle ones' read timeout passed), and then the request itself is answered: too long
+            assert status_of(read_all(big)) in ((503,) if full else (503, 400))
         answers = [read_all(sock) for sock in socks[:-1]]
     finally:
         for sock in socks:
