@@ -445,7 +445,7 @@ class ReplicatedSync(AllreduceSync):
 SYNCS = {"star": StarSync, "allreduce": AllreduceSync, "replicated": ReplicatedSync}
 STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is this much faster
 # --sync auto replicates attention only when the extra compute per layer is under this share of the wire
-# time per layer it saves: the speed is measured on a short matmul, the wire on its fastest round
+# time per layer it saves: the speed is measured from memory on a short run, the wire on its fastest round
 REPLICATED_MARGIN = 0.5
 WIRE_ROUNDS = 4  # timed passes of each wire pattern at start-up (--sync auto); the fastest counts
 WIRE_RUN = 8  # syncs back to back per pass: the skew a barrier leaves (a one-way trip) spreads over them
