@@ -447,7 +447,7 @@ STAR_MARGIN = 0.9  # --sync auto picks star only when its measured block sync is
 # --sync auto replicates attention only when the extra compute per layer is under this share of the wire
 # time per layer it saves: the speed is measured from memory on a short run, the wire on its fastest round
 REPLICATED_MARGIN = 0.5
-WIRE_ROUNDS = 4  # timed passes of each wire pattern at start-up (--sync auto); the fastest counts
+WIRE_ROUNDS = 12  # timed passes of each wire pattern at start-up (--sync auto); the fastest counts
 WIRE_RUN = 8  # syncs back to back per pass: the skew a barrier leaves (a one-way trip) spreads over them
 OVERLAP_ROUNDS = 6  # rounds timing a full prefill block's exchange
 OVERLAP_MIN_S = 5e-4  # overlap prefill chunks only when a block's exchange takes longer than this
